@@ -1,0 +1,2123 @@
+#!/usr/bin/env python3
+"""simple_api_proxy: the Anthropic Messages API in front of Ollama, in one file.
+
+Claude Code and the Anthropic SDKs talk to this server as if it were
+api.anthropic.com; it answers with a model that Ollama serves, and keeps
+complete answers in a response cache (in memory, and in Redis when one is
+configured).
+
+    Claude CLI -> ANTHROPIC_BASE_URL -> SSH tunnel -> simple_api_proxy -> cache -> Ollama
+
+Run it with the standard library alone: ``python3 simple_api_proxy.py``.
+``python3 simple_api_proxy.py --help`` lists every setting. redis-py is the
+one optional import, used only when a Redis server is configured.
+
+Sections, in the order a request flows through them: configuration, errors,
+translation (pure functions), upstream client, cache, HTTP handler, main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import hmac
+import http.server
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import select
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("simple_api_proxy")
+
+
+###############################################################################
+# Configuration
+###############################################################################
+
+# name, type, default, help. Each setting is an environment variable of that
+# name and a flag (--api-port for API_PORT); the flag wins.
+SETTINGS = (
+    ("API_HOST", str, "127.0.0.1", "address to listen on; the SSH tunnel reaches 127.0.0.1"),
+    ("API_PORT", int, 8000, "port to listen on"),
+    ("OLLAMA_HOST", str, "localhost:11434",
+     "Ollama address: host, host:port or http(s)://host[:port] (Ollama's port rules)"),
+    ("OLLAMA_MODEL", str, "qwen2.5-coder:7b", "Ollama model that claude-* model names map to"),
+    ("MODEL_MAP", str, "",
+     "per-family models, e.g. haiku=llama3.2:3b,sonnet=qwen2.5-coder:7b,opus=qwen2.5-coder:32b"),
+    ("OLLAMA_TIMEOUT", float, 30.0, "seconds: connecting to Ollama, and any silence once tokens flow"),
+    ("OLLAMA_FIRST_TOKEN_TIMEOUT", float, 300.0,
+     "seconds before the first token: model load plus prompt processing"),
+    ("OLLAMA_NUM_CTX", int, 32768, "context window sent to Ollama on every request (num_ctx)"),
+    ("OLLAMA_KEEP_ALIVE", str, "", "how long Ollama keeps the model loaded (e.g. 30m, -1); unset: Ollama's default"),
+    ("PING_INTERVAL", float, 10.0, "seconds between SSE pings while a stream waits for the model"),
+    ("CACHE", str, "on", "response cache: on or off"),
+    ("CACHE_TTL", int, 86400, "seconds a cached answer lives, in memory and in Redis"),
+    ("CACHE_MAX_ENTRIES", int, 1000, "most answers the in-memory cache holds"),
+    ("CACHE_MAX_BYTES", int, 64 * 1024 * 1024, "most bytes the in-memory cache holds"),
+    ("REDIS_URL", str, "", "redis:// or rediss:// URL of a shared cache (overrides REDIS_HOST...)"),
+    ("REDIS_HOST", str, "", "Redis host of a shared cache; unset: no Redis"),
+    ("REDIS_PORT", int, 6379, "Redis port"),
+    ("REDIS_PASSWORD", str, "", "Redis password"),
+    ("REDIS_SSL", str, "off", "on for TLS to Redis (Redis Cloud needs it)"),
+    ("REDIS_DB", int, 0, "Redis database number"),
+    ("REDIS_TIMEOUT", float, 0.25, "seconds for any Redis operation before Redis is marked down"),
+    ("TOOL_CALL_RECOVERY", str, "on", "turn tool calls a model writes as text into tool_use blocks: on or off"),
+    ("PROXY_API_KEY", str, "", "when set, /v1/* requests need this key (x-api-key or Authorization: Bearer)"),
+    ("MAX_BODY_BYTES", int, 32 * 1024 * 1024, "largest request body accepted"),
+    ("MAX_CONCURRENT", int, 256, "most generations in flight; past that: 529 overloaded_error"),
+    ("CLIENT_TIMEOUT", float, 60.0, "seconds a client may take to send a request, and idle keep-alive time"),
+    ("SHUTDOWN_GRACE", float, 10.0, "seconds requests in flight may finish after SIGTERM/SIGINT"),
+    ("LOG_LEVEL", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    ("LOG_FILE", str, "simple_api_proxy.log", "log file (also logged to stderr); empty: stderr only"),
+    ("LOG_BODIES", str, "0", "1 to log request bodies (prompts); off by default"),
+)
+
+SECRET_SETTINGS = {"REDIS_PASSWORD", "PROXY_API_KEY"}
+MODEL_FAMILIES = ("haiku", "sonnet", "opus")
+TRUE_WORDS = {"1", "on", "true", "yes"}
+FALSE_WORDS = {"0", "off", "false", "no", ""}
+
+
+@dataclasses.dataclass(frozen=True)
+class OllamaAddress:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def url(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    api_host: str
+    api_port: int
+    ollama: OllamaAddress
+    ollama_model: str
+    model_map: dict
+    ollama_timeout: float
+    ollama_first_token_timeout: float
+    ollama_num_ctx: int
+    ollama_keep_alive: str
+    ping_interval: float
+    cache_enabled: bool
+    cache_ttl: int
+    cache_max_entries: int
+    cache_max_bytes: int
+    redis_url: str
+    redis_timeout: float
+    tool_call_recovery: bool
+    proxy_api_key: str
+    max_body_bytes: int
+    max_concurrent: int
+    client_timeout: float
+    shutdown_grace: float
+    log_level: str
+    log_file: str
+    log_bodies: bool
+
+    def describe(self):
+        """The effective configuration as one log-safe line."""
+        redis = mask_url_password(self.redis_url) if self.redis_url else "off"
+        models = ",".join(f"{k}={v}" for k, v in self.model_map.items()) or "-"
+        return (
+            f"listen={self.api_host}:{self.api_port} ollama={self.ollama.url} model={self.ollama_model} "
+            f"model_map={models} num_ctx={self.ollama_num_ctx} timeout={self.ollama_timeout:g}s "
+            f"first_token_timeout={self.ollama_first_token_timeout:g}s "
+            f"keep_alive={self.ollama_keep_alive or 'default'} "
+            f"cache={'on' if self.cache_enabled else 'off'} ttl={self.cache_ttl}s redis={redis} "
+            f"tool_call_recovery={'on' if self.tool_call_recovery else 'off'} "
+            f"api_key={'set' if self.proxy_api_key else 'none'} max_concurrent={self.max_concurrent} "
+            f"log_file={self.log_file or '-'}"
+        )
+
+
+def parse_ollama_host(value):
+    """Ollama's own rules: no scheme means http and 11434; a scheme without a port means 80 or 443."""
+    value = value.strip()
+    if not value:
+        raise ValueError("OLLAMA_HOST is empty")
+    if "://" not in value:
+        parsed = urllib.parse.urlsplit("http://" + value)
+        default_port = 11434
+    else:
+        parsed = urllib.parse.urlsplit(value)
+        if parsed.scheme not in ("http", "https"):
+            raise ValueError(f"OLLAMA_HOST scheme must be http or https, not {parsed.scheme!r}")
+        default_port = 443 if parsed.scheme == "https" else 80
+    try:
+        port = parsed.port
+    except ValueError as exc:
+        raise ValueError(f"OLLAMA_HOST has a bad port: {value!r}") from exc
+    host = parsed.hostname or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        # A bind address is not connectable everywhere; Ollama's client rewrites it too.
+        host = "127.0.0.1"
+    return OllamaAddress(parsed.scheme, host, port or default_port)
+
+
+def parse_model_map(value):
+    mapping = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        family, sep, model = item.partition("=")
+        family, model = family.strip().lower(), model.strip()
+        if not sep or not family or not model:
+            raise ValueError(f"MODEL_MAP entry {item!r} is not family=model")
+        mapping[family] = model
+    return mapping
+
+
+def parse_switch(name, value):
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name} must be on or off, not {value!r}")
+
+
+def build_redis_url(values):
+    if values["REDIS_URL"]:
+        return values["REDIS_URL"]
+    if not values["REDIS_HOST"]:
+        return ""
+    scheme = "rediss" if parse_switch("REDIS_SSL", values["REDIS_SSL"]) else "redis"
+    auth = ""
+    if values["REDIS_PASSWORD"]:
+        auth = ":" + urllib.parse.quote(values["REDIS_PASSWORD"], safe="") + "@"
+    return f"{scheme}://{auth}{values['REDIS_HOST']}:{values['REDIS_PORT']}/{values['REDIS_DB']}"
+
+
+def mask_url_password(url):
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def argument_parser():
+    parser = argparse.ArgumentParser(
+        prog="simple_api_proxy.py",
+        description="Anthropic Messages API proxy to Ollama, with a response cache. "
+        "Every setting is a flag or the environment variable of the same name (the flag wins).",
+    )
+    for name, _, default, help_text in SETTINGS:
+        flag = "--" + name.lower().replace("_", "-")
+        shown = "(secret)" if name in SECRET_SETTINGS else repr(default)
+        parser.add_argument(flag, dest=name, metavar=name, default=None,
+                            help=f"{help_text} [env {name}, default {shown}]")
+    parser.add_argument("--version", action="version", version=f"simple_api_proxy {__version__}")
+    return parser
+
+
+def load_config(argv=None, environ=None):
+    """Build the Config from flags and environment; raise SystemExit with a clear message on bad values."""
+    environ = os.environ if environ is None else environ
+    parser = argument_parser()
+    args = vars(parser.parse_args(argv))
+    values = {}
+    for name, kind, default, _ in SETTINGS:
+        raw = args[name] if args[name] is not None else environ.get(name)
+        if raw is None or (raw == "" and kind is not str):
+            values[name] = default
+            continue
+        try:
+            values[name] = kind(raw)
+        except ValueError:
+            parser.error(f"{name} must be {'an integer' if kind is int else 'a number'}, not {raw!r}")
+    try:
+        config = Config(
+            api_host=values["API_HOST"],
+            api_port=values["API_PORT"],
+            ollama=parse_ollama_host(values["OLLAMA_HOST"]),
+            ollama_model=values["OLLAMA_MODEL"],
+            model_map=parse_model_map(values["MODEL_MAP"]),
+            ollama_timeout=values["OLLAMA_TIMEOUT"],
+            ollama_first_token_timeout=values["OLLAMA_FIRST_TOKEN_TIMEOUT"],
+            ollama_num_ctx=values["OLLAMA_NUM_CTX"],
+            ollama_keep_alive=values["OLLAMA_KEEP_ALIVE"],
+            ping_interval=values["PING_INTERVAL"],
+            cache_enabled=parse_switch("CACHE", values["CACHE"]),
+            cache_ttl=values["CACHE_TTL"],
+            cache_max_entries=values["CACHE_MAX_ENTRIES"],
+            cache_max_bytes=values["CACHE_MAX_BYTES"],
+            redis_url=build_redis_url(values),
+            redis_timeout=values["REDIS_TIMEOUT"],
+            tool_call_recovery=parse_switch("TOOL_CALL_RECOVERY", values["TOOL_CALL_RECOVERY"]),
+            proxy_api_key=values["PROXY_API_KEY"],
+            max_body_bytes=values["MAX_BODY_BYTES"],
+            max_concurrent=values["MAX_CONCURRENT"],
+            client_timeout=values["CLIENT_TIMEOUT"],
+            shutdown_grace=values["SHUTDOWN_GRACE"],
+            log_level=values["LOG_LEVEL"].upper(),
+            log_file=values["LOG_FILE"],
+            log_bodies=parse_switch("LOG_BODIES", values["LOG_BODIES"]),
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    for name, value in (("API_PORT", config.api_port), ("OLLAMA_NUM_CTX", config.ollama_num_ctx),
+                        ("MAX_CONCURRENT", config.max_concurrent), ("MAX_BODY_BYTES", config.max_body_bytes)):
+        if value <= 0 and not (name == "API_PORT" and value == 0):
+            parser.error(f"{name} must be positive, not {value}")
+    if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        parser.error(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {config.log_level!r}")
+    return config
+
+
+###############################################################################
+# Errors
+###############################################################################
+
+# HTTP status -> Anthropic error type, for statuses that reach a client.
+ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+    411: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
+    500: "api_error", 501: "invalid_request_error", 502: "api_error", 503: "api_error",
+    504: "timeout_error", 529: "overloaded_error",
+}
+
+
+class ProxyError(Exception):
+    """A failure to report to the client as an Anthropic error envelope."""
+
+    def __init__(self, status, message, error_type=None, *, retry=None, retry_after=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type or ERROR_TYPES.get(status, "api_error")
+        # None lets the SDK decide from the status; False says a retry cannot help.
+        self.retry = retry
+        self.retry_after = retry_after
+
+    def headers(self):
+        headers = {}
+        if self.retry is not None:
+            headers["x-should-retry"] = "true" if self.retry else "false"
+        if self.retry_after is not None:
+            headers["retry-after"] = str(self.retry_after)
+        return headers
+
+    def body(self, request_id):
+        return {"type": "error", "error": {"type": self.error_type, "message": self.message},
+                "request_id": request_id}
+
+
+def invalid(message):
+    return ProxyError(400, message, "invalid_request_error", retry=False)
+
+
+###############################################################################
+# Translation: Anthropic <-> Ollama, pure functions without I/O
+###############################################################################
+
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+CHARS_PER_TOKEN = 3.5  # qwen-style tokenizers: ~4 for prose, ~3 for code; err towards more tokens
+IMAGE_TOKENS = 768  # what Ollama's own truncation assumes per image
+MESSAGE_OVERHEAD_TOKENS = 4  # role markers of a chat template
+STOP_REASONS = {"length": "max_tokens"}
+TOOL_SCHEMA_TYPES = (None, "custom")
+
+
+def new_id(prefix):
+    number = int.from_bytes(secrets.token_bytes(18), "big")
+    chars = []
+    for _ in range(24):
+        number, digit = divmod(number, 62)
+        chars.append(BASE62[digit])
+    return prefix + "".join(chars)
+
+
+def resolve_model(name, config):
+    """Claude names go to the configured model (per family via MODEL_MAP); other names pass through."""
+    lowered = name.lower()
+    if not lowered.startswith("claude"):
+        return name
+    for family in MODEL_FAMILIES:
+        if family in lowered and family in config.model_map:
+            return config.model_map[family]
+    return config.model_map.get("default", config.ollama_model)
+
+
+def strip_billing_header(text):
+    """Drop Claude Code's per-request billing line: it is no instruction, and a prefix that changes on
+    every call would make Ollama re-process the whole prompt each turn."""
+    if BILLING_HEADER_PREFIX not in text:
+        return text
+    return "\n".join(line for line in text.split("\n")
+                     if not line.lstrip().startswith(BILLING_HEADER_PREFIX)).strip("\n")
+
+
+def _require_type(value, kinds, path, description):
+    if isinstance(value, bool) and bool not in kinds:
+        raise invalid(f"{path}: Input should be {description}")
+    if not isinstance(value, kinds):
+        raise invalid(f"{path}: Input should be {description}")
+    return value
+
+
+def validate_messages_request(body, *, for_count=False):
+    """Check the fields the proxy uses, with messages that name the field; leave the rest alone."""
+    if not isinstance(body, dict):
+        raise invalid("Request body must be a JSON object")
+    if "model" not in body:
+        raise invalid("model: Field required")
+    model = _require_type(body["model"], (str,), "model", "a valid string")
+    if not model.strip():
+        raise invalid("model: String should have at least 1 character")
+    if not for_count:
+        if "max_tokens" not in body:
+            raise invalid("max_tokens: Field required")
+        max_tokens = _require_type(body["max_tokens"], (int,), "max_tokens", "a valid integer")
+        if max_tokens < 0:
+            raise invalid("max_tokens: Input should be greater than or equal to 0")
+        if "stream" in body and body["stream"] is not None:
+            _require_type(body["stream"], (bool,), "stream", "a valid boolean")
+    if "messages" not in body:
+        raise invalid("messages: Field required")
+    messages = _require_type(body["messages"], (list,), "messages", "a valid list")
+    if not messages:
+        raise invalid("messages: at least one message is required")
+    for index, message in enumerate(messages):
+        path = f"messages.{index}"
+        _require_type(message, (dict,), path, "a valid dictionary")
+        role = message.get("role")
+        if role not in ("user", "assistant", "system"):
+            raise invalid(f"{path}.role: Input should be 'user', 'assistant' or 'system'")
+        if "content" not in message:
+            raise invalid(f"{path}.content: Field required")
+        _validate_content(message["content"], f"{path}.content")
+    system = body.get("system")
+    if system is not None:
+        _validate_content(system, "system")
+    for key, kinds, description in (("temperature", (int, float), "a valid number"),
+                                    ("top_p", (int, float), "a valid number"),
+                                    ("top_k", (int,), "a valid integer")):
+        if body.get(key) is not None:
+            _require_type(body[key], kinds, key, description)
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        _require_type(stops, (list,), "stop_sequences", "a valid list")
+        for index, stop in enumerate(stops):
+            _require_type(stop, (str,), f"stop_sequences.{index}", "a valid string")
+    tools = body.get("tools")
+    if tools is not None:
+        _require_type(tools, (list,), "tools", "a valid list")
+        for index, tool in enumerate(tools):
+            _require_type(tool, (dict,), f"tools.{index}", "a valid dictionary")
+            _require_type(tool.get("name"), (str,), f"tools.{index}.name", "a valid string")
+            if tool.get("type") in TOOL_SCHEMA_TYPES:
+                _require_type(tool.get("input_schema"), (dict,), f"tools.{index}.input_schema",
+                              "a valid dictionary")
+    choice = body.get("tool_choice")
+    if choice is not None:
+        _require_type(choice, (dict,), "tool_choice", "a valid dictionary")
+        if choice.get("type") not in ("auto", "any", "tool", "none"):
+            raise invalid("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
+        if choice["type"] == "tool":
+            _require_type(choice.get("name"), (str,), "tool_choice.name", "a valid string")
+    for key in ("thinking", "metadata", "output_config"):
+        if body.get(key) is not None:
+            _require_type(body[key], (dict,), key, "a valid dictionary")
+    return body
+
+
+def _validate_content(content, path):
+    if isinstance(content, str):
+        return
+    _require_type(content, (list,), path, "a valid string or a list of content blocks")
+    for index, block in enumerate(content):
+        block_path = f"{path}.{index}"
+        _require_type(block, (dict,), block_path, "a valid dictionary")
+        _require_type(block.get("type"), (str,), f"{block_path}.type", "a valid string")
+
+
+def system_text(system):
+    """The system prompt as one string: blocks joined by blank lines, billing header removed."""
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return strip_billing_header(system)
+    parts = []
+    for block in system:
+        text = block.get("text")
+        if isinstance(text, str):
+            text = strip_billing_header(text)
+            if text:
+                parts.append(text)
+    return "\n\n".join(parts)
+
+
+def merge_consecutive_turns(messages):
+    """The Messages API treats consecutive same-role turns as one turn; so do we."""
+    merged = []
+    for message in messages:
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        role = message["role"]
+        if merged and merged[-1]["role"] == role and role != "system":
+            merged[-1]["content"].extend(blocks)
+        else:
+            merged.append({"role": role, "content": blocks})
+    return merged
+
+
+def _image_data(block, path):
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise invalid(f"{path}.source: Field required")
+    if source.get("type") != "base64":
+        raise invalid(f"{path}.source.type: only base64 images are supported by this proxy "
+                      f"(got {source.get('type')!r}); send the image data inline")
+    data = source.get("data")
+    if not isinstance(data, str) or not data:
+        raise invalid(f"{path}.source.data: Field required")
+    return data
+
+
+def _document_text(block, path):
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise invalid(f"{path}.source: Field required")
+    kind = source.get("type")
+    if kind == "text" and isinstance(source.get("data"), str):
+        text = source["data"]
+    elif kind == "content":
+        inner = source.get("content")
+        if isinstance(inner, str):
+            text = inner
+        elif isinstance(inner, list):
+            text = "\n".join(b["text"] for b in inner if isinstance(b, dict) and isinstance(b.get("text"), str))
+        else:
+            raise invalid(f"{path}.source.content: Input should be a valid string or list")
+    else:
+        raise invalid(f"{path}.source.type: {kind!r} documents are not supported by this proxy "
+                      "(Ollama reads no PDF or file); send the document's text instead")
+    title = block.get("title")
+    return f"{title}\n\n{text}" if isinstance(title, str) and title else text
+
+
+def _tool_result_message(block, path, tool_names):
+    tool_use_id = block.get("tool_use_id")
+    _require_type(tool_use_id, (str,), f"{path}.tool_use_id", "a valid string")
+    content = block.get("content")
+    texts, images = [], []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for index, inner in enumerate(content):
+            inner_path = f"{path}.content.{index}"
+            _require_type(inner, (dict,), inner_path, "a valid dictionary")
+            kind = inner.get("type")
+            if kind == "image":
+                images.append(_image_data(inner, inner_path))
+            elif kind == "document":
+                texts.append(_document_text(inner, inner_path))
+            elif kind == "tool_reference":
+                texts.append(f"Tool loaded: {inner.get('tool_name', '')}")
+            elif isinstance(inner.get("text"), str):
+                texts.append(inner["text"])
+            else:
+                raise invalid(f"{inner_path}.type: content block {kind!r} is not supported in a tool_result")
+    elif content is not None:
+        raise invalid(f"{path}.content: Input should be a valid string or list")
+    text = "\n".join(texts)
+    if block.get("is_error") is True:
+        # Ollama has no error flag on tool messages; the model still has to know.
+        text = "Error: " + text
+    message = {"role": "tool", "content": text, "tool_call_id": tool_use_id}
+    name = tool_names.get(tool_use_id)
+    if name:
+        message["tool_name"] = name
+    if images:
+        message["images"] = images
+    return message
+
+
+def _user_messages(blocks, path, tool_names):
+    tool_messages, texts, images = [], [], []
+    for index, block in enumerate(blocks):
+        block_path = f"{path}.content.{index}"
+        kind = block["type"]
+        if kind == "text":
+            texts.append(_require_type(block.get("text"), (str,), f"{block_path}.text", "a valid string"))
+        elif kind == "tool_result":
+            tool_messages.append(_tool_result_message(block, block_path, tool_names))
+        elif kind == "image":
+            images.append(_image_data(block, block_path))
+        elif kind == "document":
+            texts.append(_document_text(block, block_path))
+        elif kind in ("thinking", "redacted_thinking"):
+            continue
+        elif isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        else:
+            raise invalid(f"{block_path}.type: content block {kind!r} is not supported by this proxy")
+    out = tool_messages
+    if texts or images:
+        user = {"role": "user", "content": "\n\n".join(texts)}
+        if images:
+            user["images"] = images
+        out.append(user)
+    return out
+
+
+def _assistant_message(blocks, path, tool_names):
+    texts, thinking, calls = [], [], []
+    for index, block in enumerate(blocks):
+        block_path = f"{path}.content.{index}"
+        kind = block["type"]
+        if kind == "text":
+            texts.append(_require_type(block.get("text"), (str,), f"{block_path}.text", "a valid string"))
+        elif kind == "tool_use":
+            call_id = _require_type(block.get("id"), (str,), f"{block_path}.id", "a valid string")
+            name = _require_type(block.get("name"), (str,), f"{block_path}.name", "a valid string")
+            arguments = block.get("input", {})
+            _require_type(arguments, (dict,), f"{block_path}.input", "a valid dictionary")
+            tool_names[call_id] = name
+            calls.append({"id": call_id, "function": {"name": name, "arguments": arguments}})
+        elif kind == "thinking":
+            if isinstance(block.get("thinking"), str) and block["thinking"]:
+                thinking.append(block["thinking"])
+        # redacted thinking and server-tool blocks are the model's own artefacts: nothing to pass on.
+    if not texts and not thinking and not calls:
+        return None
+    message = {"role": "assistant", "content": "\n\n".join(texts)}
+    if thinking:
+        message["thinking"] = "\n\n".join(thinking)
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def ollama_messages(request):
+    """Anthropic system + messages -> Ollama chat messages (PROTOCOL C.2)."""
+    out = []
+    system = system_text(request.get("system"))
+    if system:
+        out.append({"role": "system", "content": system})
+    tool_names = {}
+    for index, message in enumerate(merge_consecutive_turns(request["messages"])):
+        path = f"messages.{index}"
+        role = message["role"]
+        if role == "system":
+            text = system_text(message["content"])
+            if text:
+                out.append({"role": "system", "content": text})
+        elif role == "user":
+            out.extend(_user_messages(message["content"], path, tool_names))
+        else:
+            assistant = _assistant_message(message["content"], path, tool_names)
+            if assistant:
+                out.append(assistant)
+    return out
+
+
+def client_tools(request):
+    """Tools the model may call: client tools, minus deferred ones and minus any tool_choice excludes."""
+    tools = request.get("tools") or []
+    choice = request.get("tool_choice") or {}
+    if choice.get("type") == "none":
+        return []
+    offered = [tool for tool in tools
+               if tool.get("type") in TOOL_SCHEMA_TYPES and not tool.get("defer_loading")]
+    if choice.get("type") == "tool":
+        offered = [tool for tool in offered if tool["name"] == choice["name"]]
+    return offered
+
+
+def ollama_tools(tools):
+    return [{"type": "function",
+             "function": {"name": tool["name"], "description": tool.get("description", ""),
+                          "parameters": tool["input_schema"]}}
+            for tool in tools]
+
+
+def thinking_requested(request):
+    thinking = request.get("thinking") or {}
+    return thinking.get("type") in ("enabled", "adaptive")
+
+
+def anthropic_to_ollama(request, ollama_model, config, *, can_think=False):
+    """A validated Anthropic Messages request -> the body of Ollama's POST /api/chat."""
+    options = {"num_ctx": config.ollama_num_ctx, "num_predict": request["max_tokens"]}
+    for key in ("temperature", "top_p", "top_k"):
+        if request.get(key) is not None:
+            options[key] = request[key]
+    payload = {"model": ollama_model, "messages": ollama_messages(request), "stream": True,
+               "options": options}
+    tools = client_tools(request)
+    if tools:
+        payload["tools"] = ollama_tools(tools)
+    if can_think:
+        # Ollama turns thinking on by itself for capable models; say what the client asked.
+        effort = (request.get("output_config") or {}).get("effort")
+        if thinking_requested(request):
+            payload["think"] = {"xhigh": "high", "max": "high"}.get(effort, effort) or True
+        else:
+            payload["think"] = False
+    output_format = (request.get("output_config") or {}).get("format")
+    if isinstance(output_format, dict) and isinstance(output_format.get("schema"), dict):
+        payload["format"] = output_format["schema"]
+    if config.ollama_keep_alive:
+        keep_alive = config.ollama_keep_alive
+        payload["keep_alive"] = int(keep_alive) if re.fullmatch(r"-?\d+", keep_alive) else keep_alive
+    return payload
+
+
+def estimate_tokens(ollama_payload):
+    """Tokens the prompt will take: characters / 3.5 plus per-message and per-image overheads.
+
+    Ollama has no tokenizer endpoint; erring high makes Claude Code compact a little early
+    instead of letting Ollama silently drop the start of the conversation."""
+    chars = 0
+    extra = 0
+    for message in ollama_payload["messages"]:
+        chars += len(message.get("content", "")) + len(message.get("thinking", ""))
+        for call in message.get("tool_calls", ()):
+            chars += len(call["function"]["name"]) + len(json.dumps(call["function"]["arguments"]))
+        extra += MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS * len(message.get("images", ()))
+    if "tools" in ollama_payload:
+        chars += len(json.dumps(ollama_payload["tools"], separators=(",", ":")))
+    return math.ceil(chars / CHARS_PER_TOKEN) + extra
+
+
+def sse_event(name, data):
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def empty_message(model, input_tokens, stop_reason="end_turn"):
+    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": 0,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+
+
+def message_to_events(message):
+    """A complete Anthropic message as the SSE events that would have streamed it (cache replays)."""
+    start = dict(message, content=[], stop_reason=None, stop_sequence=None,
+                 usage=dict(message["usage"], output_tokens=0))
+    events = [("message_start", {"type": "message_start", "message": start})]
+    for index, block in enumerate(message["content"]):
+        kind = block["type"]
+        if kind == "text":
+            opening, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+        elif kind == "thinking":
+            opening = {"type": "thinking", "thinking": "", "signature": ""}
+            delta = {"type": "thinking_delta", "thinking": block["thinking"]}
+        else:
+            opening = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        events.append(("content_block_start", {"type": "content_block_start", "index": index,
+                                               "content_block": opening}))
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+    events.append(("message_delta", {"type": "message_delta",
+                                     "delta": {"stop_reason": message["stop_reason"],
+                                               "stop_sequence": message["stop_sequence"]},
+                                     "usage": message["usage"]}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
+# --- tool calls written as text --------------------------------------------
+# Small models (qwen2.5-coder among them, ollama/ollama#12174) often answer with the
+# tool call as text instead of Ollama's structured tool_calls.
+
+TOOL_CALL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+JSON_FENCE = re.compile(r"```(?:json)?\s*\n(.*?)\n?```", re.S)
+
+
+def _calls_from_json(value, tool_names):
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or set(item) - {"name", "arguments", "parameters", "type", "id"}:
+            return None
+        if item.get("name") not in tool_names:
+            return None
+        arguments = item.get("arguments", item.get("parameters", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return None
+        if not isinstance(arguments, dict):
+            return None
+        calls.append({"name": item["name"], "input": arguments})
+    return calls or None
+
+
+def _json_values(text):
+    """Consecutive JSON values making up the whole text, or None."""
+    decoder = json.JSONDecoder()
+    values, position = [], 0
+    while True:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position == len(text):
+            return values or None
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except ValueError:
+            return None
+        values.append(value)
+
+
+def parse_text_tool_calls(text, tool_names):
+    """Tool calls the text consists of, and the text before them; None if it is not such a reply.
+
+    Accepted: bare JSON objects (or a list of them) {"name", "arguments"|"parameters"}, the same in
+    ```json fences, or <tool_call>...</tool_call> tags after optional prose. Every call must name an
+    offered tool, and nothing may follow the calls."""
+    if not tool_names:
+        return None
+    stripped = text.strip()
+    tagged = list(TOOL_CALL_TAG.finditer(stripped))
+    if tagged:
+        if stripped[tagged[-1].end():].strip():
+            return None
+        prefix = stripped[:tagged[0].start()].strip()
+        calls, last = [], tagged[0].start()
+        for match in tagged:
+            if stripped[last:match.start()].strip():
+                return None
+            values = _json_values(match.group(1))
+            found = values and [c for v in values for c in (_calls_from_json(v, tool_names) or [None])]
+            if not found or None in found:
+                return None
+            calls.extend(found)
+            last = match.end()
+        return prefix, calls
+    fences = list(JSON_FENCE.finditer(stripped))
+    if fences:
+        outside = JSON_FENCE.sub("", stripped).strip()
+        if outside:
+            return None
+        bodies = [match.group(1) for match in fences]
+    else:
+        bodies = [stripped]
+    calls = []
+    for body in bodies:
+        values = _json_values(body)
+        if not values:
+            return None
+        for value in values:
+            found = _calls_from_json(value, tool_names)
+            if not found:
+                return None
+            calls.extend(found)
+    return "", calls
+
+
+CALL_START = re.compile(r'\s*(?:\[\s*)?(?:\{\s*(?:"|$)|$)')
+TOOL_CALL_OPEN = "<tool_call>"
+
+
+def could_become_tool_call(text):
+    """True while a reply's text so far can still turn out to be a tool call written as text."""
+    stripped = text.lstrip()
+    if stripped.startswith("```"):
+        language, newline, rest = stripped[3:].partition("\n")
+        if not newline:
+            return "json".startswith(language.strip()) and len(language) < 8
+        return language.strip() in ("", "json") and bool(CALL_START.match(rest))
+    if TOOL_CALL_OPEN.startswith(stripped) or stripped.startswith(TOOL_CALL_OPEN):
+        return True
+    return bool(CALL_START.match(stripped))
+
+
+def partial_suffix(text, marker):
+    """Length of the longest end of text that is a proper beginning of marker."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:size]):
+            return size
+    return 0
+
+
+class StreamTranslator:
+    """Ollama /api/chat stream chunks -> Anthropic SSE events, and the complete message alongside.
+
+    One instance per response. feed() takes one parsed NDJSON object and returns the events to
+    send; `message` is the finished Anthropic message once `done` is true. Non-streaming clients
+    use the same path and ignore the events, so both shapes always agree.
+
+    Text passes a gate: it is held back while it may still be the start of a stop sequence
+    (which the proxy enforces, so it can report which one matched) or, when tools were offered,
+    a tool call the model wrote as text. Everything else leaves the moment it arrives.
+    """
+
+    def __init__(self, model, input_tokens, *, stop_sequences=(), tool_names=(), show_thinking=False,
+                 recover_tool_calls=True):
+        self.model = model
+        self.message_id = new_id("msg_")
+        self.input_tokens = input_tokens
+        self.stop_sequences = [s for s in stop_sequences if s]
+        self.tool_names = frozenset(tool_names)
+        self.show_thinking = show_thinking
+        self.recover = recover_tool_calls and bool(self.tool_names)
+        self.blocks = []  # [kind, parts] for text and thinking, [kind, block] for tool_use
+        self.open_kind = None
+        self.had_tool = False
+        self.pending = ""  # text not yet released
+        self.held_for_call = self.recover  # pending may be a tool call written as text
+        self.stop_reason = None
+        self.stop_sequence = None
+        self.output_tokens = 0
+        self.chunks = 0
+        self.done = False
+
+    def start(self):
+        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+                   "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": self.input_tokens, "output_tokens": 0,
+                             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+        return [("message_start", {"type": "message_start", "message": message})]
+
+    # -- blocks ---------------------------------------------------------------
+    def close_block(self, events):
+        if self.open_kind is not None:
+            events.append(("content_block_stop", {"type": "content_block_stop", "index": len(self.blocks) - 1}))
+            self.open_kind = None
+
+    def _delta(self, kind, text, events):
+        if self.open_kind != kind:
+            self.close_block(events)
+            self.blocks.append([kind, []])
+            opening = {"type": "text", "text": ""} if kind == "text" else \
+                {"type": "thinking", "thinking": "", "signature": ""}
+            events.append(("content_block_start", {"type": "content_block_start", "index": len(self.blocks) - 1,
+                                                   "content_block": opening}))
+            self.open_kind = kind
+        self.blocks[-1][1].append(text)
+        delta = {"type": "text_delta", "text": text} if kind == "text" else \
+            {"type": "thinking_delta", "thinking": text}
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": len(self.blocks) - 1,
+                                               "delta": delta}))
+
+    def _tool_use(self, name, arguments, events):
+        self.close_block(events)
+        block = {"type": "tool_use", "id": new_id("toolu_"), "name": name, "input": arguments}
+        self.blocks.append(["tool_use", block])
+        index = len(self.blocks) - 1
+        events.append(("content_block_start", {"type": "content_block_start", "index": index,
+                                               "content_block": dict(block, input={})}))
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": index,
+                                               "delta": {"type": "input_json_delta",
+                                                         "partial_json": json.dumps(arguments)}}))
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+        self.had_tool = True
+
+    # -- the text gate ----------------------------------------------------------
+    def _text(self, piece, events):
+        self.pending += piece
+        if self.stop_sequences:
+            hits = [(self.pending.find(s), s) for s in self.stop_sequences]
+            hits = [hit for hit in hits if hit[0] >= 0]
+            if hits:
+                position, self.stop_sequence = min(hits)
+                self.pending = self.pending[:position]
+                self.stop_reason = "stop_sequence"
+                return
+        if self.held_for_call:
+            if could_become_tool_call(self.pending):
+                return
+            self.held_for_call = False
+        if self.recover and TOOL_CALL_OPEN in self.pending:
+            before, tag, after = self.pending.partition(TOOL_CALL_OPEN)
+            self._release(before, events)
+            self.pending = tag + after
+            self.held_for_call = True
+            return
+        keep = max([partial_suffix(self.pending, s) for s in self.stop_sequences] +
+                   [partial_suffix(self.pending, TOOL_CALL_OPEN) if self.recover else 0])
+        self._release(self.pending[:len(self.pending) - keep], events)
+        self.pending = self.pending[len(self.pending) - keep:]
+
+    def _release(self, text, events):
+        if text:
+            self._delta("text", text, events)
+
+    def _flush(self, events, *, before_tool=False):
+        """Release held text: the reply ended, or a structured tool call came after it."""
+        text, self.pending = self.pending, ""
+        if self.held_for_call and not before_tool:
+            parsed = parse_text_tool_calls(text, self.tool_names)
+            if parsed:
+                prefix, calls = parsed
+                self._release(prefix, events)
+                for call in calls:
+                    self._tool_use(call["name"], call["input"], events)
+                text = ""
+        self.held_for_call = False
+        if before_tool and not text.strip():
+            return
+        self._release(text, events)
+
+    # -- input --------------------------------------------------------------------
+    def feed(self, chunk):
+        """One Ollama NDJSON object -> events. Raises ProxyError for an error chunk."""
+        if "error" in chunk:
+            raise upstream_stream_error(chunk["error"])
+        events = []
+        self.chunks += 1
+        message = chunk.get("message") or {}
+        thinking = message.get("thinking")
+        if thinking and self.show_thinking and self.stop_reason is None:
+            self._delta("thinking", thinking, events)
+        content = message.get("content")
+        if content and self.stop_reason is None:
+            self._text(content, events)
+        for call in message.get("tool_calls") or ():
+            if self.stop_reason is not None:
+                break
+            function = call.get("function") or {}
+            self._flush(events, before_tool=True)
+            self._tool_use(str(function.get("name", "")), tool_arguments(function.get("arguments")), events)
+        if chunk.get("done") or self.stop_reason == "stop_sequence":
+            self._finish(chunk, events)
+        return events
+
+    def _finish(self, chunk, events):
+        self._flush(events)
+        self.close_block(events)
+        if self.had_tool:
+            self.stop_reason, self.stop_sequence = "tool_use", None
+        elif self.stop_reason is None:
+            self.stop_reason = STOP_REASONS.get(chunk.get("done_reason"), "end_turn")
+        self.input_tokens = chunk.get("prompt_eval_count") or self.input_tokens
+        self.output_tokens = chunk.get("eval_count") or self.chunks
+        events.append(("message_delta", {"type": "message_delta",
+                                         "delta": {"stop_reason": self.stop_reason,
+                                                   "stop_sequence": self.stop_sequence},
+                                         "usage": {"input_tokens": self.input_tokens,
+                                                   "output_tokens": self.output_tokens}}))
+        events.append(("message_stop", {"type": "message_stop"}))
+        self.done = True
+
+    def error_events(self, error):
+        """Close what is open and report the failure: the end of a stream that cannot finish."""
+        events = []
+        self.close_block(events)
+        events.append(("error", {"type": "error", "error": {"type": error.error_type, "message": error.message}}))
+        return events
+
+    @property
+    def message(self):
+        content = []
+        for kind, payload in self.blocks:
+            if kind == "text":
+                content.append({"type": "text", "text": "".join(payload)})
+            elif kind == "thinking":
+                content.append({"type": "thinking", "thinking": "".join(payload), "signature": ""})
+            else:
+                content.append(payload)
+        return {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+                "content": content, "stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence,
+                "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+
+
+def tool_arguments(arguments):
+    """Ollama's arguments as the JSON object Anthropic's input must be."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return {"arguments": arguments}
+    if arguments is None:
+        return {}
+    return arguments if isinstance(arguments, dict) else {"value": arguments}
+
+
+def ollama_to_anthropic(reply, model, input_tokens, **options):
+    """One complete (non-streamed) Ollama /api/chat reply -> an Anthropic message."""
+    translator = StreamTranslator(model, input_tokens, **options)
+    translator.feed(dict(reply, done=True))
+    return translator.message
+
+
+def upstream_stream_error(text):
+    text = str(text)
+    if "busy" in text or "maximum pending" in text:
+        return ProxyError(529, f"Ollama is busy: {text}", retry_after=5)
+    return ProxyError(502, f"Ollama reported an error mid-reply: {text}", "api_error")
+
+
+def upstream_status_error(status, text, address, model):
+    """An Ollama error response before any answer -> the Anthropic error (PROTOCOL C.6)."""
+    if status == 404:
+        return ProxyError(404, f"model {model!r} is not installed in Ollama at {address}.", "not_found_error")
+    if status == 400:
+        if "context length" in text:
+            return invalid(f"prompt is too long for the model's context window: {text}")
+        return invalid(f"Ollama rejected the request: {text}")
+    if status == 403:
+        return ProxyError(403, f"Ollama refused the request: {text}", "permission_error")
+    if status == 429:
+        return ProxyError(429, f"Ollama rate limit: {text}", "rate_limit_error", retry_after=5)
+    if status == 503:
+        return ProxyError(529, f"Ollama is busy: {text}", "overloaded_error", retry_after=5)
+    return ProxyError(500 if status < 600 else 502, f"Ollama answered HTTP {status}: {text}", "api_error")
+
+
+###############################################################################
+# Upstream client: Ollama over HTTP/1.1
+###############################################################################
+
+class UpstreamExchange:
+    """One HTTP/1.1 request to Ollama whose answer is read incrementally.
+
+    Reads go through the raw socket, so the caller can wait with poll() on Ollama and on its own
+    client at once, send pings between reads and apply one deadline before the first token and
+    another between tokens; a socket timeout here never poisons the connection."""
+
+    def __init__(self, sock, address):
+        self.sock = sock
+        self.address = address
+        self.status = None
+        self.headers = {}
+        self.finished = False  # the body is complete
+        self._raw = bytearray()
+        self._body = bytearray()
+        self._framing = None
+        self._left = 0
+        self._need_crlf = False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def buffered(self):
+        return b"\n" in self._body or self.finished or \
+            (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0)
+
+    def receive(self, timeout):
+        """Read what arrived, waiting up to timeout; False if nothing came in time."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(262144)
+        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+            return False
+        except OSError as exc:
+            raise ProxyError(502, f"the connection to Ollama at {self.address} broke: {exc}") from exc
+        if not data:
+            self._at_eof()
+        else:
+            self._raw += data
+            self._parse()
+        return True
+
+    def _at_eof(self):
+        if self.status is None:
+            raise ProxyError(502, f"Ollama at {self.address} closed the connection without answering")
+        if self._framing == "close":
+            self.finished = True
+        elif not self.finished:
+            raise ProxyError(502, f"Ollama at {self.address} closed the connection mid-reply")
+
+    def _parse(self):
+        if self.status is None:
+            end = self._raw.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._raw) > 65536:
+                    raise ProxyError(502, f"Ollama at {self.address} sent an oversized header")
+                return
+            head = bytes(self._raw[:end]).decode("latin-1").split("\r\n")
+            del self._raw[:end + 4]
+            parts = head[0].split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+                raise ProxyError(502, f"Ollama at {self.address} sent no HTTP response: {head[0][:80]!r}")
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                self.headers[name.strip().lower()] = value.strip()
+            self.status = int(parts[1])
+            if "chunked" in self.headers.get("transfer-encoding", "").lower():
+                self._framing = "chunked"
+            elif "content-length" in self.headers:
+                self._framing = "length"
+                self._left = int(self.headers["content-length"])
+                self.finished = self._left == 0
+            else:
+                self._framing = "close"
+        if self._framing == "chunked":
+            self._parse_chunks()
+        elif self._framing == "length":
+            take = self._raw[:self._left]
+            self._body += take
+            del self._raw[:len(take)]
+            self._left -= len(take)
+            self.finished = self._left == 0
+        else:
+            self._body += self._raw
+            self._raw.clear()
+
+    def _parse_chunks(self):
+        raw = self._raw
+        while not self.finished:
+            if self._left:
+                take = raw[:self._left]
+                self._body += take
+                del raw[:len(take)]
+                self._left -= len(take)
+                if self._left:
+                    return
+                self._need_crlf = True
+            if self._need_crlf:
+                if len(raw) < 2:
+                    return
+                del raw[:2]
+                self._need_crlf = False
+            end = raw.find(b"\r\n")
+            if end < 0:
+                if len(raw) > 4096:
+                    raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body")
+                return
+            try:
+                size = int(bytes(raw[:end]).split(b";")[0], 16)
+            except ValueError:
+                raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body") from None
+            del raw[:end + 2]
+            if size == 0:
+                self.finished = True
+            self._left = size
+
+    def pop_line(self):
+        """The next complete line of the body, or the unterminated rest once the body is complete."""
+        end = self._body.find(b"\n")
+        if end >= 0:
+            line = bytes(self._body[:end])
+            del self._body[:end + 1]
+            return line
+        if self.finished and self._body:
+            line = bytes(self._body)
+            self._body.clear()
+            return line
+        return None
+
+    def read_body(self, timeout):
+        deadline = time.monotonic() + timeout
+        while self.status is None or not self.finished:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.receive(remaining):
+                raise ProxyError(504, f"Ollama at {self.address} did not answer within {timeout:g} s")
+        body, self._body = bytes(self._body), bytearray()
+        return body
+
+
+class OllamaClient:
+    """Opens requests to Ollama; remembers each model's capabilities."""
+
+    def __init__(self, config):
+        self.config = config
+        self.address = config.ollama.url
+        self._host_header = f"{config.ollama.host}:{config.ollama.port}".encode()
+        self._capabilities = {}
+        self._lock = threading.Lock()
+        self._tls = ssl.create_default_context() if config.ollama.scheme == "https" else None
+
+    def open(self, method, path, payload=None):
+        """Connect and send one request; the caller reads the answer from the returned exchange."""
+        ollama = self.config.ollama
+        try:
+            sock = socket.create_connection((ollama.host, ollama.port), timeout=self.config.ollama_timeout)
+        except (TimeoutError, socket.timeout) as exc:
+            raise ProxyError(504, f"connecting to Ollama at {self.address} timed out after "
+                                  f"{self.config.ollama_timeout:g} s; check OLLAMA_HOST and that "
+                                  "`ollama serve` is running") from exc
+        except OSError as exc:
+            raise ProxyError(502, f"cannot reach Ollama at {self.address} ({exc.strerror or exc}); "
+                                  "check that `ollama serve` is running and OLLAMA_HOST points at it") from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls:
+                sock = self._tls.wrap_socket(sock, server_hostname=ollama.host)
+            body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
+            head = (method.encode() + b" " + path.encode() + b" HTTP/1.1\r\nHost: " + self._host_header +
+                    b"\r\nUser-Agent: simple_api_proxy/" + __version__.encode() +
+                    b"\r\nAccept: application/x-ndjson, application/json\r\nConnection: close\r\n")
+            if payload is not None:
+                head += b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
+            sock.sendall(head + b"\r\n" + body)
+        except OSError as exc:
+            sock.close()
+            raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
+        return UpstreamExchange(sock, self.address)
+
+    def get_json(self, path, payload=None, timeout=None):
+        """A short request answered with JSON: returns (status, parsed body or None)."""
+        exchange = self.open("POST" if payload is not None else "GET", path, payload)
+        try:
+            body = exchange.read_body(timeout or self.config.ollama_timeout)
+        finally:
+            exchange.close()
+        try:
+            return exchange.status, json.loads(body)
+        except ValueError:
+            return exchange.status, None
+
+    def installed_models(self):
+        status, body = self.get_json("/api/tags")
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("models"), list):
+            raise ProxyError(502, f"Ollama at {self.address} answered /api/tags with HTTP {status}")
+        return [m for m in body["models"] if isinstance(m, dict) and isinstance(m.get("name"), str)]
+
+    def capabilities(self, model):
+        """The model's capabilities from /api/show, remembered; raises 404 for a model Ollama lacks."""
+        with self._lock:
+            known = self._capabilities.get(model)
+        if known is not None:
+            return known
+        status, body = self.get_json("/api/show", {"model": model})
+        if status == 404:
+            raise self.missing_model(model)
+        if status != 200 or not isinstance(body, dict):
+            return frozenset()  # unknown this time: assume nothing and ask again next time
+        capabilities = frozenset(c for c in body.get("capabilities") or () if isinstance(c, str))
+        with self._lock:
+            self._capabilities[model] = capabilities
+        return capabilities
+
+    def missing_model(self, model):
+        try:
+            names = sorted(m["name"] for m in self.installed_models())
+        except ProxyError:
+            names = []
+        installed = ", ".join(names) if names else "none"
+        return ProxyError(404, f"model {model!r} is not installed in Ollama at {self.address}; installed: "
+                               f"{installed}. Run `ollama pull {model}` or set OLLAMA_MODEL / MODEL_MAP.",
+                          "not_found_error", retry=False)
+
+
+###############################################################################
+# Cache
+###############################################################################
+
+CACHE_KEY_PREFIX = "simple_api_proxy:v1:"
+CACHE_KEY_FIELDS = ("tools", "tool_choice", "max_tokens", "temperature", "top_p", "top_k",
+                    "stop_sequences", "thinking")
+
+
+def _without_cache_control(value):
+    if isinstance(value, dict):
+        return {k: _without_cache_control(v) for k, v in value.items() if k != "cache_control"}
+    if isinstance(value, list):
+        return [_without_cache_control(v) for v in value]
+    return value
+
+
+def cache_key(request, ollama_model):
+    """SHA-256 over everything that changes the answer, and nothing that doesn't."""
+    material = {"model": ollama_model, "system": system_text(request.get("system")),
+                "messages": _without_cache_control(request["messages"])}
+    for field in CACHE_KEY_FIELDS:
+        if request.get(field) is not None:
+            material[field] = _without_cache_control(request[field])
+    for message in material["messages"]:
+        if message.get("role") == "system":
+            message["content"] = system_text(message["content"])
+    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return CACHE_KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class TierStats:
+    def __init__(self):
+        self.hits = 0
+        self.misses = 0
+        self.last_error = None
+
+    def snapshot(self):
+        lookups = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses,
+                "hit_ratio": round(self.hits / lookups, 4) if lookups else 0.0, "last_error": self.last_error}
+
+
+class MemoryTier:
+    """An LRU of encoded answers, bounded by entries and bytes, each with an expiry."""
+
+    name = "memory"
+
+    def __init__(self, max_entries, max_bytes, ttl):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.entries = collections.OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+        self.stats = TierStats()
+
+    def get(self, key):
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None and entry[1] > time.monotonic():
+                self.entries.move_to_end(key)
+                self.stats.hits += 1
+                return entry[0]
+            if entry is not None:
+                self._remove(key)
+            self.stats.misses += 1
+            return None
+
+    def put(self, key, value):
+        if len(value) > self.max_bytes:
+            return
+        with self.lock:
+            if key in self.entries:
+                self._remove(key)
+            self.entries[key] = (value, time.monotonic() + self.ttl)
+            self.bytes += len(value)
+            while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
+                self._remove(next(iter(self.entries)))
+
+    def _remove(self, key):
+        value, _ = self.entries.pop(key)
+        self.bytes -= len(value)
+
+    def health(self):
+        with self.lock:
+            return dict(state="up", entries=len(self.entries), bytes=self.bytes, **self.stats.snapshot())
+
+
+class RedisTier:
+    """A shared Redis cache that is never in the way: short timeouts, marked down at the first failure,
+    reconnected by a background check."""
+
+    name = "redis"
+    RECHECK_SECONDS = 3.0
+
+    def __init__(self, url, ttl, timeout):
+        self.url = url
+        self.ttl = ttl
+        self.stats = TierStats()
+        self.up = False
+        self.reason = None
+        self.client = None
+        self._lock = threading.Lock()
+        try:
+            import redis
+        except ImportError:
+            self.reason = "redis-py is not installed (pip install redis)"
+            log.warning("cache: Redis configured but %s; using the memory cache only", self.reason)
+            return
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                           health_check_interval=0, retry_on_timeout=False)
+        self._check()
+        threading.Thread(target=self._watch, name="redis-watch", daemon=True).start()
+
+    def _check(self):
+        try:
+            self.client.ping()
+        except Exception as exc:  # redis-py raises many types; any failure means down
+            self._mark_down(exc)
+            return
+        with self._lock:
+            was_up, self.up = self.up, True
+        if not was_up:
+            log.info("cache: Redis at %s is up", mask_url_password(self.url))
+
+    def _watch(self):
+        while True:
+            time.sleep(self.RECHECK_SECONDS)
+            if not self.up:
+                self._check()
+
+    def _mark_down(self, exc):
+        message = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            was_up, self.up = self.up, False
+            self.stats.last_error = message
+        if was_up or self.reason is None:
+            log.warning("cache: Redis at %s is down (%s); serving without it and retrying every %g s",
+                        mask_url_password(self.url), message, self.RECHECK_SECONDS)
+        self.reason = message
+
+    def get(self, key):
+        if not self.up:
+            return None
+        try:
+            value = self.client.get(key)
+        except Exception as exc:
+            self._mark_down(exc)
+            return None
+        if value is None:
+            self.stats.misses += 1
+        else:
+            self.stats.hits += 1
+        return value
+
+    def put(self, key, value):
+        if not self.up:
+            return
+        try:
+            self.client.set(key, value, ex=self.ttl)
+        except Exception as exc:
+            self._mark_down(exc)
+
+    def health(self):
+        if self.client is None:
+            return {"state": "disabled", "reason": self.reason}
+        info = dict(state="up" if self.up else "down", url=mask_url_password(self.url), **self.stats.snapshot())
+        if self.up:
+            try:
+                info["entries"] = self.client.dbsize()
+            except Exception as exc:
+                self._mark_down(exc)
+                info["state"] = "down"
+        return info
+
+
+class ResponseCache:
+    """Memory first, then Redis; a Redis hit warms the memory tier."""
+
+    def __init__(self, config):
+        self.enabled = config.cache_enabled
+        self.memory = MemoryTier(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl) \
+            if self.enabled else None
+        self.redis = RedisTier(config.redis_url, config.cache_ttl, config.redis_timeout) \
+            if self.enabled and config.redis_url else None
+
+    def get(self, key):
+        value = self.memory.get(key)
+        if value is None and self.redis is not None:
+            value = self.redis.get(key)
+            if value is not None:
+                self.memory.put(key, value)
+        return value
+
+    def put(self, key, message):
+        value = json.dumps(message, separators=(",", ":")).encode()
+        self.memory.put(key, value)
+        if self.redis is not None:
+            self.redis.put(key, value)
+
+    def health(self):
+        if not self.enabled:
+            return {"enabled": False, "memory": {"state": "disabled"}, "redis": {"state": "disabled"}}
+        redis = self.redis.health() if self.redis else {"state": "disabled", "reason": "REDIS_URL/REDIS_HOST not set"}
+        return {"enabled": True, "memory": self.memory.health(), "redis": redis}
+
+
+###############################################################################
+# HTTP handler
+###############################################################################
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be sent."""
+
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, config, handler_class=None):
+        self.config = config
+        self.ollama = OllamaClient(config)
+        self.cache = ResponseCache(config)
+        self.slots = threading.BoundedSemaphore(config.max_concurrent)
+        self.in_flight = 0
+        self.in_flight_lock = threading.Lock()
+        self.started = time.time()
+        super().__init__((config.api_host, config.api_port), handler_class or ProxyHandler)
+
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"simple_api_proxy/{__version__}"
+    sys_version = ""
+    error_content_type = "application/json"
+
+    ROUTES = {
+        ("GET", "/"): "root",
+        ("HEAD", "/"): "root",
+        ("GET", "/health"): "health",
+        ("HEAD", "/health"): "health",
+        ("GET", "/v1/models"): "models",
+        ("POST", "/v1/messages"): "messages",
+        ("POST", "/v1/messages/count_tokens"): "count_tokens",
+    }
+    MODEL_ROUTE = "/v1/models/"
+    FAIL_FAST_SECONDS = 1.0  # how long a stream waits for Ollama's status before committing to 200
+
+    def setup(self):
+        super().setup()
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.config = self.server.config
+        self.request.settimeout(self.config.client_timeout)
+
+    def log_message(self, format, *args):
+        log.debug("http: " + format, *args)
+
+    # -- dispatch ------------------------------------------------------------
+    def do_GET(self):
+        self.dispatch()
+
+    def do_HEAD(self):
+        self.dispatch()
+
+    def do_POST(self):
+        self.dispatch()
+
+    def handle_one_request(self):
+        self.request_id = new_id("req_")
+        self.started = time.monotonic()
+        self.status = None
+        self.log_extra = {}
+        self._committed = False
+        super().handle_one_request()
+
+    def dispatch(self):
+        path = self.path.split("?", 1)[0]
+        name = self.ROUTES.get((self.command, path))
+        if name is None and path.startswith(self.MODEL_ROUTE) and self.command in ("GET", "HEAD"):
+            name = "model"
+        try:
+            if name is None:
+                known = {m for (m, p) in self.ROUTES if p == path}
+                self.discard_body()
+                if known:
+                    raise ProxyError(405, f"{self.command} is not allowed on {path}; use {', '.join(sorted(known))}",
+                                     "invalid_request_error")
+                raise ProxyError(404, f"Not found: {self.command} {path}", "not_found_error")
+            if path.startswith("/v1/"):
+                self.check_api_key()
+            getattr(self, "route_" + name)()
+        except ProxyError as error:
+            self.send_error_envelope(error)
+        except ClientGone:
+            self.status = self.status or 499
+            self.close_connection = True
+        except Exception:
+            log.exception("%s internal error on %s %s", self.request_id, self.command, path)
+            self.send_error_envelope(ProxyError(500, "internal proxy error; see the proxy's log", "api_error"))
+        finally:
+            self.log_request_line(path)
+
+    def log_request_line(self, path):
+        extra = self.log_extra
+        model = f" {extra['model']}->{extra['ollama_model']}" if "model" in extra else ""
+        tokens = f" tokens={extra['input_tokens']}/{extra['output_tokens']}" if "output_tokens" in extra else ""
+        flags = (" stream" if extra.get("stream") else "") + (f" cache={extra['cache']}" if "cache" in extra else "")
+        log.info("%s %s %s%s %s%s%s %.1fms", self.request_id, self.command, path, model, self.status,
+                 flags, tokens, (time.monotonic() - self.started) * 1000)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own failures (bad request line, oversized headers) in the Anthropic envelope."""
+        self.close_connection = True
+        try:
+            self.send_error_envelope(ProxyError(code, message or explain or "bad request"))
+        except OSError:
+            pass
+
+    # -- responses -------------------------------------------------------------
+    def send_json(self, status, payload, headers=None):
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        self.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("request-id", self.request_id)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error_envelope(self, error):
+        if self._committed:
+            return
+        self.log_extra["error"] = error.message
+        if error.status >= 500:
+            log.warning("%s %s: %s", self.request_id, error.error_type, error.message)
+        try:
+            self.send_json(error.status, error.body(self.request_id), error.headers())
+        except OSError:
+            self.close_connection = True
+
+    def begin_stream(self, cache_state=None):
+        self.status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("request-id", self.request_id)
+        if cache_state:
+            self.send_header("x-cache", cache_state)
+        self.end_headers()
+        self._committed = True
+
+    def write_chunk(self, data):
+        """One HTTP chunk in one write, so each SSE event leaves as it is made."""
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        except OSError as exc:
+            raise ClientGone() from exc
+
+    def write_events(self, events):
+        if events:
+            self.write_chunk(b"".join(sse_event(name, data) for name, data in events))
+
+    def end_stream(self):
+        try:
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError as exc:
+            raise ClientGone() from exc
+
+    # -- request bodies --------------------------------------------------------
+    def discard_body(self):
+        length = self.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) <= 1 << 20:
+            self.rfile.read(int(length))
+        elif length or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+
+    def read_body(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self.read_chunked_body()
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise ProxyError(411, "a request body needs a Content-Length header", retry=False)
+        if not length.strip().isdigit():
+            self.close_connection = True
+            raise invalid(f"Content-Length {length!r} is not a number")
+        size = int(length)
+        if size > self.config.max_body_bytes:
+            self.close_connection = True
+            raise ProxyError(413, f"request body of {size} bytes exceeds the {self.config.max_body_bytes}-byte "
+                                  "limit (MAX_BODY_BYTES)", "request_too_large", retry=False)
+        return self.read_exactly(size)
+
+    def read_exactly(self, size):
+        try:
+            data = self.rfile.read(size)
+        except (TimeoutError, OSError) as exc:
+            self.close_connection = True
+            raise ProxyError(408, "the request body did not arrive in time", "timeout_error", retry=False) from exc
+        if len(data) != size:
+            self.close_connection = True
+            raise invalid(f"request body ended after {len(data)} of {size} bytes")
+        return data
+
+    def read_chunked_body(self):
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise invalid("malformed chunked request body") from None
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > self.config.max_body_bytes:
+                self.close_connection = True
+                raise ProxyError(413, f"request body exceeds the {self.config.max_body_bytes}-byte limit "
+                                      "(MAX_BODY_BYTES)", "request_too_large", retry=False)
+            parts.append(self.read_exactly(size))
+            self.rfile.readline(8)
+
+    def read_json(self):
+        body = self.read_body()
+        if self.config.log_bodies:
+            log.info("%s body: %s", self.request_id, body.decode("utf-8", "replace"))
+        try:
+            return json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise invalid(f"request body is not valid UTF-8 (byte {exc.start})") from None
+        except ValueError as exc:
+            raise invalid(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise invalid("request body is nested too deeply") from None
+
+    def check_api_key(self):
+        key = self.config.proxy_api_key
+        if key and not self.has_api_key():
+            self.discard_body()
+            raise ProxyError(401, "invalid x-api-key: this proxy needs PROXY_API_KEY in x-api-key or "
+                                  "Authorization: Bearer", "authentication_error", retry=False)
+
+    def has_api_key(self):
+        key = self.config.proxy_api_key.encode()
+        given = self.headers.get("x-api-key", "")
+        auth = self.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            given = given or auth[7:].strip()
+        return hmac.compare_digest(given.encode("utf-8", "replace"), key)
+
+    # -- routes ----------------------------------------------------------------
+    def route_root(self):
+        self.send_json(200, {"status": "ok", "service": "simple_api_proxy", "version": __version__,
+                             "message": "Anthropic Messages API proxy for Ollama; see /health"})
+
+    def route_health(self):
+        ollama = {"url": self.config.ollama.url, "default_model": self.config.ollama_model}
+        began = time.monotonic()
+        try:
+            status, body = self.server.ollama.get_json("/api/version", timeout=min(5.0, self.config.ollama_timeout))
+            ollama["latency_ms"] = round((time.monotonic() - began) * 1000, 1)
+            ollama["reachable"] = status == 200
+            ollama["version"] = (body or {}).get("version") if isinstance(body, dict) else None
+            names = [m["name"] for m in self.server.ollama.installed_models()]
+            ollama["models"] = names
+            ollama["default_model_installed"] = self.config.ollama_model in names or \
+                (":" not in self.config.ollama_model and f"{self.config.ollama_model}:latest" in names)
+        except ProxyError as error:
+            ollama["reachable"] = False
+            ollama["error"] = error.message
+        healthy = ollama["reachable"]
+        payload = {"status": "ok" if healthy else "degraded", "service": "simple_api_proxy",
+                   "version": __version__, "uptime_s": round(time.time() - self.server.started, 1),
+                   "ollama": ollama, "cache": self.server.cache.health(),
+                   "in_flight": self.server.in_flight}
+        if self.config.proxy_api_key and not self.has_api_key():
+            # Without the key, say only whether it works: no addresses, models or errors.
+            payload = {"status": payload["status"], "service": "simple_api_proxy", "version": __version__}
+        self.send_json(200 if healthy else 503, payload)
+
+    def route_models(self):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        try:
+            limit = int(query.get("limit", ["20"])[0])
+        except ValueError:
+            raise invalid("limit: Input should be a valid integer") from None
+        if not 1 <= limit <= 1000:
+            raise invalid("limit: Input should be between 1 and 1000")
+        models = [self.model_object(m) for m in self.server.ollama.installed_models()]
+        ids = [m["id"] for m in models]
+        after, before = query.get("after_id", [None])[0], query.get("before_id", [None])[0]
+        if after in ids:
+            models = models[ids.index(after) + 1:]
+        elif before in ids:
+            models = models[:ids.index(before)]
+        page = models[-limit:] if before in ids else models[:limit]
+        self.send_json(200, {"data": page, "has_more": len(page) < len(models),
+                             "first_id": page[0]["id"] if page else None,
+                             "last_id": page[-1]["id"] if page else None})
+
+    def route_model(self):
+        wanted = urllib.parse.unquote(self.path.split("?", 1)[0][len(self.MODEL_ROUTE):])
+        target = resolve_model(wanted, self.config)
+        for model in self.server.ollama.installed_models():
+            if model["name"] == target or model["name"] == f"{target}:latest":
+                found = self.model_object(model)
+                if target != wanted:
+                    found.update(id=wanted, display_name=f"{wanted} (served by {model['name']})")
+                return self.send_json(200, found)
+        raise ProxyError(404, f"model {wanted!r} not found in Ollama at {self.config.ollama.url}",
+                         "not_found_error", retry=False)
+
+    @staticmethod
+    def model_object(model):
+        created = model.get("modified_at") or "1970-01-01T00:00:00Z"
+        match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", str(created))
+        details = model.get("details") or {}
+        size = details.get("parameter_size")
+        display = f"{model['name']} ({size})" if size else model["name"]
+        return {"type": "model", "id": model["name"], "display_name": display,
+                "created_at": (match.group(1) + "Z") if match else "1970-01-01T00:00:00Z"}
+
+    def route_count_tokens(self):
+        request = validate_messages_request(self.read_json(), for_count=True)
+        ollama_model = resolve_model(request["model"], self.config)
+        payload = anthropic_to_ollama(dict(request, max_tokens=1), ollama_model, self.config)
+        self.send_json(200, {"input_tokens": estimate_tokens(payload)})
+
+    def route_messages(self):
+        request = validate_messages_request(self.read_json())
+        model = request["model"]
+        ollama_model = resolve_model(model, self.config)
+        stream = bool(request.get("stream"))
+        self.log_extra.update(model=model, ollama_model=ollama_model, stream=stream)
+        ollama = self.server.ollama
+        payload = anthropic_to_ollama(request, ollama_model, self.config)
+        input_tokens = estimate_tokens(payload)
+        if input_tokens > self.config.ollama_num_ctx:
+            raise invalid(f"prompt is too long: {input_tokens} tokens > {self.config.ollama_num_ctx} maximum")
+
+        cache, key, lookup, store = self.cache_policy(request, ollama_model)
+        if lookup:
+            cached = cache.get(key)
+            if cached is not None:
+                return self.replay(cached, model, stream)
+        cache_state = "MISS" if lookup else "BYPASS"
+        self.log_extra["cache"] = cache_state
+
+        if request["max_tokens"] == 0:
+            return self.respond_message(empty_message(model, input_tokens, "max_tokens"), stream, cache_state)
+        capabilities = ollama.capabilities(ollama_model)
+        if "thinking" in capabilities:
+            payload = anthropic_to_ollama(request, ollama_model, self.config, can_think=True)
+        tools = client_tools(request)
+        translator = StreamTranslator(
+            model, input_tokens, stop_sequences=request.get("stop_sequences") or (),
+            tool_names=[t["name"] for t in tools],
+            show_thinking=thinking_requested(request) and (request.get("thinking") or {}).get("display") != "omitted",
+            recover_tool_calls=self.config.tool_call_recovery)
+        if not self.server.slots.acquire(blocking=False):
+            raise ProxyError(529, f"the proxy has {self.config.max_concurrent} generations in flight "
+                                  "(MAX_CONCURRENT); try again shortly", "overloaded_error", retry_after=2)
+        with self.server.in_flight_lock:
+            self.server.in_flight += 1
+        try:
+            exchange = ollama.open("POST", "/api/chat", payload)
+            try:
+                if stream:
+                    message = self.stream_reply(exchange, translator, ollama_model, cache_state)
+                else:
+                    message = self.collect_reply(exchange, translator, ollama_model)
+            finally:
+                exchange.close()
+        finally:
+            with self.server.in_flight_lock:
+                self.server.in_flight -= 1
+            self.server.slots.release()
+        if message is None:
+            return
+        self.log_extra.update(input_tokens=message["usage"]["input_tokens"],
+                              output_tokens=message["usage"]["output_tokens"])
+        if store:
+            cache.put(key, message)
+        if not stream:
+            self.send_json(200, message, {"x-cache": cache_state})
+
+    def cache_policy(self, request, ollama_model):
+        """(cache, key, look it up?, store the answer?) from CACHE and the client's Cache-Control."""
+        cache = self.server.cache
+        if not cache.enabled:
+            return cache, None, False, False
+        directives = self.headers.get("Cache-Control", "").lower()
+        no_store = "no-store" in directives
+        return cache, cache_key(request, ollama_model), not no_store and "no-cache" not in directives, not no_store
+
+    def replay(self, cached, model, stream):
+        message = json.loads(cached)
+        message["id"] = new_id("msg_")
+        message["model"] = model
+        self.log_extra.update(cache="HIT", input_tokens=message["usage"]["input_tokens"],
+                              output_tokens=message["usage"]["output_tokens"])
+        self.respond_message(message, stream, "HIT")
+
+    def respond_message(self, message, stream, cache_state):
+        if not stream:
+            return self.send_json(200, message, {"x-cache": cache_state})
+        self.begin_stream(cache_state)
+        self.write_events(message_to_events(message))
+        self.end_stream()
+
+    # -- talking to Ollama -------------------------------------------------------
+    def wait(self, exchange, deadline, what, until=None):
+        """Wait for Ollama until the deadline (or `until`), watching whether our client went away,
+        and keeping a committed stream alive with pings."""
+        if exchange.buffered():
+            exchange.receive(0)
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            raise ProxyError(504, what, "timeout_error")
+        step = min(deadline - now, 1.0)
+        if until is not None:
+            step = max(0.0, min(step, until - now))
+        if self._committed:
+            step = max(0.0, min(step, self._next_ping - now))
+        poller = select.poll()
+        poller.register(exchange.sock, select.POLLIN)
+        if self._watch_client:
+            poller.register(self.connection, select.POLLIN)
+        for fd, _ in poller.poll(step * 1000):
+            if fd == exchange.sock.fileno():
+                exchange.receive(0)
+            else:
+                self.check_client()
+        if self._committed and time.monotonic() >= self._next_ping:
+            self.write_events([("ping", {"type": "ping"})])
+            self._next_ping = time.monotonic() + self.config.ping_interval
+
+    def check_client(self):
+        try:
+            peeked = self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise ClientGone() from exc
+        if not peeked:
+            raise ClientGone()
+        self._watch_client = False  # the client sent its next request early; stop watching
+
+    def upstream_chunks(self, exchange, ollama_model, commit=None):
+        """Ollama's NDJSON objects as they arrive, under the first-token and between-token deadlines.
+
+        `commit`, for streams, is called once: when Ollama's answer starts, or when it has not
+        started within FAIL_FAST_SECONDS (from then on pings keep the client waiting)."""
+        config = self.config
+        self._watch_client = True
+        deadline = time.monotonic() + config.ollama_first_token_timeout
+        commit_at = time.monotonic() + self.FAIL_FAST_SECONDS if commit else None
+        first_wait = (f"Ollama sent nothing for {config.ollama_first_token_timeout:g} s "
+                      "(OLLAMA_FIRST_TOKEN_TIMEOUT): the model may still be loading or the prompt is very long")
+        while exchange.status is None:
+            if commit_at is not None and time.monotonic() >= commit_at:
+                commit()
+                commit_at = None
+            self.wait(exchange, deadline, first_wait, until=commit_at)
+        if exchange.status != 200:
+            raise self.upstream_failure(exchange, ollama_model)
+        if commit_at is not None:
+            commit()
+        silence = first_wait
+        while True:
+            line = exchange.pop_line()
+            if line is None:
+                if exchange.finished:
+                    raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
+                self.wait(exchange, deadline, silence)
+                continue
+            if not line.strip():
+                continue
+            try:
+                chunk = json.loads(line)
+            except ValueError:
+                raise ProxyError(502, f"Ollama at {exchange.address} sent a line that is not JSON: "
+                                      f"{line[:80]!r}") from None
+            if not isinstance(chunk, dict):
+                raise ProxyError(502, f"Ollama at {exchange.address} sent an unexpected line: {line[:80]!r}")
+            deadline = time.monotonic() + config.ollama_timeout
+            silence = f"Ollama went silent for {config.ollama_timeout:g} s mid-reply (OLLAMA_TIMEOUT)"
+            yield chunk
+
+    def upstream_failure(self, exchange, ollama_model):
+        """The ProxyError for an Ollama answer with an error status."""
+        deadline = time.monotonic() + self.config.ollama_timeout
+        while not exchange.finished:
+            self.wait(exchange, deadline, "Ollama did not finish its error response")
+        raw = exchange.pop_line() or b""
+        try:
+            text = json.loads(raw)["error"]
+        except (ValueError, KeyError, TypeError):
+            text = raw.decode("utf-8", "replace")
+        if exchange.status == 404:
+            return self.server.ollama.missing_model(ollama_model)
+        return upstream_status_error(exchange.status, str(text)[:500], exchange.address, ollama_model)
+
+    def collect_reply(self, exchange, translator, ollama_model):
+        for chunk in self.upstream_chunks(exchange, ollama_model):
+            translator.feed(chunk)
+            if translator.done:
+                return translator.message
+        raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
+
+    def stream_reply(self, exchange, translator, ollama_model, cache_state):
+        """Stream Ollama's answer as SSE; the message, or None if the stream had to end with an error.
+
+        Failures before the commit keep their HTTP status; after it they end the stream with an
+        error event, which is all a client can still be told."""
+        def commit():
+            self.begin_stream(cache_state)
+            self.write_events(translator.start() + [("ping", {"type": "ping"})])
+            self._next_ping = time.monotonic() + self.config.ping_interval
+
+        try:
+            for chunk in self.upstream_chunks(exchange, ollama_model, commit):
+                self.write_events(translator.feed(chunk))
+                if translator.done:
+                    break
+            else:
+                raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
+        except ProxyError as error:
+            if not self._committed:
+                raise
+            self.log_extra["error"] = error.message
+            log.warning("%s stream ended by %s: %s", self.request_id, error.error_type, error.message)
+            self.write_events(translator.error_events(error))
+            self.end_stream()
+            self.close_connection = True
+            return None
+        self.end_stream()
+        return translator.message
+
+
+###############################################################################
+# main()
+###############################################################################
+
+def setup_logging(config):
+    handlers = [logging.StreamHandler()]
+    problem = None
+    if config.log_file:
+        try:
+            handlers.append(logging.FileHandler(config.log_file))
+        except OSError as exc:
+            problem = f"cannot write LOG_FILE {config.log_file!r} ({exc.strerror}); logging to stderr only"
+    logging.basicConfig(level=config.log_level, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if problem:
+        log.warning(problem)
+
+
+def serve(config, ready=None):
+    """Run until SIGTERM/SIGINT; requests in flight get SHUTDOWN_GRACE seconds to finish."""
+    server = ProxyServer(config)
+    host, port = server.server_address[:2]
+    log.info("simple_api_proxy %s listening on http://%s:%s | %s", __version__, host, port, config.describe())
+    if config.api_host not in ("127.0.0.1", "localhost", "::1") and not config.proxy_api_key:
+        log.warning("API_HOST=%s exposes the proxy beyond this machine WITHOUT an API key: anyone who reaches "
+                    "port %s can use your GPU. Set PROXY_API_KEY, or bind 127.0.0.1 and use an SSH tunnel.",
+                    config.api_host, port)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        if stopping.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        stopping.set()
+        log.info("%s received: finishing %d request(s) in flight (up to %g s)",
+                 signal.Signals(signum).name, server.in_flight, config.shutdown_grace)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if ready:
+        ready(server)
+    server.serve_forever(poll_interval=0.2)
+    server.server_close()
+    deadline = time.monotonic() + config.shutdown_grace
+    while server.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if server.in_flight:
+        log.warning("shutdown grace over with %d request(s) still in flight", server.in_flight)
+    log.info("stopped")
+
+
+def main(argv=None):
+    config = load_config(argv)
+    setup_logging(config)
+    serve(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

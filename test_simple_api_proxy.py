@@ -1,0 +1,958 @@
+"""Tests for simple_api_proxy.
+
+Pure translation is tested without sockets; everything else goes through a real proxy on an
+ephemeral port, in front of StandInOllama: a small server that speaks Ollama's wire format
+(chunked NDJSON streams, tool_calls, {"error": ...} bodies, hangs and resets on request).
+Run with: python3 -m pytest -q
+"""
+
+import contextlib
+import http.client
+import http.server
+import json
+import os
+import queue
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+import simple_api_proxy as proxy
+
+HERE = Path(__file__).resolve().parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+MODEL = "qwen2.5-coder:7b"
+
+
+def need(condition, reason):
+    """Skip on a laptop that lacks a real part; under CI the part must be there."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must provide this: {reason}")
+    pytest.skip(reason)
+
+
+###############################################################################
+# Stand-in Ollama
+###############################################################################
+
+def chunk(model=MODEL, content="", thinking=None, tool_calls=None, done=False, **extra):
+    message = {"role": "assistant", "content": content}
+    if thinking is not None:
+        message["thinking"] = thinking
+    if tool_calls is not None:
+        message["tool_calls"] = tool_calls
+    body = {"model": model, "created_at": "2026-11-26T10:00:00.000000Z", "message": message, "done": done}
+    body.update(extra)
+    return body
+
+
+def final_chunk(model=MODEL, done_reason="stop", prompt_eval_count=26, eval_count=7, content=""):
+    return chunk(model, content=content, done=True, done_reason=done_reason, total_duration=4883583458,
+                 load_duration=1334875, prompt_eval_count=prompt_eval_count, prompt_eval_duration=342546000,
+                 eval_count=eval_count, eval_duration=4535599000)
+
+
+def ollama_call(name, arguments, index=0, call_id="call_k3j9x0qa"):
+    return {"id": call_id, "function": {"index": index, "name": name, "arguments": arguments}}
+
+
+class Reply:
+    """What the stand-in does for one /api/chat request.
+
+    steps: dicts are NDJSON lines, each sent as its own chunk the way Ollama flushes them;
+    ("sleep", s) waits (and notices a client that leaves); ("raw", b) writes bytes as a chunk;
+    ("reset",) drops the connection with a TCP reset; ("cut",) closes without the final chunk.
+    status != 200 sends {"error": error} with that status before any stream."""
+
+    def __init__(self, steps=(), status=200, error=None, delay_before=0.0, per_token_delay=0.0):
+        self.steps = list(steps)
+        self.status = status
+        self.error = error
+        self.delay_before = delay_before
+        self.per_token_delay = per_token_delay
+
+
+def text_reply(text="Hello! I am the stand-in model.", pieces=None, done_reason="stop", **options):
+    pieces = pieces if pieces is not None else [w for w in text.replace(" ", " \0").split("\0")]
+    steps = [chunk(content=p) for p in pieces]
+    steps.append(final_chunk(done_reason=done_reason, eval_count=len(pieces)))
+    return Reply(steps, **options)
+
+
+def tool_reply(*calls, text=""):
+    steps = [chunk(content=text)] if text else []
+    steps.append(chunk(tool_calls=[ollama_call(name, args, i, f"call_{i:08d}") for i, (name, args) in
+                                   enumerate(calls)]))
+    steps.append(final_chunk())
+    return Reply(steps)
+
+
+class StandInOllama:
+    """An Ollama look-alike on 127.0.0.1, scripted per test."""
+
+    def __init__(self, models=None):
+        self.models = models or {MODEL: ["completion", "tools"], "llama3.2:3b": ["completion", "tools"],
+                                 "qwen3:8b": ["completion", "tools", "thinking"]}
+        self.requests = []
+        self.scripted = queue.Queue()
+        self.responder = None
+        self.disconnects = 0
+        self.chat_started = threading.Event()
+        self.lock = threading.Lock()
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                stand_in.get(self)
+
+            def do_HEAD(self):
+                stand_in.get(self)
+
+            def do_POST(self):
+                stand_in.post(self)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def script(self, *replies):
+        for reply in replies:
+            self.scripted.put(reply)
+
+    def chats(self):
+        return [body for path, body in self.requests if path == "/api/chat"]
+
+    # -- wire format -------------------------------------------------------------
+    @staticmethod
+    def send_json(handler, status, payload):
+        body = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json; charset=utf-8")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
+
+    def get(self, handler):
+        path = handler.path.split("?")[0]
+        self.requests.append((path, None))
+        if path == "/":
+            body = b"Ollama is running"
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/plain; charset=utf-8")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            if handler.command != "HEAD":
+                handler.wfile.write(body)
+        elif path == "/api/version":
+            self.send_json(handler, 200, {"version": "0.33.0"})
+        elif path == "/api/tags":
+            self.send_json(handler, 200, {"models": [
+                {"name": name, "model": name, "modified_at": "2026-05-10T08:06:48.123456789+02:00",
+                 "size": 4683087332, "digest": "a" * 64,
+                 "details": {"parent_model": "", "format": "gguf", "family": "qwen2", "families": ["qwen2"],
+                             "parameter_size": "7.6B", "quantization_level": "Q4_K_M"}}
+                for name in self.models]})
+        else:
+            body = b"404 page not found"
+            handler.send_response(404)
+            handler.send_header("Content-Type", "text/plain")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+
+    def post(self, handler):
+        path = handler.path.split("?")[0]
+        length = int(handler.headers.get("Content-Length", 0))
+        try:
+            body = json.loads(handler.rfile.read(length))
+        except ValueError:
+            return self.send_json(handler, 400, {"error": "invalid character 'x' looking for beginning of value"})
+        self.requests.append((path, body))
+        if path == "/api/show":
+            if body.get("model") not in self.models:
+                return self.send_json(handler, 404, {"error": f"model '{body.get('model')}' not found"})
+            return self.send_json(handler, 200, {"capabilities": self.models[body["model"]],
+                                                 "details": {"family": "qwen2"}, "model_info": {}})
+        if path != "/api/chat":
+            return self.send_json(handler, 404, {"error": "404 page not found"})
+        handler.close_connection = True
+        if body.get("model") not in self.models:
+            return self.send_json(handler, 404, {"error": f"model '{body.get('model')}' not found"})
+        if not self.scripted.empty():
+            reply = self.scripted.get()
+        elif self.responder:
+            reply = self.responder(body)
+        else:
+            reply = text_reply()
+        self.chat_started.set()
+        self.play(handler, body, reply)
+
+    def play(self, handler, request, reply):
+        if reply.delay_before and not self.pause(handler, reply.delay_before):
+            return
+        if reply.status != 200:
+            return self.send_json(handler, reply.status, {"error": reply.error or "error"})
+        if not request.get("stream", True):
+            raise AssertionError("the proxy always streams from Ollama")
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/x-ndjson")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        try:
+            for step in reply.steps:
+                if isinstance(step, dict):
+                    if reply.per_token_delay and not self.pause(handler, reply.per_token_delay):
+                        return
+                    step = dict(step, model=request["model"])
+                    line = json.dumps(step).encode() + b"\n"
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                elif step[0] == "sleep":
+                    if not self.pause(handler, step[1]):
+                        return
+                elif step[0] == "raw":
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(step[1]), step[1]))
+                elif step[0] == "reset":
+                    handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    handler.connection.close()
+                    return
+                elif step[0] == "cut":
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                    return
+            handler.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            with self.lock:
+                self.disconnects += 1
+
+    def pause(self, handler, seconds):
+        """Sleep, but notice the proxy closing the connection (as Ollama's request context does)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([handler.connection], [], [], min(0.02, deadline - time.monotonic()))
+            if ready and not handler.connection.recv(1, socket.MSG_PEEK):
+                with self.lock:
+                    self.disconnects += 1
+                return False
+        return True
+
+
+###############################################################################
+# Fixtures and helpers
+###############################################################################
+
+@pytest.fixture
+def ollama():
+    stand_in = StandInOllama()
+    yield stand_in
+    stand_in.stop()
+
+
+@contextlib.contextmanager
+def running_proxy(ollama_url, **settings):
+    env = {"OLLAMA_HOST": ollama_url, "API_PORT": "0", "LOG_FILE": "", "CACHE": "off", "LOG_LEVEL": "WARNING"}
+    env.update({k: str(v) for k, v in settings.items()})
+    config = proxy.load_config([], env)
+    server = proxy.ProxyServer(config)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield Proxy(server)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Proxy:
+    def __init__(self, server):
+        self.server = server
+        self.port = server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def call(self, method, path, body=None, headers=None, timeout=30):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+            all_headers = {"Content-Type": "application/json"} if data is not None else {}
+            all_headers.update(headers or {})
+            connection.request(method, path, body=data, headers=all_headers)
+            response = connection.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            connection.close()
+
+    def json(self, method, path, body=None, headers=None, timeout=30):
+        status, headers, raw = self.call(method, path, body, headers, timeout)
+        return status, headers, json.loads(raw) if raw else None
+
+    def messages(self, body, headers=None):
+        return self.json("POST", "/v1/messages", body, headers)
+
+    def stream(self, body, headers=None):
+        status, headers, raw = self.call("POST", "/v1/messages", dict(body, stream=True), headers)
+        return status, headers, raw
+
+
+@pytest.fixture
+def gateway(ollama):
+    with running_proxy(ollama.url) as running:
+        yield running
+
+
+def parse_sse(raw):
+    """SSE text -> [(event, data)], insisting on the framing the SDKs and Claude Code need."""
+    events = []
+    for block in raw.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        lines = block.split("\n")
+        assert lines[0].startswith("event: ") and lines[1].startswith("data: ") and len(lines) == 2, block
+        name, data = lines[0][7:], json.loads(lines[1][6:])
+        assert data["type"] == name
+        events.append((name, data))
+    return events
+
+
+def assert_valid_stream(events):
+    """The order of PROTOCOL A.7: message_start, blocks with contiguous indexes, message_delta, message_stop."""
+    names = [name for name, _ in events if name != "ping"]
+    assert names[0] == "message_start"
+    open_index, next_index = None, 0
+    for name, data in events[1:]:
+        if name == "content_block_start":
+            assert open_index is None and data["index"] == next_index
+            open_index = data["index"]
+        elif name == "content_block_delta":
+            assert data["index"] == open_index
+        elif name == "content_block_stop":
+            assert data["index"] == open_index
+            open_index, next_index = None, next_index + 1
+    assert open_index is None
+    assert names[-2:] == ["message_delta", "message_stop"]
+
+
+def request_body(text="Hello", **extra):
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": [{"role": "user", "content": text}]}
+    body.update(extra)
+    return body
+
+
+def config(**settings):
+    return proxy.load_config([], {k: str(v) for k, v in settings.items()})
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+###############################################################################
+# Configuration
+###############################################################################
+
+@pytest.mark.parametrize("value, url", [
+    ("localhost:11434", "http://localhost:11434"),
+    ("gpu-box", "http://gpu-box:11434"),
+    ("http://gpu-box", "http://gpu-box:80"),
+    ("https://gpu-box", "https://gpu-box:443"),
+    ("https://gpu-box:8443", "https://gpu-box:8443"),
+    (":5000", "http://127.0.0.1:5000"),
+    ("0.0.0.0:11434", "http://127.0.0.1:11434"),
+    ("[::1]:11434", "http://[::1]:11434"),
+])
+def test_ollama_host_follows_ollamas_port_rules(value, url):
+    assert proxy.parse_ollama_host(value).url == url
+
+
+def test_defaults_are_the_documented_ones():
+    settings = proxy.load_config([], {})
+    assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8000)
+    assert settings.ollama.url == "http://localhost:11434"
+    assert settings.ollama_model == MODEL and settings.ollama_num_ctx == 32768
+    assert (settings.ollama_timeout, settings.ollama_first_token_timeout) == (30, 300)
+    assert settings.cache_ttl == 86400 and settings.cache_enabled and settings.redis_url == ""
+    assert settings.log_file == "simple_api_proxy.log"
+
+
+def test_flags_win_over_environment_and_bad_values_are_refused(capsys):
+    settings = proxy.load_config(["--api-port", "9001"], {"API_PORT": "9000", "MODEL_MAP": "haiku=llama3.2:3b"})
+    assert settings.api_port == 9001 and settings.model_map == {"haiku": "llama3.2:3b"}
+    with pytest.raises(SystemExit):
+        proxy.load_config([], {"API_PORT": "eighty"})
+    assert "API_PORT must be an integer, not 'eighty'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        proxy.load_config([], {"MODEL_MAP": "haiku"})
+
+
+def test_redis_settings_become_a_url_and_the_password_never_shows():
+    settings = proxy.load_config([], {"REDIS_HOST": "r.example", "REDIS_PORT": "12000", "REDIS_PASSWORD": "s3cr:t",
+                                      "REDIS_SSL": "on", "REDIS_DB": "2"})
+    assert settings.redis_url == "rediss://:s3cr%3At@r.example:12000/2"
+    assert "s3cr" not in settings.describe() and "***" in settings.describe()
+
+
+def test_help_lists_every_setting():
+    result = subprocess.run([sys.executable, str(HERE / "simple_api_proxy.py"), "--help"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    for name, *_ in proxy.SETTINGS:
+        assert name in result.stdout
+
+
+###############################################################################
+# Translation: request
+###############################################################################
+
+def test_model_names_map_per_family():
+    settings = config(MODEL_MAP="haiku=llama3.2:3b,opus=qwen2.5-coder:32b")
+    assert proxy.resolve_model("claude-3-5-haiku-20241022", settings) == "llama3.2:3b"
+    assert proxy.resolve_model("claude-opus-5-5", settings) == "qwen2.5-coder:32b"
+    assert proxy.resolve_model("claude-sonnet-4-5", settings) == MODEL
+    assert proxy.resolve_model("llama3.2:3b", settings) == "llama3.2:3b"
+
+
+def test_system_blocks_join_and_billing_header_goes():
+    body = request_body(system=[
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332; cch=abc123;"},
+        {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "Be brief."}])
+    payload = proxy.anthropic_to_ollama(body, MODEL, config())
+    assert payload["messages"][0] == {"role": "system", "content": "You are Claude Code.\n\nBe brief."}
+    other = dict(body, system=[dict(body["system"][0], text="x-anthropic-billing-header: cch=zzz;")] + body["system"][1:])
+    assert proxy.anthropic_to_ollama(other, MODEL, config()) == payload
+
+
+def test_options_and_fields_map_to_ollama():
+    body = request_body(temperature=0.2, top_p=0.9, top_k=40, stop_sequences=["###"], metadata={"user_id": "u"},
+                        context_management={"edits": []}, service_tier="auto", unknown_new_field={"x": 1})
+    payload = proxy.anthropic_to_ollama(body, MODEL, config(OLLAMA_KEEP_ALIVE="30m"))
+    assert payload["model"] == MODEL and payload["stream"] is True and payload["keep_alive"] == "30m"
+    assert payload["options"] == {"num_ctx": 32768, "num_predict": 1024, "temperature": 0.2, "top_p": 0.9,
+                                  "top_k": 40}
+    assert "think" not in payload and "tools" not in payload
+    assert proxy.anthropic_to_ollama(body, MODEL, config(OLLAMA_KEEP_ALIVE="-1"))["keep_alive"] == -1
+
+
+def test_thinking_is_sent_only_to_models_that_can_think():
+    body = request_body(thinking={"type": "adaptive", "display": "omitted"})
+    assert "think" not in proxy.anthropic_to_ollama(body, MODEL, config())
+    assert proxy.anthropic_to_ollama(body, MODEL, config(), can_think=True)["think"] is True
+    assert proxy.anthropic_to_ollama(request_body(), MODEL, config(), can_think=True)["think"] is False
+    effort = request_body(thinking={"type": "enabled", "budget_tokens": 2048}, output_config={"effort": "low"})
+    assert proxy.anthropic_to_ollama(effort, MODEL, config(), can_think=True)["think"] == "low"
+
+
+def test_messages_convert_with_tools_images_and_merging():
+    body = request_body(messages=[
+        {"role": "system", "content": [{"type": "text", "text": "Environment: linux"}]},
+        {"role": "user", "content": "List files"},
+        {"role": "user", "content": [{"type": "text", "text": "in /tmp"},
+                                     {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                  "data": "iVBORw0KGgo="}}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "use ls", "signature": "sig"},
+            {"type": "text", "text": "Running ls."},
+            {"type": "tool_use", "id": "toolu_01", "name": "Bash", "input": {"command": "ls /tmp"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_01", "content": [{"type": "text", "text": "a.txt"},
+                                                                           {"type": "text", "text": "b.txt"}]},
+            {"type": "text", "text": "Now count them."}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_02", "name": "Bash",
+                                           "input": {"command": "nope"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_02", "content": "not found",
+                                      "is_error": True}]},
+    ])
+    assert proxy.anthropic_to_ollama(body, MODEL, config())["messages"] == [
+        {"role": "system", "content": "Environment: linux"},
+        {"role": "user", "content": "List files\n\nin /tmp", "images": ["iVBORw0KGgo="]},
+        {"role": "assistant", "content": "Running ls.", "thinking": "use ls",
+         "tool_calls": [{"id": "toolu_01", "function": {"name": "Bash", "arguments": {"command": "ls /tmp"}}}]},
+        {"role": "tool", "content": "a.txt\nb.txt", "tool_call_id": "toolu_01", "tool_name": "Bash"},
+        {"role": "user", "content": "Now count them."},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"id": "toolu_02", "function": {"name": "Bash", "arguments": {"command": "nope"}}}]},
+        {"role": "tool", "content": "Error: not found", "tool_call_id": "toolu_02", "tool_name": "Bash"},
+    ]
+
+
+def test_documents_become_text_and_unsupported_sources_are_refused():
+    text_doc = {"type": "document", "title": "notes", "source": {"type": "text", "media_type": "text/plain",
+                                                                 "data": "line one"}}
+    payload = proxy.anthropic_to_ollama(request_body(messages=[{"role": "user", "content": [text_doc]}]),
+                                        MODEL, config())
+    assert payload["messages"] == [{"role": "user", "content": "notes\n\nline one"}]
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}
+    for block in (pdf, {"type": "image", "source": {"type": "url", "url": "http://x/y.png"}}):
+        with pytest.raises(proxy.ProxyError) as caught:
+            proxy.anthropic_to_ollama(request_body(messages=[{"role": "user", "content": [block]}]), MODEL, config())
+        assert caught.value.status == 400 and "messages.0.content.0" in caught.value.message
+
+
+def test_tools_map_to_functions_minus_server_and_deferred_tools():
+    tools = [{"name": "Bash", "description": "Run a command", "input_schema": {"type": "object", "properties": {
+                 "command": {"type": "string"}}, "required": ["command"], "additionalProperties": False}},
+             {"name": "DeferredToolPlaceholder", "description": "-", "input_schema": {"type": "object"},
+              "defer_loading": True},
+             {"type": "web_search_20250305", "name": "web_search"},
+             {"type": "custom", "name": "Read", "input_schema": {"type": "object"}}]
+    payload = proxy.anthropic_to_ollama(request_body(tools=tools), MODEL, config())
+    assert [t["function"]["name"] for t in payload["tools"]] == ["Bash", "Read"]
+    assert payload["tools"][0] == {"type": "function", "function": {
+        "name": "Bash", "description": "Run a command", "parameters": tools[0]["input_schema"]}}
+    none = proxy.anthropic_to_ollama(request_body(tools=tools, tool_choice={"type": "none"}), MODEL, config())
+    assert "tools" not in none
+    one = proxy.anthropic_to_ollama(request_body(tools=tools, tool_choice={"type": "tool", "name": "Read"}),
+                                    MODEL, config())
+    assert [t["function"]["name"] for t in one["tools"]] == ["Read"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ([], "Request body must be a JSON object"),
+    ({"max_tokens": 5, "messages": []}, "model: Field required"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens: Field required"),
+    ({"model": "m", "max_tokens": 5}, "messages: Field required"),
+    ({"model": "m", "max_tokens": 5, "messages": []}, "messages: at least one message is required"),
+    ({"model": 7, "max_tokens": 5, "messages": []}, "model: Input should be a valid string"),
+    ({"model": "m", "max_tokens": "5", "messages": []}, "max_tokens: Input should be a valid integer"),
+    ({"model": "m", "max_tokens": True, "messages": []}, "max_tokens: Input should be a valid integer"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "bot", "content": "x"}]}, "messages.0.role"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"text": "x"}]}]},
+     "messages.0.content.0.type"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user"}]}, "messages.0.content: Field required"),
+    ({"model": "m", "max_tokens": 5, "stream": "yes", "messages": [{"role": "user", "content": "x"}]}, "stream"),
+    ({"model": "m", "max_tokens": 5, "temperature": "hot", "messages": [{"role": "user", "content": "x"}]},
+     "temperature"),
+    ({"model": "m", "max_tokens": 5, "tools": [{"name": "t"}], "messages": [{"role": "user", "content": "x"}]},
+     "tools.0.input_schema"),
+    ({"model": "m", "max_tokens": 5, "stop_sequences": [1], "messages": [{"role": "user", "content": "x"}]},
+     "stop_sequences.0"),
+])
+def test_validation_names_the_field(body, message):
+    with pytest.raises(proxy.ProxyError) as caught:
+        proxy.validate_messages_request(body)
+    assert caught.value.status == 400 and caught.value.error_type == "invalid_request_error"
+    assert message in caught.value.message
+
+
+def test_token_estimate_grows_with_prompt_and_tools():
+    small = proxy.estimate_tokens(proxy.anthropic_to_ollama(request_body("hi"), MODEL, config()))
+    large = proxy.estimate_tokens(proxy.anthropic_to_ollama(request_body("word " * 7000), MODEL, config()))
+    assert small < 10 and 9000 < large < 11000
+
+
+###############################################################################
+# Translation: response
+###############################################################################
+
+def translate(chunks, **options):
+    translator = proxy.StreamTranslator("claude-sonnet-4-5", 10, **options)
+    events = translator.start()
+    for item in chunks:
+        events += translator.feed(item)
+        if translator.done:
+            break
+    return events, translator
+
+
+def test_stream_text_then_tool_calls_in_protocol_order():
+    events, translator = translate([
+        chunk(content="Checking"), chunk(content=" now."),
+        chunk(tool_calls=[ollama_call("get_weather", {"city": "Paris"}), ollama_call("get_time", {}, 1)]),
+        final_chunk(prompt_eval_count=412, eval_count=38)], tool_names=["get_weather", "get_time"],
+        recover_tool_calls=False)
+    assert_valid_stream(events)
+    names = [name for name, _ in events]
+    assert names == ["message_start", "content_block_start", "content_block_delta", "content_block_delta",
+                     "content_block_stop"] + ["content_block_start", "content_block_delta",
+                                              "content_block_stop"] * 2 + ["message_delta", "message_stop"]
+    tool_start = events[5][1]["content_block"]
+    assert tool_start["type"] == "tool_use" and tool_start["input"] == {} and tool_start["id"].startswith("toolu_")
+    assert json.loads(events[6][1]["delta"]["partial_json"]) == {"city": "Paris"}
+    message = translator.message
+    assert message["stop_reason"] == "tool_use" and message["content"][0] == {"type": "text", "text": "Checking now."}
+    assert message["usage"]["input_tokens"] == 412 and message["usage"]["output_tokens"] == 38
+    assert events[-2][1]["usage"] == {"input_tokens": 412, "output_tokens": 38}
+
+
+def test_non_streamed_reply_converts_whole():
+    message = proxy.ollama_to_anthropic({"message": {"role": "assistant", "content": "Hi", "thinking": "hmm"},
+                                         "done_reason": "length", "prompt_eval_count": 3, "eval_count": 9},
+                                        "claude-x", 5, show_thinking=True)
+    assert message["content"] == [{"type": "thinking", "thinking": "hmm", "signature": ""},
+                                  {"type": "text", "text": "Hi"}]
+    assert message["stop_reason"] == "max_tokens" and message["model"] == "claude-x"
+    assert message["id"].startswith("msg_") and len(message["id"]) == 28
+
+
+def test_thinking_is_dropped_unless_asked_for():
+    events, translator = translate([chunk(thinking="secret plan"), chunk(content="Answer"), final_chunk()])
+    assert translator.message["content"] == [{"type": "text", "text": "Answer"}]
+
+
+def test_stop_sequence_is_found_across_chunks_and_cut():
+    events, translator = translate([chunk(content="one two ##"), chunk(content="# three"), chunk(content="more")],
+                                   stop_sequences=["###"])
+    assert_valid_stream(events)
+    assert translator.done and translator.message["stop_reason"] == "stop_sequence"
+    assert translator.message["stop_sequence"] == "###"
+    assert translator.message["content"] == [{"type": "text", "text": "one two "}]
+
+
+def test_text_that_only_looks_like_a_stop_sequence_is_released():
+    events, translator = translate([chunk(content="a #"), chunk(content="# b"), final_chunk()],
+                                   stop_sequences=["###"])
+    assert translator.message["content"][0]["text"] == "a ## b"
+    assert translator.message["stop_reason"] == "end_turn"
+
+
+def test_message_replays_as_events_that_rebuild_it():
+    _, translator = translate([chunk(content="Hi"), chunk(tool_calls=[ollama_call("Bash", {"command": "ls"})]),
+                               final_chunk()], tool_names=["Bash"])
+    events = proxy.message_to_events(translator.message)
+    assert_valid_stream(events)
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+###############################################################################
+# HTTP: endpoints
+###############################################################################
+
+def test_root_answers_get_and_head(gateway):
+    status, headers, body = gateway.json("GET", "/")
+    assert status == 200 and body["status"] == "ok" and headers["request-id"].startswith("req_")
+    status, headers, raw = gateway.call("HEAD", "/")
+    assert status == 200 and raw == b""
+
+
+def test_health_reports_ollama_and_cache(gateway):
+    status, _, body = gateway.json("GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+    assert body["ollama"]["reachable"] and body["ollama"]["version"] == "0.33.0"
+    assert body["ollama"]["default_model_installed"] is True and MODEL in body["ollama"]["models"]
+    assert body["ollama"]["latency_ms"] >= 0 and body["cache"]["enabled"] is False
+
+
+def test_health_is_503_json_when_ollama_is_down():
+    with running_proxy(f"127.0.0.1:{free_port()}") as gateway:
+        status, headers, body = gateway.json("GET", "/health")
+    assert status == 503 and headers["content-type"] == "application/json"
+    assert body["status"] == "degraded" and body["ollama"]["reachable"] is False
+    assert "cannot reach Ollama" in body["ollama"]["error"]
+
+
+def test_models_list_in_anthropic_shape_with_paging(gateway):
+    status, _, body = gateway.json("GET", "/v1/models?limit=2")
+    assert status == 200 and body["has_more"] is True
+    assert [m["id"] for m in body["data"]] == [MODEL, "llama3.2:3b"]
+    assert body["data"][0] == {"type": "model", "id": MODEL, "display_name": f"{MODEL} (7.6B)",
+                               "created_at": "2026-05-10T08:06:48Z"}
+    status, _, rest = gateway.json("GET", "/v1/models?after_id=llama3.2:3b")
+    assert [m["id"] for m in rest["data"]] == ["qwen3:8b"] and rest["has_more"] is False
+    status, _, one = gateway.json("GET", "/v1/models/claude-opus-5-5")
+    assert status == 200 and one["id"] == "claude-opus-5-5" and MODEL in one["display_name"]
+    status, _, missing = gateway.json("GET", "/v1/models/mistral:7b")
+    assert status == 404 and missing["error"]["type"] == "not_found_error"
+
+
+def test_unknown_routes_and_methods_get_the_error_envelope(gateway):
+    status, _, body = gateway.json("GET", "/v2/anything")
+    assert status == 404 and body["type"] == "error" and body["error"]["type"] == "not_found_error"
+    assert body["request_id"].startswith("req_")
+    status, _, body = gateway.json("GET", "/v1/messages")
+    assert status == 405 and "POST" in body["error"]["message"]
+    status, _, body = gateway.json("DELETE", "/v1/messages")
+    assert status == 501 and body["type"] == "error"
+
+
+def test_count_tokens_estimates_without_calling_ollama(gateway, ollama):
+    body = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "word " * 700}],
+            "system": "Be brief.", "tools": [{"name": "Bash", "input_schema": {"type": "object"}}]}
+    status, _, counted = gateway.json("POST", "/v1/messages/count_tokens?beta=true", body)
+    assert status == 200 and 1000 < counted["input_tokens"] < 1100
+    assert ollama.chats() == []
+
+
+###############################################################################
+# HTTP: messages
+###############################################################################
+
+def test_message_non_streaming(gateway, ollama):
+    status, headers, message = gateway.messages(request_body(system="Be brief.", temperature=0.1))
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) > 0
+    assert message["type"] == "message" and message["role"] == "assistant"
+    assert message["model"] == "claude-sonnet-4-5" and message["id"].startswith("msg_")
+    assert message["content"] == [{"type": "text", "text": "Hello! I am the stand-in model."}]
+    assert message["stop_reason"] == "end_turn" and message["stop_sequence"] is None
+    assert message["usage"] == {"input_tokens": 26, "output_tokens": 6, "cache_creation_input_tokens": 0,
+                                "cache_read_input_tokens": 0}
+    sent = ollama.chats()[-1]
+    assert sent["model"] == MODEL and sent["stream"] is True and sent["options"]["temperature"] == 0.1
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+
+
+def test_message_streaming_follows_the_protocol(gateway):
+    status, headers, raw = gateway.stream(request_body())
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(raw)
+    assert_valid_stream(events)
+    text = "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta")
+    assert text == "Hello! I am the stand-in model."
+    assert events[0][1]["message"]["model"] == "claude-sonnet-4-5"
+    assert events[-2][1]["delta"]["stop_reason"] == "end_turn" and events[-2][1]["usage"]["output_tokens"] == 6
+
+
+def test_query_string_and_unknown_fields_are_accepted(gateway):
+    body = request_body(context_management={"edits": [{"type": "clear_thinking_20251015"}]},
+                        output_config={"effort": "high"}, thinking={"type": "adaptive", "display": "omitted"},
+                        metadata={"user_id": "u1"}, cache_control={"type": "ephemeral"}, speed="fast")
+    status, _, message = gateway.json("POST", "/v1/messages?beta=true", body,
+                                      {"anthropic-beta": "a,b", "anthropic-version": "2026-10-21"})
+    assert status == 200 and message["content"][0]["type"] == "text"
+
+
+def test_tool_calls_round_trip(gateway, ollama):
+    ollama.script(tool_reply(("Bash", {"command": "ls"}), text="Let me look."))
+    tools = [{"name": "Bash", "description": "Run", "input_schema": {"type": "object"}}]
+    status, _, message = gateway.messages(request_body(tools=tools))
+    assert message["stop_reason"] == "tool_use"
+    text, call = message["content"]
+    assert text == {"type": "text", "text": "Let me look."}
+    assert call["type"] == "tool_use" and call["name"] == "Bash" and call["input"] == {"command": "ls"}
+    follow_up = request_body(tools=tools, messages=[
+        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": message["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "a.txt"}]}])
+    status, _, final = gateway.messages(follow_up)
+    assert status == 200 and final["stop_reason"] == "end_turn"
+    sent = ollama.chats()[-1]["messages"]
+    assert sent[-2]["tool_calls"][0]["id"] == call["id"]
+    assert sent[-1] == {"role": "tool", "content": "a.txt", "tool_call_id": call["id"], "tool_name": "Bash"}
+
+
+def test_streamed_tool_call_uses_input_json_delta(gateway, ollama):
+    ollama.script(tool_reply(("Bash", {"command": "ls -la"})))
+    status, _, raw = gateway.stream(request_body(tools=[{"name": "Bash", "input_schema": {"type": "object"}}]))
+    events = parse_sse(raw)
+    assert_valid_stream(events)
+    deltas = [d["delta"] for n, d in events if n == "content_block_delta"]
+    assert deltas == [{"type": "input_json_delta", "partial_json": '{"command": "ls -la"}'}]
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_max_tokens_maps_to_length_stop(gateway, ollama):
+    ollama.script(text_reply("cut short", done_reason="length"))
+    status, _, message = gateway.messages(request_body(max_tokens=2))
+    assert message["stop_reason"] == "max_tokens" and ollama.chats()[-1]["options"]["num_predict"] == 2
+
+
+def test_max_tokens_zero_answers_without_generating(gateway, ollama):
+    status, _, message = gateway.messages(request_body(max_tokens=0))
+    assert status == 200 and message["content"] == [] and message["stop_reason"] == "max_tokens"
+    assert ollama.chats() == []
+
+
+def test_stop_sequence_is_reported_and_generation_stopped(gateway, ollama):
+    ollama.script(Reply([chunk(content="alpha "), chunk(content="END"), ("sleep", 5), chunk(content="late")]))
+    started = time.monotonic()
+    status, _, message = gateway.messages(request_body(stop_sequences=["END"]))
+    assert message["stop_reason"] == "stop_sequence" and message["stop_sequence"] == "END"
+    assert message["content"] == [{"type": "text", "text": "alpha "}]
+    assert time.monotonic() - started < 3
+
+
+def test_thinking_model_gets_think_flag_and_capabilities_are_cached(gateway, ollama):
+    ollama.script(Reply([chunk(thinking="pondering"), chunk(content="42"), final_chunk()]), text_reply())
+    body = request_body(model="qwen3:8b", thinking={"type": "enabled", "budget_tokens": 2000})
+    status, _, message = gateway.messages(body)
+    assert ollama.chats()[-1]["think"] is True
+    assert message["content"] == [{"type": "thinking", "thinking": "pondering", "signature": ""},
+                                  {"type": "text", "text": "42"}]
+    gateway.messages(request_body(model="qwen3:8b"))
+    assert ollama.chats()[-1]["think"] is False
+    assert sum(1 for path, _ in ollama.requests if path == "/api/show") == 1
+
+
+###############################################################################
+# HTTP: errors
+###############################################################################
+
+@pytest.mark.parametrize("raw, fragment", [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe{}", "not valid UTF-8"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}', "max_tokens: Field required"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+])
+def test_bad_bodies_get_400_and_the_server_keeps_serving(gateway, raw, fragment):
+    status, headers, body = gateway.json("POST", "/v1/messages", raw)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert fragment in body["error"]["message"] and headers["x-should-retry"] == "false"
+    assert "Traceback" not in json.dumps(body)
+    assert gateway.json("GET", "/")[0] == 200
+
+
+def test_ollama_unreachable_is_502_naming_the_address():
+    port = free_port()
+    with running_proxy(f"127.0.0.1:{port}") as gateway:
+        status, _, body = gateway.messages(request_body())
+    assert status == 502 and body["error"]["type"] == "api_error"
+    assert f"127.0.0.1:{port}" in body["error"]["message"] and "ollama serve" in body["error"]["message"]
+
+
+def test_missing_model_is_404_listing_installed_models(gateway):
+    status, headers, body = gateway.messages(request_body(model="mistral:7b"))
+    assert status == 404 and body["error"]["type"] == "not_found_error"
+    message = body["error"]["message"]
+    assert "mistral:7b" in message and MODEL in message and "ollama pull" in message
+    status, _, raw = gateway.stream(request_body(model="mistral:7b"))
+    assert status == 404
+
+
+def test_prompt_too_long_uses_anthropics_wording(ollama):
+    with running_proxy(ollama.url, OLLAMA_NUM_CTX=1000) as gateway:
+        status, _, body = gateway.messages(request_body("word " * 5000))
+    assert status == 400
+    assert body["error"]["message"].startswith("prompt is too long: ")
+    assert body["error"]["message"].endswith(" tokens > 1000 maximum")
+    assert ollama.chats() == []
+
+
+@pytest.mark.parametrize("reply, status, error_type", [
+    (Reply(status=503, error="server busy, please try again.  maximum pending requests exceeded"), 529,
+     "overloaded_error"),
+    (Reply(status=500, error="llama runner process has terminated"), 500, "api_error"),
+    (Reply(status=400, error='"qwen2.5-coder:7b" does not support thinking'), 400, "invalid_request_error"),
+    (Reply(status=429, error="rate limited"), 429, "rate_limit_error"),
+])
+def test_ollama_errors_before_the_stream_keep_their_status(gateway, ollama, reply, status, error_type):
+    for stream in (False, True):
+        ollama.script(reply)
+        got, headers, raw = gateway.call("POST", "/v1/messages", request_body(stream=stream))
+        body = json.loads(raw)
+        assert got == status and body["error"]["type"] == error_type
+        assert reply.error in body["error"]["message"]
+
+
+def test_first_token_timeout_is_504(ollama):
+    ollama.script(Reply(delay_before=3))
+    with running_proxy(ollama.url, OLLAMA_FIRST_TOKEN_TIMEOUT=0.5) as gateway:
+        status, _, body = gateway.messages(request_body())
+    assert status == 504 and body["error"]["type"] == "timeout_error"
+    assert "OLLAMA_FIRST_TOKEN_TIMEOUT" in body["error"]["message"]
+
+
+def test_silence_mid_stream_ends_the_stream_with_an_error_event(ollama):
+    ollama.script(Reply([chunk(content="Hel"), ("sleep", 3), chunk(content="lo"), final_chunk()]))
+    with running_proxy(ollama.url, OLLAMA_TIMEOUT=0.5) as gateway:
+        status, _, raw = gateway.stream(request_body())
+    events = parse_sse(raw)
+    assert status == 200 and events[-1][0] == "error"
+    assert events[-1][1]["error"]["type"] == "timeout_error" and "OLLAMA_TIMEOUT" in events[-1][1]["error"]["message"]
+    assert events[-2][0] == "content_block_stop"
+
+
+@pytest.mark.parametrize("steps, fragment", [
+    ([chunk(content="Hi"), {"error": "an error was encountered while running the model"}], "running the model"),
+    ([chunk(content="Hi"), ("raw", b"{garbage\n")], "not JSON"),
+    ([chunk(content="Hi"), ("cut",)], "closed the connection mid-reply"),
+    ([chunk(content="Hi")], "ended the reply before it was done"),
+    ([chunk(content="Hi"), ("reset",)], "Ollama"),
+])
+def test_upstream_faults_mid_stream_end_with_an_error_event(gateway, ollama, steps, fragment):
+    ollama.script(Reply(steps))
+    status, _, raw = gateway.stream(request_body())
+    events = parse_sse(raw)
+    assert status == 200 and events[-1][0] == "error" and fragment in events[-1][1]["error"]["message"]
+    ollama.script(Reply(steps))
+    status, _, body = gateway.messages(request_body())
+    assert status in (502, 500) and fragment in body["error"]["message"]
+
+
+def test_slow_model_load_streams_pings_then_the_answer(ollama):
+    ollama.script(text_reply(delay_before=2))
+    with running_proxy(ollama.url, PING_INTERVAL=0.3) as gateway:
+        status, _, raw = gateway.stream(request_body())
+    events = parse_sse(raw)
+    assert_valid_stream(events)
+    assert events[0][0] == "message_start" and sum(1 for n, _ in events if n == "ping") >= 3
+
+
+def test_error_after_commit_is_an_error_event(ollama):
+    ollama.script(Reply(delay_before=1.5, status=404, error="model 'qwen2.5-coder:7b' not found"))
+    with running_proxy(ollama.url, PING_INTERVAL=0.3) as gateway:
+        status, _, raw = gateway.stream(request_body())
+    events = parse_sse(raw)
+    assert status == 200 and events[0][0] == "message_start" and events[-1][0] == "error"
+    assert events[-1][1]["error"]["type"] == "not_found_error"
+
+
+def test_client_disconnect_closes_the_upstream_request(gateway, ollama):
+    ollama.script(Reply([chunk(content="a")] + [("sleep", 0.05), chunk(content="b")] * 200 + [final_chunk()]))
+    connection = socket.create_connection(("127.0.0.1", gateway.port))
+    body = json.dumps(request_body(stream=True)).encode()
+    connection.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert connection.recv(100).startswith(b"HTTP/1.1 200")
+    connection.close()
+    deadline = time.monotonic() + 3
+    while ollama.disconnects == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ollama.disconnects == 1
+
+
+def test_client_leaving_during_model_load_closes_upstream_within_a_second(gateway, ollama):
+    ollama.script(text_reply(delay_before=10))
+    connection = socket.create_connection(("127.0.0.1", gateway.port))
+    body = json.dumps(request_body()).encode()
+    connection.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert ollama.chat_started.wait(5)
+    connection.close()
+    left = time.monotonic()
+    while ollama.disconnects == 0 and time.monotonic() - left < 3:
+        time.sleep(0.02)
+    assert ollama.disconnects == 1 and time.monotonic() - left < 1.5
+
+
+def test_one_slow_generation_does_not_hold_up_another(gateway, ollama):
+    ollama.script(text_reply(delay_before=2))
+    slow = threading.Thread(target=gateway.messages, args=(request_body(),))
+    slow.start()
+    assert ollama.chat_started.wait(5)
+    started = time.monotonic()
+    status, _, _ = gateway.messages(request_body("fast one"))
+    assert status == 200 and time.monotonic() - started < 1.5
+    slow.join()
+
+
+def test_keep_alive_connection_serves_several_requests(gateway):
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    for stream in (False, True, False):
+        connection.request("POST", "/v1/messages", json.dumps(request_body(stream=stream)),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.read()
+    connection.close()
