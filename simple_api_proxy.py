@@ -657,6 +657,15 @@ def thinking_requested(request):
     return thinking.get("type") in ("enabled", "adaptive")
 
 
+def ollama_think(request):
+    """Ollama's think value for a model that can think: it turns thinking on by itself when the
+    field is missing, so always say what the client asked."""
+    if not thinking_requested(request):
+        return False
+    effort = (request.get("output_config") or {}).get("effort")
+    return {"xhigh": "high", "max": "high"}.get(effort, effort) or True
+
+
 def anthropic_to_ollama(request, ollama_model, config, *, can_think=False):
     """A validated Anthropic Messages request -> the body of Ollama's POST /api/chat."""
     options = {"num_ctx": config.ollama_num_ctx, "num_predict": request["max_tokens"]}
@@ -669,12 +678,7 @@ def anthropic_to_ollama(request, ollama_model, config, *, can_think=False):
     if tools:
         payload["tools"] = ollama_tools(tools)
     if can_think:
-        # Ollama turns thinking on by itself for capable models; say what the client asked.
-        effort = (request.get("output_config") or {}).get("effort")
-        if thinking_requested(request):
-            payload["think"] = {"xhigh": "high", "max": "high"}.get(effort, effort) or True
-        else:
-            payload["think"] = False
+        payload["think"] = ollama_think(request)
     output_format = (request.get("output_config") or {}).get("format")
     if isinstance(output_format, dict) and isinstance(output_format.get("schema"), dict):
         payload["format"] = output_format["schema"]
@@ -1315,29 +1319,20 @@ class OllamaClient:
 ###############################################################################
 
 CACHE_KEY_PREFIX = "simple_api_proxy:v1:"
-CACHE_KEY_FIELDS = ("tools", "tool_choice", "max_tokens", "temperature", "top_p", "top_k",
-                    "stop_sequences", "thinking")
+CACHE_KEY_PAYLOAD_FIELDS = ("model", "messages", "tools", "options", "format")
 
 
-def _without_cache_control(value):
-    if isinstance(value, dict):
-        return {k: _without_cache_control(v) for k, v in value.items() if k != "cache_control"}
-    if isinstance(value, list):
-        return [_without_cache_control(v) for v in value]
-    return value
+def cache_key(ollama_payload, request, recover_tool_calls):
+    """SHA-256 of the request as Ollama will see it, plus the fields the proxy acts on itself.
 
-
-def cache_key(request, ollama_model):
-    """SHA-256 over everything that changes the answer, and nothing that doesn't."""
-    material = {"model": ollama_model, "system": system_text(request.get("system")),
-                "messages": _without_cache_control(request["messages"])}
-    for field in CACHE_KEY_FIELDS:
-        if request.get(field) is not None:
-            material[field] = _without_cache_control(request[field])
-    for message in material["messages"]:
-        if message.get("role") == "system":
-            message["content"] = system_text(message["content"])
-    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    The Ollama payload is already the normal form: the resolved model, the system prompt without
+    Claude Code's per-request billing line, merged turns, no cache_control or metadata; it holds
+    the messages, tools (after tool_choice), max_tokens and the sampling options. Stop sequences,
+    thinking and effort are enforced here rather than upstream, so they join the key separately."""
+    material = [{field: ollama_payload[field] for field in CACHE_KEY_PAYLOAD_FIELDS if field in ollama_payload},
+                request.get("stop_sequences") or None, request.get("thinking"),
+                (request.get("output_config") or {}).get("effort"), recover_tool_calls]
+    canonical = json.dumps(material, separators=(",", ":"), ensure_ascii=False)
     return CACHE_KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -1480,7 +1475,7 @@ class RedisTier:
         info = dict(state="up" if self.up else "down", url=mask_url_password(self.url), **self.stats.snapshot())
         if self.up:
             try:
-                info["entries"] = self.client.dbsize()
+                info["db_keys"] = self.client.dbsize()
             except Exception as exc:
                 self._mark_down(exc)
                 info["state"] = "down"
@@ -1859,7 +1854,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if input_tokens > self.config.ollama_num_ctx:
             raise invalid(f"prompt is too long: {input_tokens} tokens > {self.config.ollama_num_ctx} maximum")
 
-        cache, key, lookup, store = self.cache_policy(request, ollama_model)
+        cache, key, lookup, store = self.cache_policy(request, payload)
         if lookup:
             cached = cache.get(key)
             if cached is not None:
@@ -1869,9 +1864,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
         if request["max_tokens"] == 0:
             return self.respond_message(empty_message(model, input_tokens, "max_tokens"), stream, cache_state)
-        capabilities = ollama.capabilities(ollama_model)
-        if "thinking" in capabilities:
-            payload = anthropic_to_ollama(request, ollama_model, self.config, can_think=True)
+        if "thinking" in ollama.capabilities(ollama_model):
+            payload["think"] = ollama_think(request)
         tools = client_tools(request)
         translator = StreamTranslator(
             model, input_tokens, stop_sequences=request.get("stop_sequences") or (),
@@ -1905,14 +1899,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not stream:
             self.send_json(200, message, {"x-cache": cache_state})
 
-    def cache_policy(self, request, ollama_model):
+    def cache_policy(self, request, payload):
         """(cache, key, look it up?, store the answer?) from CACHE and the client's Cache-Control."""
         cache = self.server.cache
         if not cache.enabled:
             return cache, None, False, False
         directives = self.headers.get("Cache-Control", "").lower()
         no_store = "no-store" in directives
-        return cache, cache_key(request, ollama_model), not no_store and "no-cache" not in directives, not no_store
+        key = cache_key(payload, request, self.config.tool_call_recovery)
+        return cache, key, not no_store and "no-cache" not in directives, not no_store
 
     def replay(self, cached, model, stream):
         message = json.loads(cached)

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -956,3 +955,378 @@ def test_keep_alive_connection_serves_several_requests(gateway):
         response = connection.getresponse()
         assert response.status == 200 and response.read()
     connection.close()
+
+
+###############################################################################
+# The official anthropic SDK, unmodified
+###############################################################################
+
+def anthropic_module():
+    try:
+        import anthropic
+    except ImportError:
+        need(False, "the anthropic SDK is not installed (pip install anthropic)")
+    return anthropic
+
+
+@pytest.fixture
+def sdk(gateway):
+    anthropic = anthropic_module()
+    return anthropic, anthropic.Anthropic(base_url=gateway.url, api_key="dummy", max_retries=0, timeout=30)
+
+
+def test_sdk_messages_create(sdk):
+    anthropic, client = sdk
+    message = client.messages.create(model="claude-opus-5-5", max_tokens=100,
+                                     messages=[{"role": "user", "content": "Hello"}])
+    assert message.content[0].text == "Hello! I am the stand-in model."
+    assert message.stop_reason == "end_turn" and message.usage.output_tokens == 6
+    assert message._request_id.startswith("req_")
+
+
+def test_sdk_stream_get_final_message(sdk, ollama):
+    anthropic, client = sdk
+    ollama.script(Reply([chunk(content="Streaming "), chunk(content="works."), final_chunk(eval_count=2)]))
+    with client.messages.stream(model="claude-opus-5-5", max_tokens=100,
+                                messages=[{"role": "user", "content": "Hi"}]) as stream:
+        texts = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert texts == ["Streaming ", "works."]
+    assert final.content[0].text == "Streaming works." and final.usage.output_tokens == 2
+
+
+def test_sdk_tool_use_both_directions(sdk, ollama):
+    anthropic, client = sdk
+    tools = [{"name": "get_weather", "description": "Weather for a city",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    ollama.script(tool_reply(("get_weather", {"city": "Paris"})))
+    with client.messages.stream(model="claude-opus-5-5", max_tokens=100, tools=tools,
+                                messages=[{"role": "user", "content": "Weather in Paris?"}]) as stream:
+        first = stream.get_final_message()
+    call = first.content[0]
+    assert first.stop_reason == "tool_use" and call.name == "get_weather" and call.input == {"city": "Paris"}
+    ollama.script(text_reply("It is 11 °C in Paris."))
+    second = client.messages.create(model="claude-opus-5-5", max_tokens=100, tools=tools, messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": first.content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "11 °C"}]}])
+    assert second.content[0].text == "It is 11 °C in Paris."
+    assert ollama.chats()[-1]["messages"][-1] == {"role": "tool", "content": "11 °C", "tool_call_id": call.id,
+                                                  "tool_name": "get_weather"}
+
+
+def test_sdk_count_tokens_and_models(sdk):
+    anthropic, client = sdk
+    counted = client.messages.count_tokens(model="claude-opus-5-5", messages=[{"role": "user", "content": "Hi"}])
+    assert counted.input_tokens > 0
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL, "llama3.2:3b", "qwen3:8b"]
+    assert client.models.retrieve("claude-haiku-4-5").id == "claude-haiku-4-5"
+
+
+def test_sdk_raises_the_matching_exception_for_each_error(sdk, ollama):
+    anthropic, client = sdk
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model="claude-opus-5-5", max_tokens=10, messages=[])
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.create(model="mistral:7b", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    ollama.script(Reply(status=503, error="server busy, please try again.  maximum pending requests exceeded"))
+    with pytest.raises(anthropic.OverloadedError):
+        client.messages.create(model="claude-opus-5-5", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    ollama.script(Reply([chunk(content="Hi"), {"error": "runner crashed"}]))
+    with pytest.raises(anthropic.APIStatusError, match="runner crashed"):
+        with client.messages.stream(model="claude-opus-5-5", max_tokens=10,
+                                    messages=[{"role": "user", "content": "x"}]) as stream:
+            stream.get_final_message()
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("nothing-here")
+
+
+def test_sdk_sees_gateway_timeout_and_unreachable_ollama(ollama):
+    anthropic = anthropic_module()
+    ollama.script(Reply(delay_before=3))
+    with running_proxy(ollama.url, OLLAMA_FIRST_TOKEN_TIMEOUT=0.5) as gateway:
+        client = anthropic.Anthropic(base_url=gateway.url, api_key="dummy", max_retries=0)
+        with pytest.raises(anthropic.GatewayTimeoutError):
+            client.messages.create(model="claude-opus-5-5", max_tokens=10,
+                                   messages=[{"role": "user", "content": "x"}])
+    with running_proxy(f"127.0.0.1:{free_port()}") as gateway:
+        client = anthropic.Anthropic(base_url=gateway.url, api_key="dummy", max_retries=0)
+        with pytest.raises(anthropic.InternalServerError) as caught:
+            client.messages.create(model="claude-opus-5-5", max_tokens=10,
+                                   messages=[{"role": "user", "content": "x"}])
+        assert caught.value.status_code == 502
+
+
+###############################################################################
+# Cache
+###############################################################################
+
+def key_of(body, **config_settings):
+    request = proxy.validate_messages_request(body)
+    settings = config(**config_settings)
+    payload = proxy.anthropic_to_ollama(request, proxy.resolve_model(request["model"], settings), settings)
+    return proxy.cache_key(payload, request, settings.tool_call_recovery)
+
+
+def test_cache_key_changes_with_everything_that_changes_the_answer():
+    base = request_body(system="Be brief.", tools=[{"name": "Bash", "input_schema": {"type": "object"}}])
+    variations = {
+        "model": dict(base, model="llama3.2:3b"),
+        "system": dict(base, system="Be verbose."),
+        "messages": dict(base, messages=[{"role": "user", "content": "Hello!"}]),
+        "tools": dict(base, tools=[{"name": "Read", "input_schema": {"type": "object"}}]),
+        "tool_choice": dict(base, tool_choice={"type": "none"}),
+        "max_tokens": dict(base, max_tokens=1025),
+        "temperature": dict(base, temperature=0.5),
+        "top_p": dict(base, top_p=0.5),
+        "top_k": dict(base, top_k=5),
+        "stop_sequences": dict(base, stop_sequences=["\n\n"]),
+        "thinking": dict(base, thinking={"type": "enabled", "budget_tokens": 2048}),
+        "output_config": dict(base, output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}}),
+    }
+    keys = {name: key_of(body) for name, body in variations.items()}
+    keys["base"] = key_of(base)
+    assert len(set(keys.values())) == len(keys), keys
+    assert keys["base"].startswith("simple_api_proxy:v1:") and len(keys["base"]) == 20 + 64
+    assert key_of(base, MODEL_MAP="sonnet=llama3.2:3b") != keys["base"]
+
+
+def test_cache_key_ignores_what_does_not_change_the_answer():
+    base = request_body(system=[{"type": "text", "text": "x-anthropic-billing-header: cc_version=1; cch=aaa;"},
+                                {"type": "text", "text": "Be brief."}])
+    same = [
+        dict(base, stream=True),
+        dict(base, metadata={"user_id": "someone"}),
+        dict(base, system=[{"type": "text", "text": "x-anthropic-billing-header: cc_version=1; cch=bbb;"},
+                           {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]),
+        dict(base, messages=[{"role": "user", "content": [{"type": "text", "text": "Hello",
+                                                           "cache_control": {"type": "ephemeral"}}]}]),
+        dict(base, model="claude-opus-5-5"),
+        dict(base, context_management={"edits": []}),
+    ]
+    assert {key_of(body) for body in same} == {key_of(base)}
+
+
+def test_memory_tier_is_bounded_by_entries_and_bytes():
+    tier = proxy.MemoryTier(max_entries=3, max_bytes=100, ttl=60)
+    for name in "abcd":
+        tier.put(name, b"x" * 10)
+    assert tier.get("a") is None and tier.get("d") == b"x" * 10
+    tier.get("b")
+    tier.put("e", b"y" * 10)
+    assert tier.get("c") is None and tier.get("b") is not None
+    tier.put("big", b"z" * 90)
+    assert tier.bytes <= 100 and tier.get("big") is not None
+    tier.put("huge", b"z" * 101)
+    assert tier.get("huge") is None
+    health = tier.health()
+    assert health["state"] == "up" and health["entries"] == len(tier.entries) and health["hits"] >= 3
+
+
+def test_memory_tier_entries_expire():
+    tier = proxy.MemoryTier(max_entries=3, max_bytes=100, ttl=0.05)
+    tier.put("a", b"1")
+    time.sleep(0.1)
+    assert tier.get("a") is None and tier.bytes == 0
+
+
+def test_cache_hit_skips_ollama_and_says_so(ollama):
+    with running_proxy(ollama.url, CACHE="on") as gateway:
+        status, headers, first = gateway.messages(request_body())
+        assert headers["x-cache"] == "MISS"
+        status, headers, second = gateway.messages(request_body(model="claude-opus-5-5"))
+        assert headers["x-cache"] == "HIT" and len(ollama.chats()) == 1
+        assert second["content"] == first["content"] and second["id"] != first["id"]
+        assert second["model"] == "claude-opus-5-5"
+        status, headers, raw = gateway.stream(request_body())
+        events = parse_sse(raw)
+        assert_valid_stream(events)
+        assert headers["x-cache"] == "HIT" and len(ollama.chats()) == 1
+        assert "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta") == \
+            first["content"][0]["text"]
+        health = gateway.json("GET", "/health")[2]["cache"]
+        assert health["memory"]["hits"] == 2 and health["memory"]["entries"] == 1
+        assert health["redis"]["state"] == "disabled"
+
+
+def test_cache_control_headers_and_cache_off(ollama):
+    with running_proxy(ollama.url, CACHE="on") as gateway:
+        assert gateway.messages(request_body(), {"Cache-Control": "no-store"})[1]["x-cache"] == "BYPASS"
+        assert gateway.messages(request_body())[1]["x-cache"] == "MISS"
+        assert gateway.messages(request_body(), {"Cache-Control": "no-cache"})[1]["x-cache"] == "BYPASS"
+        assert gateway.messages(request_body())[1]["x-cache"] == "HIT"
+        assert len(ollama.chats()) == 3
+    with running_proxy(ollama.url, CACHE="off") as gateway:
+        assert gateway.messages(request_body())[1]["x-cache"] == "BYPASS"
+        assert gateway.messages(request_body())[1]["x-cache"] == "BYPASS"
+
+
+@pytest.mark.parametrize("reply", [
+    Reply(status=500, error="runner crashed"),
+    Reply([chunk(content="Hi"), {"error": "runner crashed"}]),
+    Reply([chunk(content="Hi"), ("cut",)]),
+])
+def test_errors_and_cut_streams_are_not_stored(ollama, reply):
+    with running_proxy(ollama.url, CACHE="on") as gateway:
+        for stream in (True, False):
+            ollama.script(reply)
+            gateway.call("POST", "/v1/messages", request_body(stream=stream))
+        assert gateway.server.cache.memory.entries == {}
+        assert gateway.messages(request_body())[1]["x-cache"] == "MISS"
+
+
+def test_stream_whose_client_left_is_not_stored(ollama):
+    ollama.script(Reply([chunk(content="a")] + [("sleep", 0.05), chunk(content="b")] * 40 + [final_chunk()]))
+    with running_proxy(ollama.url, CACHE="on") as gateway:
+        connection = socket.create_connection(("127.0.0.1", gateway.port))
+        body = json.dumps(request_body(stream=True)).encode()
+        connection.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert connection.recv(100).startswith(b"HTTP/1.1 200")
+        connection.close()
+        time.sleep(3)
+        assert ollama.disconnects == 1 and gateway.server.cache.memory.entries == {}
+
+
+def redis_module():
+    try:
+        import redis
+    except ImportError:
+        need(False, "redis-py is not installed (pip install redis)")
+    return redis
+
+
+@pytest.fixture
+def shared_redis():
+    """The machine's Redis on 127.0.0.1:6379, database 13, emptied before and after."""
+    redis = redis_module()
+    client = redis.Redis(host="127.0.0.1", port=6379, db=13, socket_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError:
+        need(False, "no redis-server answers on 127.0.0.1:6379")
+    client.flushdb()
+    yield client, "redis://127.0.0.1:6379/13"
+    client.flushdb()
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free port, to kill and restart."""
+
+    def __init__(self):
+        need(shutil.which("redis-server"), "redis-server is not installed")
+        self.port = free_port()
+        self.process = None
+        self.start()
+
+    def start(self):
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.02)
+        raise RuntimeError("private redis-server did not start")
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def private_redis():
+    server = PrivateRedis()
+    yield server
+    server.kill()
+
+
+def test_redis_tier_is_shared_between_proxies_and_sets_the_ttl(ollama, shared_redis):
+    client, url = shared_redis
+    with running_proxy(ollama.url, CACHE="on", REDIS_URL=url, CACHE_TTL=600) as first, \
+            running_proxy(ollama.url, CACHE="on", REDIS_URL=url) as second:
+        assert first.messages(request_body())[1]["x-cache"] == "MISS"
+        keys = client.keys("simple_api_proxy:v1:*")
+        assert len(keys) == 1 and 590 <= client.ttl(keys[0]) <= 600
+        stored = json.loads(client.get(keys[0]))
+        assert stored["content"][0]["text"] == "Hello! I am the stand-in model."
+        status, headers, raw = second.stream(request_body())
+        assert headers["x-cache"] == "HIT" and len(ollama.chats()) == 1
+        assert_valid_stream(parse_sse(raw))
+        health = second.json("GET", "/health")[2]["cache"]["redis"]
+        assert health["state"] == "up" and health["hits"] == 1 and health["db_keys"] == 1
+        assert "127.0.0.1:6379" in health["url"]
+
+
+def test_sdk_stream_accumulator_parses_a_replayed_hit(ollama, shared_redis):
+    anthropic = anthropic_module()
+    client_redis, url = shared_redis
+    tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+    ollama.script(tool_reply(("Bash", {"command": "ls"}), text="Listing."))
+    with running_proxy(ollama.url, CACHE="on", REDIS_URL=url) as gateway:
+        client = anthropic.Anthropic(base_url=gateway.url, api_key="dummy", max_retries=0)
+        finals = []
+        for _ in range(2):
+            with client.messages.stream(model="claude-opus-5-5", max_tokens=100, tools=tools,
+                                        messages=[{"role": "user", "content": "ls"}]) as stream:
+                finals.append(stream.get_final_message())
+    assert len(ollama.chats()) == 1
+    miss, hit = finals
+    assert hit.id != miss.id and hit.stop_reason == "tool_use"
+    assert [b.model_dump() for b in hit.content] == [b.model_dump() for b in miss.content]
+
+
+def test_redis_killed_mid_traffic_costs_nothing_and_comes_back(ollama, private_redis):
+    url = f"redis://127.0.0.1:{private_redis.port}/0"
+    with running_proxy(ollama.url, CACHE="on", REDIS_URL=url) as gateway:
+        results = []
+        for index in range(60):
+            if index == 20:
+                private_redis.kill()
+            started = time.monotonic()
+            status, headers, _ = gateway.messages(request_body(f"question {index % 30}"))
+            results.append((status, time.monotonic() - started, headers.get("x-cache")))
+        assert all(status == 200 for status, _, _ in results)
+        assert max(elapsed for _, elapsed, _ in results) < 1.0
+        assert [cache for _, _, cache in results[30:40]] == ["HIT"] * 10  # memory tier still serves
+        health = gateway.json("GET", "/health")[2]["cache"]["redis"]
+        assert health["state"] == "down" and "Error" in health["last_error"]
+
+        private_redis.start()
+        deadline = time.monotonic() + 10
+        while gateway.json("GET", "/health")[2]["cache"]["redis"]["state"] != "up":
+            assert time.monotonic() < deadline, "Redis writes did not resume within 10 s"
+            time.sleep(0.2)
+        gateway.messages(request_body("after the restart"))
+        client = redis_module().Redis(host="127.0.0.1", port=private_redis.port)
+        assert len(client.keys("simple_api_proxy:v1:*")) == 1
+
+
+def test_proxy_runs_without_redis_py(ollama, tmp_path):
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text("import sys\nsys.modules['redis'] = None\n")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), API_PORT=str(port), OLLAMA_HOST=ollama.url,
+               REDIS_URL="redis://127.0.0.1:6379/13", LOG_FILE="")
+    process = subprocess.Popen([sys.executable, str(HERE / "simple_api_proxy.py")], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        gateway = Proxy.__new__(Proxy)
+        gateway.port, gateway.url = port, f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                if gateway.call("GET", "/")[0] == 200:
+                    break
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        health = gateway.json("GET", "/health")[2]["cache"]
+        assert health["redis"]["state"] == "disabled" and "redis-py is not installed" in health["redis"]["reason"]
+        assert gateway.messages(request_body())[1]["x-cache"] == "MISS"
+        assert gateway.messages(request_body())[1]["x-cache"] == "HIT"
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=15)[0]
+    assert process.returncode == 0, output
+    assert "redis-py is not installed" in output
