@@ -845,7 +845,7 @@ def could_become_tool_call(text):
         if not newline:
             return "json".startswith(language.strip()) and len(language) < 8
         return language.strip() in ("", "json") and bool(CALL_START.match(rest))
-    if TOOL_CALL_OPEN.startswith(stripped) or stripped.startswith(TOOL_CALL_OPEN):
+    if "```".startswith(stripped) or TOOL_CALL_OPEN.startswith(stripped) or stripped.startswith(TOOL_CALL_OPEN):
         return True
     return bool(CALL_START.match(stripped))
 

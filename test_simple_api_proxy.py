@@ -1330,3 +1330,101 @@ def test_proxy_runs_without_redis_py(ollama, tmp_path):
         output = process.communicate(timeout=15)[0]
     assert process.returncode == 0, output
     assert "redis-py is not installed" in output
+
+
+###############################################################################
+# Tool calls a model writes as text
+###############################################################################
+
+TOOLS = ["Bash", "Write"]
+BASH_CALL = '{"name": "Bash", "arguments": {"command": "ls -la"}}'
+
+
+def stream_text(text, piece=3, **options):
+    """Feed text to a translator a few characters at a time, as a model streams it."""
+    options.setdefault("tool_names", TOOLS)
+    chunks = [chunk(content=text[i:i + piece]) for i in range(0, len(text), piece)] + [final_chunk()]
+    return translate(chunks, **options)
+
+
+@pytest.mark.parametrize("text, calls", [
+    (BASH_CALL, [("Bash", {"command": "ls -la"})]),
+    ('{"name": "Bash", "parameters": {"command": "ls -la"}}', [("Bash", {"command": "ls -la"})]),
+    ('\n```json\n' + BASH_CALL + '\n```\n', [("Bash", {"command": "ls -la"})]),
+    ('```\n' + BASH_CALL + '\n```', [("Bash", {"command": "ls -la"})]),
+    ('<tool_call>\n' + BASH_CALL + '\n</tool_call>', [("Bash", {"command": "ls -la"})]),
+    ('<tool_call>' + BASH_CALL + '</tool_call>\n<tool_call>{"name": "Write", "arguments": '
+     '{"file_path": "a.txt", "content": "hi"}}</tool_call>',
+     [("Bash", {"command": "ls -la"}), ("Write", {"file_path": "a.txt", "content": "hi"})]),
+    (BASH_CALL + "\n" + BASH_CALL, [("Bash", {"command": "ls -la"})] * 2),
+    ('{"name": "Bash", "arguments": "{\\"command\\": \\"ls -la\\"}"}', [("Bash", {"command": "ls -la"})]),
+])
+def test_text_tool_call_shapes_become_tool_use(text, calls):
+    events, translator = stream_text(text)
+    assert_valid_stream(events)
+    message = translator.message
+    assert message["stop_reason"] == "tool_use"
+    assert [(b["name"], b["input"]) for b in message["content"]] == calls
+    assert all(b["type"] == "tool_use" for b in message["content"])
+
+
+def test_prose_then_tagged_call_keeps_the_prose_as_text():
+    events, translator = stream_text("I will list the files.\n<tool_call>" + BASH_CALL + "</tool_call>")
+    assert_valid_stream(events)
+    text, call = translator.message["content"]
+    assert text["text"].strip() == "I will list the files." and call["name"] == "Bash"
+    first_delta = next(i for i, (n, _) in enumerate(events) if n == "content_block_delta")
+    assert first_delta < len(events) - 6  # the prose streamed before the call was complete
+
+
+@pytest.mark.parametrize("text, options", [
+    ('{"name": "Deploy", "arguments": {"env": "prod"}}', {}),
+    ('Here is an example:\n```json\n' + BASH_CALL + '\n```\nThat is how the tool is called.', {}),
+    ('```python\nprint({"name": "Bash"})\n```', {}),
+    (BASH_CALL, {"tool_names": []}),
+    (BASH_CALL, {"recover_tool_calls": False}),
+    ('{"name": "Bash", "arguments": {"command": "ls"}, "note": "extra keys mean data, not a call"}', {}),
+    ('{"name": "Bash", "arguments": {"command": "ls"}} and then some words', {}),
+    ('<tool_call>{"name": "Bash", "arguments": {"command"</tool_call>', {}),
+])
+def test_near_misses_stay_text(text, options):
+    events, translator = stream_text(text, **options)
+    assert_valid_stream(events)
+    assert translator.message["content"] == [{"type": "text", "text": text}]
+    assert translator.message["stop_reason"] == "end_turn"
+
+
+def test_plain_answer_streams_token_by_token_when_tools_are_offered():
+    text = "Sure, the files are listed below with their sizes."
+    events, translator = stream_text(text, piece=5)
+    deltas = [d["delta"]["text"] for n, d in events if n == "content_block_delta"]
+    assert len(deltas) >= 9 and "".join(deltas) == text
+
+
+def test_json_answer_that_is_not_a_call_is_released_at_the_end():
+    events, translator = stream_text('{"status": "ok", "count": 3}')
+    assert translator.message["content"] == [{"type": "text", "text": '{"status": "ok", "count": 3}'}]
+
+
+def test_text_tool_call_through_the_proxy_streaming_and_not(gateway, ollama):
+    tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+    pieces = ['{"name": "Ba', 'sh", "argum', 'ents": {"command": "echo hi"}}']
+    for stream in (False, True):
+        ollama.script(Reply([chunk(content=p) for p in pieces] + [final_chunk()]))
+        status, _, raw = gateway.call("POST", "/v1/messages", request_body(tools=tools, stream=stream))
+        if stream:
+            events = parse_sse(raw)
+            assert_valid_stream(events)
+            assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+            deltas = [d["delta"] for n, d in events if n == "content_block_delta"]
+            assert [json.loads(d["partial_json"]) for d in deltas] == [{"command": "echo hi"}]
+        else:
+            message = json.loads(raw)
+            assert message["stop_reason"] == "tool_use" and message["content"][0]["input"] == {"command": "echo hi"}
+
+
+def test_text_tool_call_recovery_can_be_turned_off(ollama):
+    ollama.script(Reply([chunk(content=BASH_CALL), final_chunk()]))
+    with running_proxy(ollama.url, TOOL_CALL_RECOVERY="off") as gateway:
+        status, _, message = gateway.messages(request_body(tools=[{"name": "Bash", "input_schema": {"type": "object"}}]))
+    assert message["content"] == [{"type": "text", "text": BASH_CALL}] and message["stop_reason"] == "end_turn"
