@@ -1428,3 +1428,108 @@ def test_text_tool_call_recovery_can_be_turned_off(ollama):
     with running_proxy(ollama.url, TOOL_CALL_RECOVERY="off") as gateway:
         status, _, message = gateway.messages(request_body(tools=[{"name": "Bash", "input_schema": {"type": "object"}}]))
     assert message["content"] == [{"type": "text", "text": BASH_CALL}] and message["stop_reason"] == "end_turn"
+
+
+###############################################################################
+# The real Claude Code CLI through the proxy
+###############################################################################
+
+CLAUDE_CODE_VERSION = "2.1.332"
+
+
+def claude_code_binary():
+    cached = Path.home() / f".cache/simple_api_proxy/claude-code-{CLAUDE_CODE_VERSION}/node_modules/.bin/claude"
+    for candidate in (os.environ.get("CLAUDE_CODE_BIN"), str(cached), shutil.which("claude")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    need(False, f"Claude Code CLI not found: set CLAUDE_CODE_BIN, or run "
+                f"npm install @anthropic-ai/claude-code@{CLAUDE_CODE_VERSION} (.ci/run does)")
+
+
+class ClaudeCodeScript:
+    """The stand-in's answers for a Claude Code conversation: `first` for the prompt, then
+    `after_tool(tool_output)` once Claude Code sends a tool result back."""
+
+    def __init__(self, first, after_tool=None):
+        self.first = first
+        self.after_tool = after_tool
+
+    def __call__(self, request):
+        last = request["messages"][-1]
+        if last["role"] == "tool" and self.after_tool:
+            return self.after_tool(last["content"])
+        return self.first()
+
+
+@pytest.fixture
+def claude_code(ollama, tmp_path, caplog):
+    binary = claude_code_binary()
+    caplog.set_level("INFO", logger="simple_api_proxy")
+    workdir, home = tmp_path / "work", tmp_path / "home"
+    workdir.mkdir()
+    home.mkdir()
+
+    def run(*args, settings=None, timeout=120):
+        with running_proxy(ollama.url, **(settings or {})) as gateway:
+            env = {"PATH": os.environ["PATH"], "HOME": str(home), "TERM": "dumb",
+                   "ANTHROPIC_BASE_URL": gateway.url, "ANTHROPIC_AUTH_TOKEN": "dummy",
+                   "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1"}
+            result = subprocess.run([binary, "-p", *args], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                    capture_output=True, text=True, timeout=timeout)
+        result.workdir = workdir
+        return result
+
+    return run
+
+
+def test_claude_code_prints_the_models_answer(claude_code, ollama, caplog):
+    ollama.responder = ClaudeCodeScript(lambda: text_reply("Hello from the model behind the proxy."))
+    result = claude_code("say hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Hello from the model behind the proxy."
+    request = ollama.chats()[0]
+    assert request["model"] == MODEL and len(request["tools"]) >= 5
+    assert "x-anthropic-billing-header" not in json.dumps(request["messages"])
+    assert "claude-opus-5-5->qwen2.5-coder:7b 200 stream" in caplog.text
+
+
+def test_claude_code_runs_a_bash_tool_loop(claude_code, ollama):
+    ollama.responder = ClaudeCodeScript(
+        lambda: tool_reply(("Bash", {"command": "echo proxy-$((6*7))", "description": "Print a number"})),
+        lambda output: text_reply(f"The command printed: {output.strip()}"))
+    result = claude_code("run the command", "--allowedTools", "Bash")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "The command printed: proxy-42"
+    tool_message = ollama.chats()[-1]["messages"][-1]
+    assert tool_message["role"] == "tool" and tool_message["tool_name"] == "Bash"
+    assert tool_message["tool_call_id"].startswith("toolu_")
+
+
+def test_claude_code_write_tool_creates_the_file(claude_code, ollama, tmp_path):
+    target = tmp_path / "work" / "hello.txt"
+    ollama.responder = ClaudeCodeScript(
+        lambda: tool_reply(("Write", {"file_path": str(target), "content": "written through the proxy\n"})),
+        lambda output: text_reply("File written."))
+    result = claude_code("write the file", "--allowedTools", "Write")
+    assert result.returncode == 0, result.stderr
+    assert target.read_text() == "written through the proxy\n" and "File written." in result.stdout
+
+
+def test_claude_code_tool_call_written_as_text(claude_code, ollama):
+    call = '{"name": "Bash", "arguments": {"command": "echo text-call-$((2+3))", "description": "Echo"}}'
+    ollama.responder = ClaudeCodeScript(
+        lambda: Reply([chunk(content=call[i:i + 7]) for i in range(0, len(call), 7)] + [final_chunk()]),
+        lambda output: text_reply(f"Output was {output.strip()}"))
+    result = claude_code("run it", "--allowedTools", "Bash")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Output was text-call-5"
+
+
+def test_claude_code_model_names_reach_the_configured_models(claude_code, ollama, caplog):
+    ollama.responder = ClaudeCodeScript(lambda: text_reply("ok"))
+    settings = {"MODEL_MAP": "haiku=llama3.2:3b"}
+    assert claude_code("hi", settings=settings).returncode == 0
+    assert claude_code("hi", "--model", "claude-haiku-4-5", settings=settings).returncode == 0
+    assert [request["model"] for request in ollama.chats()] == [MODEL, "llama3.2:3b"]
+    assert "claude-opus-5-5->qwen2.5-coder:7b" in caplog.text
+    assert "claude-haiku-4-5->llama3.2:3b" in caplog.text
