@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import hmac
 import http.server
+import ipaddress
 import json
 import logging
 import math
@@ -79,6 +80,7 @@ SETTINGS = (
     ("PROXY_API_KEY", str, "", "when set, /v1/* requests need this key (x-api-key or Authorization: Bearer)"),
     ("MAX_BODY_BYTES", int, 32 * 1024 * 1024, "largest request body accepted"),
     ("MAX_CONCURRENT", int, 256, "most generations in flight; past that: 529 overloaded_error"),
+    ("MAX_CONNECTIONS", int, 1024, "most open client connections (a thread each); past that: 529"),
     ("CLIENT_TIMEOUT", float, 60.0, "seconds a client may take to send a request, and idle keep-alive time"),
     ("SHUTDOWN_GRACE", float, 10.0, "seconds requests in flight may finish after SIGTERM/SIGINT"),
     ("LOG_LEVEL", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
@@ -126,6 +128,7 @@ class Config:
     proxy_api_key: str
     max_body_bytes: int
     max_concurrent: int
+    max_connections: int
     client_timeout: float
     shutdown_grace: float
     log_level: str
@@ -265,6 +268,7 @@ def load_config(argv=None, environ=None):
             proxy_api_key=values["PROXY_API_KEY"],
             max_body_bytes=values["MAX_BODY_BYTES"],
             max_concurrent=values["MAX_CONCURRENT"],
+            max_connections=values["MAX_CONNECTIONS"],
             client_timeout=values["CLIENT_TIMEOUT"],
             shutdown_grace=values["SHUTDOWN_GRACE"],
             log_level=values["LOG_LEVEL"].upper(),
@@ -274,7 +278,8 @@ def load_config(argv=None, environ=None):
     except ValueError as exc:
         parser.error(str(exc))
     for name, value in (("API_PORT", config.api_port), ("OLLAMA_NUM_CTX", config.ollama_num_ctx),
-                        ("MAX_CONCURRENT", config.max_concurrent), ("MAX_BODY_BYTES", config.max_body_bytes)):
+                        ("MAX_CONCURRENT", config.max_concurrent), ("MAX_CONNECTIONS", config.max_connections),
+                        ("MAX_BODY_BYTES", config.max_body_bytes)):
         if value <= 0 and not (name == "API_PORT" and value == 0):
             parser.error(f"{name} must be positive, not {value}")
     if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -663,7 +668,9 @@ def ollama_think(request):
     if not thinking_requested(request):
         return False
     effort = (request.get("output_config") or {}).get("effort")
-    return {"xhigh": "high", "max": "high"}.get(effort, effort) or True
+    if not isinstance(effort, str):
+        return True
+    return {"xhigh": "high", "max": "high"}.get(effort, effort)
 
 
 def anthropic_to_ollama(request, ollama_model, config, *, can_think=False):
@@ -1332,7 +1339,7 @@ def cache_key(ollama_payload, request, recover_tool_calls):
     material = [{field: ollama_payload[field] for field in CACHE_KEY_PAYLOAD_FIELDS if field in ollama_payload},
                 request.get("stop_sequences") or None, request.get("thinking"),
                 (request.get("output_config") or {}).get("effort"), recover_tool_calls]
-    canonical = json.dumps(material, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps(material, separators=(",", ":"))
     return CACHE_KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -1409,6 +1416,7 @@ class RedisTier:
         self.reason = None
         self.client = None
         self._lock = threading.Lock()
+        self.stopped = threading.Event()
         try:
             import redis
         except ImportError:
@@ -1432,10 +1440,14 @@ class RedisTier:
             log.info("cache: Redis at %s is up", mask_url_password(self.url))
 
     def _watch(self):
-        while True:
-            time.sleep(self.RECHECK_SECONDS)
+        while not self.stopped.wait(self.RECHECK_SECONDS):
             if not self.up:
                 self._check()
+
+    def close(self):
+        self.stopped.set()
+        if self.client is not None:
+            self.client.close()
 
     def _mark_down(self, exc):
         message = f"{type(exc).__name__}: {exc}"
@@ -1506,6 +1518,10 @@ class ResponseCache:
         if self.redis is not None:
             self.redis.put(key, value)
 
+    def close(self):
+        if self.redis is not None:
+            self.redis.close()
+
     def health(self):
         if not self.enabled:
             return {"enabled": False, "memory": {"state": "disabled"}, "redis": {"state": "disabled"}}
@@ -1517,8 +1533,58 @@ class ResponseCache:
 # HTTP handler
 ###############################################################################
 
+def reject_json_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
 class ClientGone(Exception):
     """The client closed its connection; nothing more can be sent."""
+
+
+class ReadDeadlines:
+    """Ends connections whose client takes too long to send its request.
+
+    A socket timeout bounds each read, not the whole request: a client trickling one byte at a
+    time could otherwise hold a thread for ever."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.deadlines = {}
+        self.stopped = threading.Event()
+        threading.Thread(target=self._watch, name="read-deadlines", daemon=True).start()
+
+    def arm(self, sock, seconds):
+        with self.lock:
+            self.deadlines[sock] = time.monotonic() + seconds
+
+    def disarm(self, sock):
+        with self.lock:
+            self.deadlines.pop(sock, None)
+
+    def _watch(self):
+        while not self.stopped.wait(0.25):
+            now = time.monotonic()
+            with self.lock:
+                late = [sock for sock, deadline in self.deadlines.items() if deadline < now]
+                for sock in late:
+                    del self.deadlines[sock]
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def canned_response(error):
+    """A complete HTTP response for an error sent without a handler thread."""
+    body = json.dumps(error.body(None), separators=(",", ":")).encode()
+    head = f"HTTP/1.1 {error.status} Error\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in error.headers().items())
+    return head.encode() + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+TOO_MANY_CONNECTIONS = canned_response(ProxyError(
+    529, "too many open connections to the proxy (MAX_CONNECTIONS); try again shortly", retry_after=1))
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
@@ -1531,14 +1597,50 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.ollama = OllamaClient(config)
         self.cache = ResponseCache(config)
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
-        self.in_flight = 0
-        self.in_flight_lock = threading.Lock()
+        self.read_deadlines = ReadDeadlines()
+        self.counts_lock = threading.Lock()
+        self.connections = 0
+        self.active_requests = 0
+        self.in_flight = 0  # generations: requests Ollama is working on
+        self.stopping = False
         self.started = time.time()
         super().__init__((config.api_host, config.api_port), handler_class or ProxyHandler)
+
+    def process_request(self, request, client_address):
+        """One thread per connection, up to MAX_CONNECTIONS; past that a 529 without a thread."""
+        with self.counts_lock:
+            admitted = self.connections < self.config.max_connections
+            if admitted:
+                self.connections += 1
+        if admitted:
+            return super().process_request(request, client_address)
+        try:
+            request.setblocking(False)
+            request.send(TOO_MANY_CONNECTIONS)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.count("connections", -1)
+
+    def count(self, name, delta):
+        with self.counts_lock:
+            setattr(self, name, getattr(self, name) + delta)
+
+    def server_close(self):
+        super().server_close()
+        self.read_deadlines.stopped.set()
+        self.cache.close()
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # A garbled request line still gets a status line and headers, not an HTTP/0.9 bare body.
+    default_request_version = "HTTP/1.1"
     server_version = f"simple_api_proxy/{__version__}"
     sys_version = ""
     error_content_type = "application/json"
@@ -1560,6 +1662,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.config = self.server.config
         self.request.settimeout(self.config.client_timeout)
+        self.deadlines = self.server.read_deadlines
+
+    def version_string(self):
+        return self.server_version
 
     def log_message(self, format, *args):
         log.debug("http: " + format, *args)
@@ -1580,9 +1686,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.status = None
         self.log_extra = {}
         self._committed = False
-        super().handle_one_request()
+        # Idle keep-alive time, request line and headers: CLIENT_TIMEOUT in all.
+        self.deadlines.arm(self.request, self.config.client_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            self.deadlines.disarm(self.request)
+        if self.server.stopping:
+            self.close_connection = True
 
     def dispatch(self):
+        # The body gets CLIENT_TIMEOUT of its own; answering has no such limit.
+        self.deadlines.arm(self.request, self.config.client_timeout)
+        self.server.count("active_requests", 1)
         path = self.path.split("?", 1)[0]
         name = self.ROUTES.get((self.command, path))
         if name is None and path.startswith(self.MODEL_ROUTE) and self.command in ("GET", "HEAD"):
@@ -1603,10 +1719,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except ClientGone:
             self.status = self.status or 499
             self.close_connection = True
+        except RecursionError:
+            self.send_error_envelope(invalid("request body is nested too deeply"))
         except Exception:
             log.exception("%s internal error on %s %s", self.request_id, self.command, path)
             self.send_error_envelope(ProxyError(500, "internal proxy error; see the proxy's log", "api_error"))
         finally:
+            self.deadlines.disarm(self.request)
+            self.server.count("active_requests", -1)
             self.log_request_line(path)
 
     def log_request_line(self, path):
@@ -1618,10 +1738,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                  flags, tokens, (time.monotonic() - self.started) * 1000)
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own failures (bad request line, oversized headers) in the Anthropic envelope."""
+        """http.server's own failures (bad request line, oversized headers, unknown method) in the
+        Anthropic envelope, as the client's mistakes they are: 405 for a method, else a 4xx."""
         self.close_connection = True
+        if code >= 500:
+            code = 405 if code == 501 else 400
         try:
-            self.send_error_envelope(ProxyError(code, message or explain or "bad request"))
+            self.send_error_envelope(ProxyError(code, message or explain or "bad request", retry=False))
         except OSError:
             pass
 
@@ -1635,6 +1758,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("request-id", self.request_id)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -1738,10 +1863,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def read_json(self):
         body = self.read_body()
+        self.deadlines.disarm(self.request)
         if self.config.log_bodies:
             log.info("%s body: %s", self.request_id, body.decode("utf-8", "replace"))
         try:
-            return json.loads(body.decode("utf-8"))
+            return json.loads(body.decode("utf-8"), parse_constant=reject_json_constant)
         except UnicodeDecodeError as exc:
             raise invalid(f"request body is not valid UTF-8 (byte {exc.start})") from None
         except ValueError as exc:
@@ -1875,8 +2001,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not self.server.slots.acquire(blocking=False):
             raise ProxyError(529, f"the proxy has {self.config.max_concurrent} generations in flight "
                                   "(MAX_CONCURRENT); try again shortly", "overloaded_error", retry_after=2)
-        with self.server.in_flight_lock:
-            self.server.in_flight += 1
+        self.server.count("in_flight", 1)
         try:
             exchange = ollama.open("POST", "/api/chat", payload)
             try:
@@ -1887,8 +2012,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             finally:
                 exchange.close()
         finally:
-            with self.server.in_flight_lock:
-                self.server.in_flight -= 1
+            self.server.count("in_flight", -1)
             self.server.slots.release()
         if message is None:
             return
@@ -2073,37 +2197,41 @@ def setup_logging(config):
         log.warning(problem)
 
 
-def serve(config, ready=None):
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(config):
     """Run until SIGTERM/SIGINT; requests in flight get SHUTDOWN_GRACE seconds to finish."""
     server = ProxyServer(config)
     host, port = server.server_address[:2]
     log.info("simple_api_proxy %s listening on http://%s:%s | %s", __version__, host, port, config.describe())
-    if config.api_host not in ("127.0.0.1", "localhost", "::1") and not config.proxy_api_key:
+    if not is_loopback(config.api_host) and not config.proxy_api_key:
         log.warning("API_HOST=%s exposes the proxy beyond this machine WITHOUT an API key: anyone who reaches "
                     "port %s can use your GPU. Set PROXY_API_KEY, or bind 127.0.0.1 and use an SSH tunnel.",
                     config.api_host, port)
-    stopping = threading.Event()
-
     def on_signal(signum, frame):
-        if stopping.is_set():
+        if server.stopping:
             log.warning("second signal: exiting now")
             os._exit(1)
-        stopping.set()
+        server.stopping = True
         log.info("%s received: finishing %d request(s) in flight (up to %g s)",
-                 signal.Signals(signum).name, server.in_flight, config.shutdown_grace)
+                 signal.Signals(signum).name, server.active_requests, config.shutdown_grace)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if ready:
-        ready(server)
     server.serve_forever(poll_interval=0.2)
-    server.server_close()
+    server.socket.close()  # stop accepting; requests in flight go on
     deadline = time.monotonic() + config.shutdown_grace
-    while server.in_flight and time.monotonic() < deadline:
+    while server.active_requests and time.monotonic() < deadline:
         time.sleep(0.05)
-    if server.in_flight:
-        log.warning("shutdown grace over with %d request(s) still in flight", server.in_flight)
+    if server.active_requests:
+        log.warning("shutdown grace over with %d request(s) still in flight", server.active_requests)
+    server.server_close()
     log.info("stopped")
 
 

@@ -14,12 +14,15 @@ import os
 import queue
 import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -684,7 +687,7 @@ def test_unknown_routes_and_methods_get_the_error_envelope(gateway):
     status, _, body = gateway.json("GET", "/v1/messages")
     assert status == 405 and "POST" in body["error"]["message"]
     status, _, body = gateway.json("DELETE", "/v1/messages")
-    assert status == 501 and body["type"] == "error"
+    assert status == 405 and body["type"] == "error" and "DELETE" in body["error"]["message"]
 
 
 def test_count_tokens_estimates_without_calling_ollama(gateway, ollama):
@@ -889,6 +892,15 @@ def test_upstream_faults_mid_stream_end_with_an_error_event(gateway, ollama, ste
     ollama.script(Reply(steps))
     status, _, body = gateway.messages(request_body())
     assert status in (502, 500) and fragment in body["error"]["message"]
+    assert_threads_freed(gateway)
+
+
+def assert_threads_freed(gateway):
+    deadline = time.monotonic() + 2
+    while gateway.server.in_flight or gateway.server.active_requests:
+        assert time.monotonic() < deadline, "a request never finished"
+        time.sleep(0.01)
+    assert gateway.server.slots._value == gateway.server.config.max_concurrent
 
 
 def test_slow_model_load_streams_pings_then_the_answer(ollama):
@@ -1533,3 +1545,1186 @@ def test_claude_code_model_names_reach_the_configured_models(claude_code, ollama
     assert [request["model"] for request in ollama.chats()] == [MODEL, "llama3.2:3b"]
     assert "claude-opus-5-5->qwen2.5-coder:7b" in caplog.text
     assert "claude-haiku-4-5->llama3.2:3b" in caplog.text
+
+
+###############################################################################
+# Hardening: access, limits, faults, shutdown, secrets
+###############################################################################
+
+def test_api_key_guards_v1_but_not_liveness(ollama):
+    with running_proxy(ollama.url, PROXY_API_KEY="k-123") as gateway:
+        status, _, body = gateway.messages(request_body())
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+        assert gateway.messages(request_body(), {"x-api-key": "wrong"})[0] == 401
+        assert gateway.messages(request_body(), {"Authorization": "Bearer k-1234"})[0] == 401
+        assert gateway.messages(request_body(), {"x-api-key": "k-123"})[0] == 200
+        assert gateway.messages(request_body(), {"Authorization": "Bearer k-123"})[0] == 200
+        assert gateway.json("GET", "/v1/models")[0] == 401
+        assert gateway.json("GET", "/")[0] == 200
+        status, _, open_health = gateway.json("GET", "/health")
+        assert status == 200 and set(open_health) == {"status", "service", "version"}
+        status, _, full_health = gateway.json("GET", "/health", headers={"x-api-key": "k-123"})
+        assert "ollama" in full_health and "cache" in full_health
+        anthropic = anthropic_module()
+        with pytest.raises(anthropic.AuthenticationError):
+            anthropic.Anthropic(base_url=gateway.url, api_key="nope", max_retries=0).messages.create(
+                model="claude-opus-5-5", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        reply = anthropic.Anthropic(base_url=gateway.url, auth_token="k-123", max_retries=0).messages.create(
+            model="claude-opus-5-5", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        assert reply.content[0].text
+
+
+def raw_exchange(port, data, read_timeout=5):
+    """Send raw bytes; return the proxy's first response (b"" if it closed without one)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as connection:
+        connection.sendall(data)
+        received = b""
+        with contextlib.suppress(OSError):
+            while True:
+                head, _, body = received.partition(b"\r\n\r\n")
+                if _:
+                    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length:")), None)
+                    if length is not None and len(body) >= length:
+                        break
+                part = connection.recv(65536)
+                if not part:
+                    break
+                received += part
+        return received
+
+
+def test_body_limits_and_framing(gateway):
+    big = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 40000000\r\n\r\n")
+    assert big.startswith(b"HTTP/1.1 413") and b"request_too_large" in big
+    missing = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert missing.startswith(b"HTTP/1.1 411") and b"Content-Length" in missing
+    malformed = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+    assert malformed.startswith(b"HTTP/1.1 400")
+    body = json.dumps(request_body()).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 50]), body[i:i + 50]) for i in range(0, len(body), 50))
+    answer = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                                        b"Connection: close\r\n\r\n" + chunked + b"0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and b"stand-in model" in answer
+    assert gateway.json("GET", "/")[0] == 200
+
+
+def test_slow_and_idle_clients_are_cut_off(ollama):
+    with running_proxy(ollama.url, CLIENT_TIMEOUT=1) as gateway:
+        trickle = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
+        started = time.monotonic()
+        trickle.sendall(b"POST /v1/messages HTTP/1.1\r\n")
+        with contextlib.suppress(OSError):
+            for _ in range(40):
+                trickle.sendall(b"X")
+                time.sleep(0.1)
+        assert time.monotonic() - started < 3, "a client trickling its headers kept the connection"
+        trickle.close()
+        idle = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
+        started = time.monotonic()
+        assert idle.recv(100) == b"" and time.monotonic() - started < 2.5
+        idle.close()
+        body = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
+        body.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
+        started = time.monotonic()
+        answer = body.recv(1000)
+        assert time.monotonic() - started < 2.5 and (answer == b"" or answer.startswith(b"HTTP/1.1 4"))
+        body.close()
+        assert gateway.json("GET", "/")[0] == 200
+
+
+def test_generations_past_max_concurrent_get_529(ollama):
+    ollama.script(text_reply(delay_before=2))
+    with running_proxy(ollama.url, MAX_CONCURRENT=1) as gateway:
+        slow = threading.Thread(target=gateway.messages, args=(request_body(),))
+        slow.start()
+        assert ollama.chat_started.wait(5)
+        status, headers, body = gateway.messages(request_body("second"))
+        assert status == 529 and body["error"]["type"] == "overloaded_error" and headers["retry-after"]
+        assert gateway.json("GET", "/health")[2]["in_flight"] == 1
+        slow.join()
+        assert gateway.messages(request_body("third"))[0] == 200
+
+
+def test_connections_past_max_connections_get_529_without_a_thread(ollama):
+    with running_proxy(ollama.url, MAX_CONNECTIONS=2) as gateway:
+        held = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(2)]
+        time.sleep(0.2)
+        answer = raw_exchange(gateway.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 529") and b"MAX_CONNECTIONS" in answer
+        for connection in held:
+            connection.close()
+        deadline = time.monotonic() + 3
+        while gateway.server.connections:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert gateway.json("GET", "/")[0] == 200
+
+
+def test_reset_before_the_stream_is_502_and_nothing_is_cached(ollama):
+    with running_proxy(ollama.url, CACHE="on") as gateway:
+        for stream in (False, True):
+            ollama.script(Reply([("reset",)]))
+            status, _, raw = gateway.call("POST", "/v1/messages", request_body(stream=stream))
+            assert status in (200, 502)
+            if status == 200:
+                assert parse_sse(raw)[-1][0] == "error"
+        assert gateway.server.cache.memory.entries == {}
+        assert_threads_freed(gateway)
+
+
+class ProxyProcess:
+    """simple_api_proxy.py as users run it: a process, signals and all."""
+
+    def __init__(self, tmp_path, **settings):
+        self.port = free_port()
+        self.log_file = tmp_path / "proxy.log"
+        env = dict(os.environ, API_PORT=str(self.port), LOG_FILE=str(self.log_file))
+        env.update({k: str(v) for k, v in settings.items()})
+        self.process = subprocess.Popen([sys.executable, str(HERE / "simple_api_proxy.py")], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.gateway = Proxy.__new__(Proxy)
+        self.gateway.port, self.gateway.url = self.port, f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                if self.gateway.call("GET", "/")[0] == 200:
+                    return
+            assert time.monotonic() < deadline and self.process.poll() is None, self.process.stdout.read()
+            time.sleep(0.05)
+
+    def finish(self, timeout=15):
+        self.output = self.process.communicate(timeout=timeout)[0]
+        return self.process.returncode
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate(timeout=10)
+
+
+def test_sigterm_lets_requests_in_flight_finish(ollama, tmp_path):
+    ollama.script(text_reply("one two three four five six", per_token_delay=0.25))
+    running = ProxyProcess(tmp_path, OLLAMA_HOST=ollama.url)
+    try:
+        result = {}
+        client = threading.Thread(target=lambda: result.update(answer=running.gateway.stream(request_body())))
+        client.start()
+        assert ollama.chat_started.wait(5)
+        running.process.send_signal(15)
+        time.sleep(0.3)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", running.port), timeout=1).close()
+        client.join(10)
+        status, _, raw = result["answer"]
+        events = parse_sse(raw)
+        assert status == 200 and events[-1][0] == "message_stop"
+        assert running.finish() == 0
+        assert "SIGTERM received" in running.output and "stopped" in running.output
+    finally:
+        running.kill()
+
+
+def send_in_background(gateway, body):
+    def send():
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            gateway.messages(body)
+    threading.Thread(target=send, daemon=True).start()
+
+
+def test_grace_runs_out_and_a_second_signal_exits_at_once(ollama, tmp_path):
+    ollama.script(text_reply(delay_before=30), text_reply(delay_before=30))
+    running = ProxyProcess(tmp_path, OLLAMA_HOST=ollama.url, SHUTDOWN_GRACE=0.5)
+    try:
+        send_in_background(running.gateway, request_body())
+        assert ollama.chat_started.wait(5)
+        started = time.monotonic()
+        running.process.send_signal(15)
+        assert running.finish() == 0 and time.monotonic() - started < 3
+        assert "grace over with 1 request(s) still in flight" in running.output
+    finally:
+        running.kill()
+    ollama.chat_started.clear()
+    running = ProxyProcess(tmp_path, OLLAMA_HOST=ollama.url)
+    try:
+        send_in_background(running.gateway, request_body())
+        assert ollama.chat_started.wait(5)
+        started = time.monotonic()
+        running.process.send_signal(15)
+        time.sleep(0.3)
+        running.process.send_signal(2)
+        assert running.finish() == 1 and time.monotonic() - started < 3
+        assert "second signal" in running.output
+    finally:
+        running.kill()
+
+
+def test_public_bind_without_a_key_warns_loudly(ollama, tmp_path):
+    running = ProxyProcess(tmp_path, OLLAMA_HOST=ollama.url, API_HOST="0.0.0.0")
+    try:
+        running.process.send_signal(15)
+        assert running.finish() == 0
+        assert "WITHOUT an API key" in running.output
+    finally:
+        running.kill()
+
+
+def test_secrets_and_prompts_stay_out_of_logs_errors_and_health(ollama, tmp_path):
+    key, password, prompt = "key-AAA-secret", "pw-BBB-secret", "PROMPT-CCC-MARKER"
+    running = ProxyProcess(tmp_path, OLLAMA_HOST=ollama.url, PROXY_API_KEY=key, LOG_LEVEL="DEBUG",
+                           REDIS_URL=f"redis://:{password}@127.0.0.1:{free_port()}/0")
+    try:
+        seen = []
+        gateway = running.gateway
+        for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": key}):
+            seen.append(gateway.call("POST", "/v1/messages", request_body(prompt), headers)[2])
+            seen.append(gateway.call("POST", "/v1/messages", request_body(prompt, stream=True), headers)[2])
+            seen.append(gateway.call("GET", "/health", headers=headers)[2])
+        seen.append(gateway.call("POST", "/v1/messages", b'{"model": "PROMPT-CCC-MARKER"', {"x-api-key": key})[2])
+        ollama.script(Reply(status=500, error="boom"))
+        seen.append(gateway.call("POST", "/v1/messages", request_body(prompt), {"x-api-key": key})[2])
+        running.process.send_signal(15)
+        running.finish()
+    finally:
+        running.kill()
+    everything = b"".join(seen).decode() + running.output + running.log_file.read_text()
+    assert "stand-in model" in everything and "***" in everything
+    for secret in (key, password, prompt):
+        assert secret not in everything
+
+
+###############################################################################
+# Fuzzing: bad input never gets a 5xx, a traceback, or a dead server
+###############################################################################
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # the fuzz tests below skip (fail under CI) without it
+    given = None
+
+FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None,
+                     suppress_health_check=list(HealthCheck) if given else ())
+
+
+class FuzzClient:
+    """One keep-alive connection to the proxy, reopened whenever the proxy closes it."""
+
+    def __init__(self, port):
+        self.port = port
+        self.connection = None
+        self.answers = 0
+
+    def send(self, method, path, body, headers):
+        for attempt in range(2):
+            if self.connection is None:
+                self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            try:
+                self.connection.request(method, path, body=body, headers=headers)
+                response = self.connection.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException):
+                self.connection.close()
+                self.connection = None
+                if attempt:
+                    raise
+                continue
+            if response.will_close:
+                self.connection.close()
+                self.connection = None
+            self.answers += 1
+            return response.status, data
+        raise AssertionError("unreachable")
+
+
+def check_answer(status, data, method="POST"):
+    assert status < 500, data[:300]
+    assert b"Traceback" not in data and b'File "' not in data
+    if status >= 400 and method != "HEAD":
+        body = json.loads(data)
+        assert body["type"] == "error" and body["error"]["type"] and body["request_id"].startswith("req_")
+
+
+@pytest.fixture(scope="module")
+def fuzz_target():
+    if given is None:
+        need(False, "hypothesis is not installed (pip install hypothesis)")
+    stand_in = StandInOllama()
+    with running_proxy(stand_in.url, OLLAMA_NUM_CTX=4000, CLIENT_TIMEOUT=5) as gateway:
+        yield gateway, FuzzClient(gateway.port)
+    stand_in.stop()
+
+
+if given:
+    json_leaf = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+                 | st.text(max_size=30))
+    json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4)
+                              | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=10)
+    any_or = lambda strategy: strategy | json_value  # noqa: E731 - a sometimes-wrong value of any type
+    block = st.fixed_dictionaries(
+        {"type": any_or(st.sampled_from(["text", "image", "tool_use", "tool_result", "document", "thinking",
+                                         "redacted_thinking", "server_tool_use", "search_result", "tool_reference"]))},
+        optional={"text": any_or(st.text(max_size=40)), "id": any_or(st.text(max_size=10)),
+                  "name": any_or(st.sampled_from(["Bash", "Read"])), "input": json_value,
+                  "tool_use_id": any_or(st.text(max_size=10)), "content": json_value | st.text(max_size=20),
+                  "is_error": json_value, "thinking": json_value, "title": json_value,
+                  "source": any_or(st.fixed_dictionaries({"type": any_or(st.sampled_from(
+                      ["base64", "text", "content", "url", "file"])), "data": any_or(st.text(max_size=20)),
+                      "media_type": json_value, "content": json_value})),
+                  "cache_control": json_value})
+    message = st.fixed_dictionaries({"role": any_or(st.sampled_from(["user", "assistant", "system"])),
+                                     "content": any_or(st.text(max_size=40) | st.lists(block, max_size=4))})
+    tool = st.fixed_dictionaries({"name": any_or(st.sampled_from(["Bash", "Read"]))},
+                                 optional={"input_schema": any_or(st.just({"type": "object"})),
+                                           "type": any_or(st.sampled_from(["custom", "bash_20250124"])),
+                                           "description": json_value, "defer_loading": json_value})
+    request = st.fixed_dictionaries(
+        {"model": any_or(st.sampled_from(["claude-opus-5-5", MODEL, "qwen3:8b", "absent:1b"])),
+         "max_tokens": any_or(st.integers(0, 5000)), "messages": any_or(st.lists(message, max_size=4))},
+        optional={"system": any_or(st.text(max_size=30) | st.lists(block, max_size=3)),
+                  "stream": any_or(st.booleans()), "tools": any_or(st.lists(tool, max_size=3)),
+                  "tool_choice": any_or(st.fixed_dictionaries({"type": any_or(st.sampled_from(
+                      ["auto", "any", "tool", "none"]))}, optional={"name": json_value})),
+                  "temperature": any_or(st.floats(0, 1)), "top_p": json_value, "top_k": json_value,
+                  "stop_sequences": any_or(st.lists(st.text(max_size=5), max_size=3)),
+                  "thinking": any_or(st.fixed_dictionaries({"type": any_or(st.sampled_from(
+                      ["enabled", "adaptive", "disabled"]))}, optional={"budget_tokens": json_value,
+                                                                         "display": json_value})),
+                  "output_config": any_or(st.fixed_dictionaries({}, optional={"effort": json_value,
+                                                                              "format": json_value})),
+                  "metadata": json_value, "context_management": json_value, "unknown": json_value})
+    nested = st.integers(1, 3000).map(lambda depth: '{"model":' + "[" * depth + "]" * depth + "}")
+
+    @settings(max_examples=1500, **FUZZ_SETTINGS)
+    @given(body=request, path=st.sampled_from(["/v1/messages", "/v1/messages?beta=true",
+                                                "/v1/messages/count_tokens"]))
+    def test_fuzz_request_fields(fuzz_target, body, path):
+        gateway, client = fuzz_target
+        check_answer(*client.send("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"}))
+
+    @settings(max_examples=300, **FUZZ_SETTINGS)
+    @given(raw=st.binary(max_size=300) | nested.map(str.encode)
+           | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
+    def test_fuzz_raw_bodies(fuzz_target, raw):
+        gateway, client = fuzz_target
+        check_answer(*client.send("POST", "/v1/messages", raw, {"Content-Type": "application/json"}))
+
+    header_value = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+
+    @settings(max_examples=300, **FUZZ_SETTINGS)
+    @given(method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "BREW"])
+           | st.text(st.characters(min_codepoint=65, max_codepoint=90), min_size=1, max_size=8),
+           path=st.sampled_from(["/", "/health", "/v1/models", "/v1/models/x%2Fy", "/v1/messages", "/%00",
+                                 "/v1/models?limit=abc", "/v1/models?limit=0", "/" + "a" * 3000]),
+           headers=st.dictionaries(st.sampled_from(["Cache-Control", "x-api-key", "Authorization", "Accept",
+                                                    "anthropic-beta", "X-Odd"]), header_value, max_size=4))
+    def test_fuzz_methods_paths_and_headers(fuzz_target, method, path, headers):
+        gateway, client = fuzz_target
+        body = json.dumps(request_body()).encode() if method == "POST" else None
+        check_answer(*client.send(method, path, body, dict(headers, **{"Content-Type": "application/json"})), method)
+
+    @settings(max_examples=100, **FUZZ_SETTINGS)
+    @given(line=st.binary(min_size=1, max_size=200))
+    def test_fuzz_raw_request_lines(fuzz_target, line):
+        gateway, client = fuzz_target
+        answer = raw_exchange(gateway.port, line.replace(b"\n", b" ") + b"\r\nHost: x\r\n\r\n", read_timeout=10)
+        if answer:
+            assert answer.startswith(b"HTTP/1.1 "), answer[:100]
+            head, _, body = answer.partition(b"\r\n\r\n")
+            check_answer(int(head.split(b" ", 2)[1]), body, "HEAD" if not body else "POST")
+
+    def test_fuzzed_server_still_serves(fuzz_target):
+        gateway, client = fuzz_target
+        assert gateway.json("GET", "/")[0] == 200
+        status, _, message = gateway.messages(request_body())
+        assert status == 200 and message["content"][0]["text"] == "Hello! I am the stand-in model."
+        assert_threads_freed(gateway)
+
+
+###############################################################################
+# claude_start.sh, the laptop-side launcher
+#
+# The real script runs under bash. Stand-in `ssh` and `claude` executables sit
+# first on PATH; the "remote" proxy is a stdlib HTTP server on a loopback port that
+# the stand-in ssh reaches by running the remote command locally, and whose tunnel
+# (`ssh -N -L L:127.0.0.1:R`) is a real TCP forwarder.
+###############################################################################
+
+LAUNCHER_SCRIPT = Path(__file__).resolve().parent / "claude_start.sh"
+LAUNCHER_RUN_TIMEOUT = 20
+LAUNCHER_MODEL_DEFAULT = "qwen2.5-coder:7b"
+
+# Stand-in for Claude Code: records argv, the variables the launcher exports, and
+# what /health answers through ANTHROPIC_BASE_URL while it runs.
+_LAUNCHER_STUB_CLAUDE = r'''#!/usr/bin/env python3
+import json, os, sys, time, urllib.error, urllib.request
+names = sorted(k for k in os.environ
+               if k.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))
+               or k in ("API_TIMEOUT_MS", "DISABLE_TELEMETRY"))
+record = {"argv": sys.argv[1:], "env": {k: os.environ[k] for k in names}}
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+try:
+    record["health"] = opener.open(os.environ["ANTHROPIC_BASE_URL"] + "/health", timeout=5).getcode()
+except urllib.error.HTTPError as e:
+    record["health"] = e.code
+except Exception as e:
+    record["health"] = repr(e)
+with open(os.environ["STUB_CLAUDE_OUT"], "w") as f:
+    json.dump(record, f)
+time.sleep(float(os.environ.get("STUB_CLAUDE_SLEEP", "0")))
+sys.exit(int(os.environ.get("STUB_CLAUDE_EXIT", "0")))
+'''
+
+# Stand-in for ssh. With a remote command it runs it here with `sh -c`; with
+# -N -L L:127.0.0.1:R it forwards 127.0.0.1:L to 127.0.0.1:R until SIGTERM.
+# Knobs: STUB_SSH_UNREACHABLE (exit 255 like a refused connection),
+# STUB_SSH_TUNNEL_FAIL (tunnel exits 255), STUB_SSH_TUNNEL_BLACKHOLE (tunnel
+# accepts and drops connections, so /health never answers).
+_LAUNCHER_STUB_SSH = r'''#!/usr/bin/env python3
+import json, os, signal, socket, subprocess, sys, threading
+WITH_ARG = set("BbcDEeFIiJLlmOopQRSWw")
+args = sys.argv[1:]
+i, forward, no_command = 0, None, False
+while i < len(args):
+    a = args[i]
+    if a == "--":
+        i += 1
+        break
+    if not a.startswith("-") or a == "-":
+        break
+    if a[1] in WITH_ARG:
+        value = a[2:] if len(a) > 2 else args[i + 1]
+        i += 1 if len(a) > 2 else 2
+        if a[1] == "L":
+            forward = value
+    else:
+        no_command = no_command or "N" in a[1:]
+        i += 1
+dest, command = args[i], " ".join(args[i + 1:])
+record_dir = os.environ.get("STUB_SSH_RECORD_DIR")
+if record_dir:
+    with open(os.path.join(record_dir, "ssh-%d.json" % os.getpid()), "w") as f:
+        json.dump({"pid": os.getpid(), "argv": sys.argv[1:], "dest": dest,
+                   "command": command, "tunnel": no_command}, f)
+if os.environ.get("STUB_SSH_UNREACHABLE"):
+    sys.stderr.write("ssh: connect to host %s port 22: Connection refused\n" % dest)
+    sys.exit(255)
+if not no_command:
+    sys.exit(subprocess.call(["sh", "-c", command]))
+lport, _, rport = forward.split(":")
+if os.environ.get("STUB_SSH_TUNNEL_FAIL"):
+    sys.stderr.write("channel_setup_fwd_listener_tcpip: cannot listen to port: %s\n"
+                     "Could not request local forwarding.\n" % lport)
+    sys.exit(255)
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    listener.bind(("127.0.0.1", int(lport)))
+except OSError as e:
+    sys.stderr.write("bind [127.0.0.1]:%s: %s\n" % (lport, e))
+    sys.exit(255)
+listener.listen(16)
+
+def pump(src, dst):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+while True:
+    conn, _ = listener.accept()
+    if os.environ.get("STUB_SSH_TUNNEL_BLACKHOLE"):
+        conn.close()
+        continue
+    try:
+        upstream = socket.create_connection(("127.0.0.1", int(rport)), timeout=5)
+        upstream.settimeout(None)
+    except OSError:
+        conn.close()
+        continue
+    for a, b in ((conn, upstream), (upstream, conn)):
+        threading.Thread(target=pump, args=(a, b), daemon=True).start()
+'''
+
+# Stand-in for simple_api_proxy.py: serves /health on $API_HOST:$API_PORT.
+# STUB_PROXY_RECORD: file to write pid and environment to; STUB_PROXY_STATUS:
+# status of /health; STUB_PROXY_SILENT: never listen (health never answers).
+_LAUNCHER_STUB_PROXY = r'''#!/usr/bin/env python3
+import http.server, json, os, time
+if os.environ.get("STUB_PROXY_RECORD"):
+    with open(os.environ["STUB_PROXY_RECORD"], "w") as f:
+        json.dump({"pid": os.getpid(), "API_PORT": os.environ.get("API_PORT"),
+                   "API_HOST": os.environ.get("API_HOST"),
+                   "PROXY_API_KEY": os.environ.get("PROXY_API_KEY")}, f)
+if os.environ.get("STUB_PROXY_SILENT"):
+    while True:
+        time.sleep(60)
+status = int(os.environ.get("STUB_PROXY_STATUS", "200"))
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"status": "ok" if status == 200 else "degraded"}).encode()
+        self.send_response(status if self.path == "/health" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(
+    (os.environ.get("API_HOST", "127.0.0.1"), int(os.environ["API_PORT"])), Handler
+).serve_forever()
+'''
+
+
+def _launcher_free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launcher_pid_alive(pid):
+    """True while pid runs (a zombie counts as gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _launcher_wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _launcher_http_status(port):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        return opener.open("http://127.0.0.1:%d/health" % port, timeout=2).getcode()
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+def _launcher_error_line(result):
+    """The launcher failed with exactly one `claude_start: ` line on stderr."""
+    assert result.returncode != 0, result
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("claude_start: "), result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+def _launcher_all_prefixed(result):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert all(line.startswith("claude_start: ") for line in lines), result.stderr
+    return lines
+
+
+class _LauncherHealthHandler(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):
+        body = json.dumps({"status": "ok" if self.status == 200 else "ollama unreachable"}).encode()
+        self.send_response(self.status if self.path == "/health" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class _LauncherSandbox:
+    """Stub binaries, a hermetic PATH and environment, and cleanup of all processes."""
+
+    def __init__(self, tmp_path):
+        self.root = tmp_path
+        self.home = tmp_path / "home"
+        self.tmp = tmp_path / "tmp"
+        self.records = tmp_path / "ssh-records"
+        self.sysbin = tmp_path / "sysbin"
+        self.sysbin_nocurl = tmp_path / "sysbin-nocurl"
+        self.ssh_dir = tmp_path / "stub-ssh"
+        self.claude_dir = tmp_path / "stub-claude"
+        for d in (self.home, self.tmp, self.records, self.sysbin, self.sysbin_nocurl,
+                  self.ssh_dir, self.claude_dir):
+            d.mkdir()
+        self.claude_out = tmp_path / "claude.json"
+        self.stub_ssh = self._write(self.ssh_dir / "ssh", _LAUNCHER_STUB_SSH)
+        self._write(self.claude_dir / "claude", _LAUNCHER_STUB_CLAUDE)
+        self.stub_proxy = self._write(tmp_path / "stub_proxy.py", _LAUNCHER_STUB_PROXY)
+        # Only the system binaries the launcher and the stubs need, so nothing
+        # from the real machine (a real ssh or claude) can leak in.
+        tools = {"python3": sys.executable}
+        for name in ("bash", "sh", "env", "cat", "sleep", "readlink", "curl"):
+            found = shutil.which(name)
+            if found:
+                tools[name] = found
+        for name, target in tools.items():
+            (self.sysbin / name).symlink_to(target)
+            if name != "curl":
+                (self.sysbin_nocurl / name).symlink_to(target)
+        self.procs = []
+        self.servers = []
+
+    @staticmethod
+    def _write(path, text):
+        path.write_text(text)
+        path.chmod(0o755)
+        return path
+
+    def path(self, ssh=True, claude=True, curl=True):
+        dirs = [self.ssh_dir] if ssh else []
+        dirs += [self.claude_dir] if claude else []
+        dirs.append(self.sysbin if curl else self.sysbin_nocurl)
+        return os.pathsep.join(str(d) for d in dirs)
+
+    def env(self, ssh=True, claude=True, curl=True, **extra):
+        env = {
+            "PATH": self.path(ssh, claude, curl),
+            "HOME": str(self.home),
+            "TMPDIR": str(self.tmp),
+            "LANG": "C.UTF-8",
+            "STUB_CLAUDE_OUT": str(self.claude_out),
+            "STUB_SSH_RECORD_DIR": str(self.records),
+        }
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def run(self, args, env):
+        proc = subprocess.Popen(
+            [str(LAUNCHER_SCRIPT), *args], env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        try:
+            out, err = proc.communicate(timeout=LAUNCHER_RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail("claude_start.sh timed out\nstdout:\n%s\nstderr:\n%s" % (out, err))
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def spawn(self, args, env=None):
+        proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def remote_proxy(self, status=200):
+        """The 'remote' proxy: an in-process /health server; returns its port."""
+        handler = type("_LauncherHandler", (_LauncherHealthHandler,), {"status": status})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.servers.append(server)
+        return server.server_address[1]
+
+    def local_proxy(self, port, **extra):
+        """A stand-in proxy already running on this machine (separate process)."""
+        proc = self.spawn([sys.executable, str(self.stub_proxy)],
+                          env=dict(os.environ, API_PORT=str(port), API_HOST="127.0.0.1", **extra))
+        assert _launcher_wait_until(lambda: _launcher_http_status(port) is not None)
+        return proc
+
+    def claude_record(self):
+        return json.loads(self.claude_out.read_text())
+
+    def ssh_records(self, tunnel=None):
+        recs = [json.loads(p.read_text()) for p in sorted(self.records.glob("ssh-*.json"))]
+        return [r for r in recs if tunnel is None or r["tunnel"] == tunnel]
+
+    def assert_no_tunnel_left(self):
+        for rec in self.ssh_records(tunnel=True):
+            assert _launcher_wait_until(lambda pid=rec["pid"]: not _launcher_pid_alive(pid), 3), rec
+
+    def cleanup(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+        pids = [r["pid"] for r in self.ssh_records()]
+        for record in self.root.glob("proxy-*.json"):
+            with contextlib.suppress(ValueError, KeyError):
+                pids.append(json.loads(record.read_text())["pid"])
+        for pid in pids:
+            if _launcher_pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.fixture
+def launcher_sandbox(tmp_path):
+    sandbox = _LauncherSandbox(tmp_path)
+    try:
+        yield sandbox
+    finally:
+        sandbox.cleanup()
+
+
+def _launcher_expected_env(port, model=LAUNCHER_MODEL_DEFAULT, context="32768",
+                           output="8192", timeout="600000"):
+    return {
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:%d" % port,
+        "ANTHROPIC_MODEL": model,
+        "ANTHROPIC_DEFAULT_HAIKU_MODEL": model,
+        "ANTHROPIC_DEFAULT_SONNET_MODEL": model,
+        "ANTHROPIC_DEFAULT_OPUS_MODEL": model,
+        "ANTHROPIC_SMALL_FAST_MODEL": model,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "CLAUDE_CODE_ATTRIBUTION_HEADER": "0",
+        "DISABLE_TELEMETRY": "1",
+        "API_TIMEOUT_MS": timeout,
+        "CLAUDE_CODE_MAX_CONTEXT_TOKENS": context,
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": output,
+    }
+
+
+def test_launcher_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("shellcheck is not installed (required under CI=true)")
+        pytest.skip("shellcheck is not installed")
+    result = subprocess.run([shellcheck, LAUNCHER_SCRIPT.name], cwd=LAUNCHER_SCRIPT.parent,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_launcher_is_executable_bash_script():
+    assert os.access(LAUNCHER_SCRIPT, os.X_OK)
+    first = LAUNCHER_SCRIPT.read_text().splitlines()[0]
+    assert first == "#!/usr/bin/env bash"
+    assert "set -euo pipefail" in LAUNCHER_SCRIPT.read_text()
+
+
+def test_launcher_help_lists_every_flag_and_variable(launcher_sandbox):
+    for flag in ("-h", "--help"):
+        result = launcher_sandbox.run([flag], launcher_sandbox.env())
+        assert result.returncode == 0, result.stderr
+        for word in ("--ssh", "--ssh-port", "--remote-port", "--local-port", "--local",
+                     "--check", "--model", "--config", "--help", "--",
+                     "CLAUDE_START_SSH", "CLAUDE_START_SSH_PORT", "CLAUDE_START_REMOTE_PORT",
+                     "CLAUDE_START_LOCAL_PORT", "CLAUDE_START_MODEL",
+                     "CLAUDE_START_CONTEXT_TOKENS", "CLAUDE_START_MAX_OUTPUT_TOKENS",
+                     "API_TIMEOUT_MS", "PROXY_API_KEY", "CLAUDE_START_PROXY_SCRIPT",
+                     "CLAUDE_START_HEALTH_WAIT", "CLAUDE_START_CONFIG",
+                     "claude_start.env", LAUNCHER_MODEL_DEFAULT):
+            assert word in result.stdout, word
+    assert not launcher_sandbox.ssh_records()
+
+
+def test_launcher_remote_happy_path(launcher_sandbox):
+    sb = launcher_sandbox
+    remote = sb.remote_proxy()
+    local = _launcher_free_port()
+    # Unrelated processes that look like ssh tunnels must survive the run.
+    other_port = _launcher_free_port()
+    other_tunnel = sb.spawn([str(sb.stub_ssh), "-N", "-L", "%d:127.0.0.1:%d" % (other_port, remote),
+                             "other@host"], env=dict(os.environ, PATH=sb.path()))
+    lookalike = sb.spawn(["bash", "-c", "exec -a ssh sleep 60"])
+    assert _launcher_wait_until(lambda: _launcher_http_status(other_port) == 200)
+
+    result = sb.run(["--ssh", "me@gpu-box", "--remote-port", str(remote), "--local-port", str(local),
+                     "--", "-p", "hello world", "--verbose"],
+                    sb.env(STUB_CLAUDE_EXIT=7))
+
+    assert result.returncode == 7, result.stderr
+    _launcher_all_prefixed(result)
+    rec = sb.claude_record()
+    assert rec["argv"] == ["--model", LAUNCHER_MODEL_DEFAULT, "-p", "hello world", "--verbose"]
+    assert rec["health"] == 200  # the tunnel worked while claude ran
+    env = dict(rec["env"])
+    token = env.pop("ANTHROPIC_AUTH_TOKEN")
+    assert token
+    assert env == _launcher_expected_env(local)
+
+    health_calls = sb.ssh_records(tunnel=False)
+    assert len(health_calls) == 1
+    assert health_calls[0]["dest"] == "me@gpu-box"
+    assert "curl" in health_calls[0]["command"]
+    assert "http://127.0.0.1:%d/health" % remote in health_calls[0]["command"]
+    tunnels = sb.ssh_records(tunnel=True)
+    assert len(tunnels) == 1
+    argv = tunnels[0]["argv"]
+    assert "-N" in argv
+    assert argv[argv.index("-L") + 1] == "%d:127.0.0.1:%d" % (local, remote)
+    options = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+    assert "ExitOnForwardFailure=yes" in options
+    assert "StrictHostKeyChecking=accept-new" in options
+    assert any(o.startswith("ServerAliveInterval=") for o in options)
+    assert tunnels[0]["dest"] == "me@gpu-box"
+    assert "-p" not in argv  # no --ssh-port: ~/.ssh/config decides
+
+    sb.assert_no_tunnel_left()
+    assert other_tunnel.poll() is None and lookalike.poll() is None
+    assert _launcher_http_status(other_port) == 200
+
+
+def test_launcher_ssh_port_and_model_flags(launcher_sandbox):
+    sb = launcher_sandbox
+    remote = sb.remote_proxy()
+    local = _launcher_free_port()
+    result = sb.run(["--ssh=me@gpu-box", "--ssh-port", "2222", "--model", "qwen3:32b",
+                     "--remote-port", str(remote), "--local-port", str(local)], sb.env())
+    assert result.returncode == 0, result.stderr
+    assert sb.claude_record()["argv"] == ["--model", "qwen3:32b"]
+    assert sb.claude_record()["env"]["ANTHROPIC_DEFAULT_OPUS_MODEL"] == "qwen3:32b"
+    for rec in sb.ssh_records():
+        argv = rec["argv"]
+        assert argv[argv.index("-p") + 1] == "2222"
+    sb.assert_no_tunnel_left()
+
+
+def test_launcher_picks_next_free_local_port(launcher_sandbox):
+    sb = launcher_sandbox
+    remote = sb.remote_proxy()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        asked = held.getsockname()[1]
+        result = sb.run(["--ssh", "me@gpu-box", "--remote-port", str(remote),
+                         "--local-port", str(asked)], sb.env())
+    assert result.returncode == 0, result.stderr
+    used = int(sb.claude_record()["env"]["ANTHROPIC_BASE_URL"].rsplit(":", 1)[1])
+    assert asked < used <= asked + 20
+    assert "local port %d is in use; using %d" % (asked, used) in result.stderr
+    argv = sb.ssh_records(tunnel=True)[0]["argv"]
+    assert argv[argv.index("-L") + 1] == "%d:127.0.0.1:%d" % (used, remote)
+    assert sb.claude_record()["health"] == 200
+    sb.assert_no_tunnel_left()
+
+
+def test_launcher_remote_503_warns_and_continues(launcher_sandbox):
+    sb = launcher_sandbox
+    remote = sb.remote_proxy(status=503)
+    local = _launcher_free_port()
+    result = sb.run(["--ssh", "me@gpu-box", "--remote-port", str(remote), "--local-port", str(local)],
+                    sb.env())
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in _launcher_all_prefixed(result) if "503" in line]
+    assert len(warnings) == 1 and "Ollama" in warnings[0]
+    assert sb.claude_record()["health"] == 503
+    sb.assert_no_tunnel_left()
+
+
+def test_launcher_health_checks_fall_back_to_python_without_curl(launcher_sandbox):
+    sb = launcher_sandbox
+    remote = sb.remote_proxy()
+    local = _launcher_free_port()
+    result = sb.run(["--ssh", "me@gpu-box", "--remote-port", str(remote), "--local-port", str(local)],
+                    sb.env(curl=False))
+    assert result.returncode == 0, result.stderr
+    assert "python3 -c" in sb.ssh_records(tunnel=False)[0]["command"]
+    assert sb.claude_record()["health"] == 200
+    sb.assert_no_tunnel_left()
+
+
+def test_launcher_signal_while_claude_runs_still_closes_tunnel(launcher_sandbox):
+    sb = launcher_sandbox
+    remote = sb.remote_proxy()
+    local = _launcher_free_port()
+    env = sb.env(STUB_CLAUDE_SLEEP=1)
+    proc = subprocess.Popen([str(LAUNCHER_SCRIPT), "--ssh", "me@gpu-box", "--remote-port", str(remote),
+                             "--local-port", str(local)], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    sb.procs.append(proc)
+    assert _launcher_wait_until(sb.claude_out.exists, 15)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=LAUNCHER_RUN_TIMEOUT)
+    assert proc.returncode == 143, err
+    sb.assert_no_tunnel_left()
+
+
+def test_launcher_local_uses_running_proxy_and_leaves_it(launcher_sandbox):
+    sb = launcher_sandbox
+    port = _launcher_free_port()
+    running = sb.local_proxy(port)
+    result = sb.run(["--local", "--local-port", str(port), "--", "--continue"],
+                    sb.env(ssh=False, CLAUDE_START_PROXY_SCRIPT=sb.root / "missing.py"))
+    assert result.returncode == 0, result.stderr
+    assert "already running" in result.stderr
+    rec = sb.claude_record()
+    assert rec["argv"] == ["--model", LAUNCHER_MODEL_DEFAULT, "--continue"]
+    assert rec["env"]["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:%d" % port
+    assert rec["health"] == 200
+    time.sleep(0.2)
+    assert running.poll() is None
+    assert _launcher_http_status(port) == 200
+    assert not sb.ssh_records()
+
+
+def test_launcher_local_starts_proxy_and_stops_it(launcher_sandbox):
+    sb = launcher_sandbox
+    port = _launcher_free_port()
+    record = sb.root / "proxy-started.json"
+    result = sb.run(["--local", "--local-port", str(port)],
+                    sb.env(ssh=False, CLAUDE_START_PROXY_SCRIPT=sb.stub_proxy,
+                           STUB_PROXY_RECORD=record, PROXY_API_KEY="sekrit"))
+    assert result.returncode == 0, result.stderr
+    started = json.loads(record.read_text())
+    assert started["API_PORT"] == str(port)
+    assert started["API_HOST"] == "127.0.0.1"
+    assert started["PROXY_API_KEY"] == "sekrit"
+    rec = sb.claude_record()
+    assert rec["health"] == 200
+    env = dict(rec["env"])
+    assert env.pop("ANTHROPIC_AUTH_TOKEN") == "sekrit"
+    assert env == _launcher_expected_env(port)
+    assert (sb.tmp / ("simple_api_proxy.%d.log" % port)).exists()
+    assert _launcher_wait_until(lambda: not _launcher_pid_alive(started["pid"]), 5)
+    assert _launcher_http_status(port) is None
+
+
+def test_launcher_local_proxy_that_never_answers(launcher_sandbox):
+    sb = launcher_sandbox
+    port = _launcher_free_port()
+    record = sb.root / "proxy-silent.json"
+    result = sb.run(["--local", "--local-port", str(port)],
+                    sb.env(ssh=False, CLAUDE_START_PROXY_SCRIPT=sb.stub_proxy,
+                           STUB_PROXY_RECORD=record, STUB_PROXY_SILENT=1,
+                           CLAUDE_START_HEALTH_WAIT=1))
+    assert result.returncode != 0
+    line = _launcher_all_prefixed(result)[-1]
+    assert "did not answer" in line and "simple_api_proxy.%d.log" % port in line
+    assert not sb.claude_out.exists()
+    pid = json.loads(record.read_text())["pid"]
+    assert _launcher_wait_until(lambda: not _launcher_pid_alive(pid), 5)
+
+
+def test_launcher_local_missing_proxy_script(launcher_sandbox):
+    sb = launcher_sandbox
+    missing = sb.root / "nope" / "simple_api_proxy.py"
+    result = sb.run(["--local", "--local-port", str(_launcher_free_port())],
+                    sb.env(ssh=False, CLAUDE_START_PROXY_SCRIPT=missing))
+    line = _launcher_error_line(result)
+    assert str(missing) in line and "CLAUDE_START_PROXY_SCRIPT" in line
+
+
+def test_launcher_check_all_ok(launcher_sandbox):
+    sb = launcher_sandbox
+    remote = sb.remote_proxy()
+    local = _launcher_free_port()
+    result = sb.run(["--check", "--ssh", "me@gpu-box", "--remote-port", str(remote),
+                     "--local-port", str(local)], sb.env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    names = ["ssh reachable", "remote proxy health", "tunnel", "local health", "claude on PATH"]
+    assert [line.split(":")[0] for line in lines] == names
+    assert all(line.split(":", 1)[1].split()[0] == "ok" for line in lines), result.stdout
+    assert not sb.claude_out.exists()
+    assert len(sb.ssh_records(tunnel=True)) == 1
+    sb.assert_no_tunnel_left()
+
+
+def test_launcher_check_reports_failed_hops(launcher_sandbox):
+    sb = launcher_sandbox
+    down = _launcher_free_port()  # nothing listens there
+    result = sb.run(["--check", "--ssh", "me@gpu-box", "--remote-port", str(down)],
+                    sb.env(claude=False))
+    assert result.returncode == 1
+    status = {line.split(":")[0]: line.split(":", 1)[1].split()[0]
+              for line in result.stdout.splitlines()}
+    assert status == {"ssh reachable": "ok", "remote proxy health": "failed",
+                      "tunnel": "failed", "local health": "failed", "claude on PATH": "failed"}
+    assert "python3 simple_api_proxy.py" in result.stdout
+    assert not sb.ssh_records(tunnel=True)
+
+
+def test_launcher_check_tunnel_refused(launcher_sandbox):
+    sb = launcher_sandbox
+    remote = sb.remote_proxy()
+    result = sb.run(["--check", "--ssh", "me@gpu-box", "--remote-port", str(remote),
+                     "--local-port", str(_launcher_free_port())],
+                    sb.env(STUB_SSH_TUNNEL_FAIL=1))
+    assert result.returncode == 1
+    assert "tunnel:" in result.stdout
+    status = {line.split(":")[0]: line.split(":", 1)[1].split()[0]
+              for line in result.stdout.splitlines()}
+    assert status["remote proxy health"] == "ok"
+    assert status["tunnel"] == "failed"
+    assert status["claude on PATH"] == "ok"
+    sb.assert_no_tunnel_left()
+
+
+def test_launcher_check_local(launcher_sandbox):
+    sb = launcher_sandbox
+    port = _launcher_free_port()
+    running = sb.local_proxy(port)
+    result = sb.run(["--check", "--local", "--local-port", str(port)], sb.env(ssh=False))
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = {line.split(":")[0]: line.split(":", 1)[1].split()[0]
+              for line in result.stdout.splitlines()}
+    assert status == {"ssh reachable": "skipped", "remote proxy health": "skipped",
+                      "tunnel": "skipped", "local health": "ok", "claude on PATH": "ok"}
+    assert running.poll() is None
+
+
+def test_launcher_config_precedence(launcher_sandbox):
+    sb = launcher_sandbox
+    remote = sb.remote_proxy()
+    file_port, env_port, flag_port = (_launcher_free_port() for _ in range(3))
+    config = sb.home / ".config" / "simple_api_proxy" / "claude_start.env"
+    config.parent.mkdir(parents=True)
+    config.write_text(
+        "# settings for claude_start.sh\n"
+        "\n"
+        "CLAUDE_START_SSH=file@gpu-box\n"
+        "CLAUDE_START_REMOTE_PORT=%d\n"
+        "CLAUDE_START_LOCAL_PORT=%d\n"
+        'export CLAUDE_START_MODEL="file-model"\n'
+        "CLAUDE_START_CONTEXT_TOKENS = 1111\n"
+        "CLAUDE_START_MAX_OUTPUT_TOKENS='3333'\n"
+        "API_TIMEOUT_MS=1234\n" % (remote, file_port)
+    )
+    result = sb.run(["--model", "flag-model", "--local-port", str(flag_port)],
+                    sb.env(CLAUDE_START_MODEL="env-model", CLAUDE_START_CONTEXT_TOKENS=2222,
+                           CLAUDE_START_LOCAL_PORT=env_port, API_TIMEOUT_MS=5678))
+    assert result.returncode == 0, result.stderr
+    rec = sb.claude_record()
+    assert rec["argv"] == ["--model", "flag-model"]
+    env = dict(rec["env"])
+    env.pop("ANTHROPIC_AUTH_TOKEN")
+    assert env == _launcher_expected_env(flag_port, model="flag-model", context="2222",
+                                         output="3333", timeout="5678")
+    assert {r["dest"] for r in sb.ssh_records()} == {"file@gpu-box"}
+
+    # Without the flag the environment's port wins over the file's.
+    sb.claude_out.unlink()
+    result = sb.run([], sb.env(CLAUDE_START_LOCAL_PORT=env_port))
+    assert result.returncode == 0, result.stderr
+    assert sb.claude_record()["env"]["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:%d" % env_port
+    assert sb.claude_record()["argv"] == ["--model", "file-model"]
+    sb.assert_no_tunnel_left()
+
+
+def test_launcher_config_flag_beats_config_variable(launcher_sandbox):
+    sb = launcher_sandbox
+    remote = sb.remote_proxy()
+    from_env = sb.root / "env.env"
+    from_flag = sb.root / "flag.env"
+    from_env.write_text("CLAUDE_START_MODEL=env-file-model\n")
+    from_flag.write_text("CLAUDE_START_MODEL=flag-file-model\nNOT_A_SETTING=1\n")
+    result = sb.run(["--config", str(from_flag), "--ssh", "me@gpu-box", "--remote-port", str(remote),
+                     "--local-port", str(_launcher_free_port())],
+                    sb.env(CLAUDE_START_CONFIG=from_env))
+    assert result.returncode == 0, result.stderr
+    assert sb.claude_record()["argv"] == ["--model", "flag-file-model"]
+    assert "unknown setting 'NOT_A_SETTING'" in result.stderr
+    sb.assert_no_tunnel_left()
+
+
+def test_launcher_proxy_api_key_becomes_auth_token(launcher_sandbox):
+    sb = launcher_sandbox
+    remote = sb.remote_proxy()
+    result = sb.run(["--ssh", "me@gpu-box", "--remote-port", str(remote),
+                     "--local-port", str(_launcher_free_port())],
+                    sb.env(PROXY_API_KEY="key-123", ANTHROPIC_API_KEY="sk-real-anthropic-key"))
+    assert result.returncode == 0, result.stderr
+    env = sb.claude_record()["env"]
+    assert env["ANTHROPIC_AUTH_TOKEN"] == "key-123"
+    assert "ANTHROPIC_API_KEY" not in env
+    sb.assert_no_tunnel_left()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no_ssh", "no_claude", "no_host", "ssh_unreachable", "remote_down", "tunnel_refused",
+     "health_never"],
+)
+def test_launcher_failure_modes(launcher_sandbox, case):
+    sb = launcher_sandbox
+    remote = sb.remote_proxy()
+    args = ["--ssh", "me@gpu-box", "--remote-port", str(remote),
+            "--local-port", str(_launcher_free_port())]
+    env = sb.env()
+    expected = {
+        "no_ssh": ["ssh not found", "--local"],
+        "no_claude": ["claude not found", "install Claude Code"],
+        "no_host": ["no ssh host", "--ssh", "CLAUDE_START_SSH"],
+        "ssh_unreachable": ["cannot reach me@gpu-box", "Connection refused"],
+        "remote_down": ["remote proxy down", "python3 simple_api_proxy.py"],
+        "tunnel_refused": ["ssh tunnel", "exited (code 255)", "Could not request local forwarding"],
+        "health_never": ["did not answer", "CLAUDE_START_HEALTH_WAIT"],
+    }[case]
+    if case == "no_ssh":
+        env = sb.env(ssh=False)
+    elif case == "no_claude":
+        env = sb.env(claude=False)
+    elif case == "no_host":
+        args = args[2:]
+    elif case == "ssh_unreachable":
+        env = sb.env(STUB_SSH_UNREACHABLE=1)
+    elif case == "remote_down":
+        args[3] = str(_launcher_free_port())
+    elif case == "tunnel_refused":
+        env = sb.env(STUB_SSH_TUNNEL_FAIL=1)
+    elif case == "health_never":
+        env = sb.env(STUB_SSH_TUNNEL_BLACKHOLE=1, CLAUDE_START_HEALTH_WAIT=1)
+    started = time.monotonic()
+    result = sb.run(args, env)
+    line = _launcher_error_line(result)
+    for word in expected:
+        assert word in line, line
+    assert not sb.claude_out.exists()
+    sb.assert_no_tunnel_left()
+    assert time.monotonic() - started < 15
+    if case in ("no_ssh", "no_claude", "no_host"):
+        assert not sb.ssh_records()
+
+
+@pytest.mark.parametrize(
+    "args,word",
+    [(["--bogus"], "unknown option"), (["--local-port", "http"], "local port"),
+     (["--remote-port", "70000"], "remote port"), (["--ssh"], "needs a value"),
+     (["claude-arg"], "after --")],
+)
+def test_launcher_usage_errors(launcher_sandbox, args, word):
+    sb = launcher_sandbox
+    result = sb.run(args, sb.env(CLAUDE_START_SSH="me@gpu-box"))
+    assert result.returncode == 2
+    assert word in _launcher_error_line(result)
+    assert not sb.ssh_records()
+
+
+def test_launcher_missing_explicit_config_fails(launcher_sandbox):
+    sb = launcher_sandbox
+    result = sb.run(["--local"], sb.env(CLAUDE_START_CONFIG=sb.root / "missing.env"))
+    line = _launcher_error_line(result)
+    assert "missing.env" in line and "not found" in line
