@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import select
@@ -278,11 +279,18 @@ def load_config(argv=None, environ=None):
         )
     except ValueError as exc:
         parser.error(str(exc))
-    for name, value in (("API_PORT", config.api_port), ("OLLAMA_NUM_CTX", config.ollama_num_ctx),
-                        ("MAX_CONCURRENT", config.max_concurrent), ("MAX_CONNECTIONS", config.max_connections),
-                        ("MAX_BODY_BYTES", config.max_body_bytes)):
-        if value <= 0 and not (name == "API_PORT" and value == 0):
-            parser.error(f"{name} must be positive, not {value}")
+    if not 0 <= config.api_port <= 65535:
+        parser.error(f"API_PORT must be a port number (0 picks a free one), not {config.api_port}")
+    for name, value in (("OLLAMA_NUM_CTX", config.ollama_num_ctx), ("MAX_CONCURRENT", config.max_concurrent),
+                        ("MAX_CONNECTIONS", config.max_connections), ("MAX_BODY_BYTES", config.max_body_bytes),
+                        ("OLLAMA_TIMEOUT", config.ollama_timeout), ("PING_INTERVAL", config.ping_interval),
+                        ("OLLAMA_FIRST_TOKEN_TIMEOUT", config.ollama_first_token_timeout),
+                        ("CLIENT_TIMEOUT", config.client_timeout), ("CACHE_TTL", config.cache_ttl),
+                        ("REDIS_TIMEOUT", config.redis_timeout)):
+        if value <= 0:
+            parser.error(f"{name} must be greater than 0, not {value}")
+    if config.shutdown_grace < 0 or config.cache_max_entries < 0 or config.cache_max_bytes < 0:
+        parser.error("SHUTDOWN_GRACE, CACHE_MAX_ENTRIES and CACHE_MAX_BYTES cannot be negative")
     if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         parser.error(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {config.log_level!r}")
     return config
@@ -295,10 +303,8 @@ def load_config(argv=None, environ=None):
 # HTTP status -> Anthropic error type, for statuses that reach a client.
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
-    411: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
-    500: "api_error", 501: "invalid_request_error", 502: "api_error", 503: "api_error",
-    504: "timeout_error", 529: "overloaded_error",
+    404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
+    500: "api_error", 502: "api_error", 504: "timeout_error", 529: "overloaded_error",
 }
 
 
@@ -309,7 +315,7 @@ class ProxyError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.error_type = error_type or ERROR_TYPES.get(status, "api_error")
+        self.error_type = error_type or ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
         # None lets the SDK decide from the status; False says a retry cannot help.
         self.retry = retry
         self.retry_after = retry_after
@@ -344,8 +350,13 @@ STOP_REASONS = {"length": "max_tokens"}
 TOOL_SCHEMA_TYPES = (None, "custom")
 
 
+_id_random = random.Random(secrets.randbits(128))
+
+
 def new_id(prefix):
-    number = int.from_bytes(secrets.token_bytes(18), "big")
+    """prefix + 24 base62 characters. Ids must be unique, not unguessable: a seeded generator
+    spares a system call per id."""
+    number = _id_random.getrandbits(143)
     chars = []
     for _ in range(24):
         number, digit = divmod(number, 62)
@@ -474,16 +485,22 @@ def system_text(system):
 
 
 def merge_consecutive_turns(messages):
-    """The Messages API treats consecutive same-role turns as one turn; so do we."""
+    """The Messages API treats consecutive same-role turns as one turn; so do we.
+
+    Each merged turn is (role, [(path, block)]): the path is where the block stood in the
+    client's request, so an error names what the client sent."""
     merged = []
-    for message in messages:
+    for index, message in enumerate(messages):
         content = message["content"]
-        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-        role = message["role"]
-        if merged and merged[-1]["role"] == role and role != "system":
-            merged[-1]["content"].extend(blocks)
+        if isinstance(content, str):
+            blocks = [(f"messages.{index}.content", {"type": "text", "text": content})]
         else:
-            merged.append({"role": role, "content": blocks})
+            blocks = [(f"messages.{index}.content.{n}", block) for n, block in enumerate(content)]
+        role = message["role"]
+        if merged and merged[-1][0] == role and role != "system":
+            merged[-1][1].extend(blocks)
+        else:
+            merged.append((role, blocks))
     return merged
 
 
@@ -559,10 +576,9 @@ def _tool_result_message(block, path, tool_names):
     return message
 
 
-def _user_messages(blocks, path, tool_names):
+def _user_messages(blocks, tool_names):
     tool_messages, texts, images = [], [], []
-    for index, block in enumerate(blocks):
-        block_path = f"{path}.content.{index}"
+    for block_path, block in blocks:
         kind = block["type"]
         if kind == "text":
             texts.append(_require_type(block.get("text"), (str,), f"{block_path}.text", "a valid string"))
@@ -587,10 +603,9 @@ def _user_messages(blocks, path, tool_names):
     return out
 
 
-def _assistant_message(blocks, path, tool_names):
+def _assistant_message(blocks, tool_names):
     texts, thinking, calls = [], [], []
-    for index, block in enumerate(blocks):
-        block_path = f"{path}.content.{index}"
+    for block_path, block in blocks:
         kind = block["type"]
         if kind == "text":
             texts.append(_require_type(block.get("text"), (str,), f"{block_path}.text", "a valid string"))
@@ -622,17 +637,15 @@ def ollama_messages(request):
     if system:
         out.append({"role": "system", "content": system})
     tool_names = {}
-    for index, message in enumerate(merge_consecutive_turns(request["messages"])):
-        path = f"messages.{index}"
-        role = message["role"]
+    for role, blocks in merge_consecutive_turns(request["messages"]):
         if role == "system":
-            text = system_text(message["content"])
+            text = system_text([block for _, block in blocks])
             if text:
                 out.append({"role": "system", "content": text})
         elif role == "user":
-            out.extend(_user_messages(message["content"], path, tool_names))
+            out.extend(_user_messages(blocks, tool_names))
         else:
-            assistant = _assistant_message(message["content"], path, tool_names)
+            assistant = _assistant_message(blocks, tool_names)
             if assistant:
                 out.append(assistant)
     return out
@@ -713,8 +726,15 @@ def estimate_tokens(ollama_payload):
     return math.ceil(chars / CHARS_PER_TOKEN) + extra
 
 
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def json_bytes(value):
+    return _compact_json(value).encode()
+
+
 def sse_event(name, data):
-    return b"event: " + name.encode() + b"\ndata: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+    return b"event: " + name.encode() + b"\ndata: " + _compact_json(data).encode() + b"\n\n"
 
 
 def empty_message(model, input_tokens, stop_reason="end_turn"):
@@ -765,7 +785,7 @@ def _calls_from_json(value, tool_names):
     for item in items:
         if not isinstance(item, dict) or set(item) - {"name", "arguments", "parameters", "type", "id"}:
             return None
-        if item.get("name") not in tool_names:
+        if not isinstance(item.get("name"), str) or item["name"] not in tool_names:
             return None
         arguments = item.get("arguments", item.get("parameters", {}))
         if isinstance(arguments, str):
@@ -884,6 +904,7 @@ class StreamTranslator:
         self.message_id = new_id("msg_")
         self.input_tokens = input_tokens
         self.stop_sequences = [s for s in stop_sequences if s]
+        self.longest_stop = max(map(len, self.stop_sequences), default=0)
         self.tool_names = frozenset(tool_names)
         self.show_thinking = show_thinking
         self.recover = recover_tool_calls and bool(self.tool_names)
@@ -941,9 +962,11 @@ class StreamTranslator:
 
     # -- the text gate ----------------------------------------------------------
     def _text(self, piece, events):
+        # Text already searched cannot hold a whole stop sequence: start just before the new piece.
+        searched = max(0, len(self.pending) - self.longest_stop + 1)
         self.pending += piece
         if self.stop_sequences:
-            hits = [(self.pending.find(s), s) for s in self.stop_sequences]
+            hits = [(self.pending.find(s, searched), s) for s in self.stop_sequences]
             hits = [hit for hit in hits if hit[0] >= 0]
             if hits:
                 position, self.stop_sequence = min(hits)
@@ -1061,11 +1084,9 @@ def tool_arguments(arguments):
     return arguments if isinstance(arguments, dict) else {"value": arguments}
 
 
-def ollama_to_anthropic(reply, model, input_tokens, **options):
-    """One complete (non-streamed) Ollama /api/chat reply -> an Anthropic message."""
-    translator = StreamTranslator(model, input_tokens, **options)
-    translator.feed(dict(reply, done=True))
-    return translator.message
+def prompt_too_long(tokens, maximum, detail=""):
+    """Anthropic's wording, which Claude Code parses to decide how much to compact."""
+    return invalid(f"prompt is too long: {tokens} tokens > {maximum} maximum{detail}")
 
 
 def upstream_stream_error(text):
@@ -1075,13 +1096,13 @@ def upstream_stream_error(text):
     return ProxyError(502, f"Ollama reported an error mid-reply: {text}", "api_error")
 
 
-def upstream_status_error(status, text, address, model):
-    """An Ollama error response before any answer -> the Anthropic error (PROTOCOL C.6)."""
-    if status == 404:
-        return ProxyError(404, f"model {model!r} is not installed in Ollama at {address}.", "not_found_error")
+def upstream_status_error(status, text, address, estimated_tokens, num_ctx):
+    """An Ollama error response before any answer -> the Anthropic error (PROTOCOL C.6).
+    (A 404 is a missing model; the handler answers that with the list of installed ones.)"""
     if status == 400:
         if "context length" in text:
-            return invalid(f"prompt is too long for the model's context window: {text}")
+            # Our estimate was under Ollama's count; say at least one token too many.
+            return prompt_too_long(max(estimated_tokens, num_ctx + 1), num_ctx, f" (Ollama: {text})")
         return invalid(f"Ollama rejected the request: {text}")
     if status == 403:
         return ProxyError(403, f"Ollama refused the request: {text}", "permission_error")
@@ -1089,12 +1110,15 @@ def upstream_status_error(status, text, address, model):
         return ProxyError(429, f"Ollama rate limit: {text}", "rate_limit_error", retry_after=5)
     if status == 503:
         return ProxyError(529, f"Ollama is busy: {text}", "overloaded_error", retry_after=5)
-    return ProxyError(500 if status < 600 else 502, f"Ollama answered HTTP {status}: {text}", "api_error")
+    return ProxyError(500, f"Ollama answered HTTP {status}: {text}", "api_error")
 
 
 ###############################################################################
 # Upstream client: Ollama over HTTP/1.1
 ###############################################################################
+
+HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
 
 class UpstreamExchange:
     """One HTTP/1.1 request to Ollama whose answer is read incrementally.
@@ -1130,7 +1154,7 @@ class UpstreamExchange:
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(262144)
-        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+        except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):
             return False
         except OSError as exc:
             raise ProxyError(502, f"the connection to Ollama at {self.address} broke: {exc}") from exc
@@ -1206,10 +1230,10 @@ class UpstreamExchange:
                 if len(raw) > 4096:
                     raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body")
                 return
-            try:
-                size = int(bytes(raw[:end]).split(b";")[0], 16)
-            except ValueError:
-                raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body") from None
+            size_field = bytes(raw[:end]).split(b";")[0].strip()
+            if not HEX_DIGITS.fullmatch(size_field):
+                raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body")
+            size = int(size_field, 16)
             del raw[:end + 2]
             if size == 0:
                 self.finished = True
@@ -1244,7 +1268,7 @@ class OllamaClient:
     def __init__(self, config):
         self.config = config
         self.address = config.ollama.url
-        self._host_header = f"{config.ollama.host}:{config.ollama.port}".encode()
+        self._host_header = config.ollama.url.split("://", 1)[1].encode()
         self._capabilities = {}
         self._lock = threading.Lock()
         self._tls = ssl.create_default_context() if config.ollama.scheme == "https" else None
@@ -1254,7 +1278,7 @@ class OllamaClient:
         ollama = self.config.ollama
         try:
             sock = socket.create_connection((ollama.host, ollama.port), timeout=self.config.ollama_timeout)
-        except (TimeoutError, socket.timeout) as exc:
+        except socket.timeout as exc:
             raise ProxyError(504, f"connecting to Ollama at {self.address} timed out after "
                                   f"{self.config.ollama_timeout:g} s; check OLLAMA_HOST and that "
                                   "`ollama serve` is running") from exc
@@ -1514,7 +1538,7 @@ class ResponseCache:
         return value
 
     def put(self, key, message):
-        value = json.dumps(message, separators=(",", ":")).encode()
+        value = json_bytes(message)
         self.memory.put(key, value)
         if self.redis is not None:
             self.redis.put(key, value)
@@ -1687,6 +1711,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.status = None
         self.log_extra = {}
         self._committed = False
+        self._chunked = True
+        self._head = b""
         # Idle keep-alive time, request line and headers: CLIENT_TIMEOUT in all.
         self.deadlines.arm(self.request, self.config.client_timeout)
         try:
@@ -1705,9 +1731,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if name is None and path.startswith(self.MODEL_ROUTE) and self.command in ("GET", "HEAD"):
             name = "model"
         try:
+            if name is None or self.command != "POST":
+                self.discard_body()
+                self.deadlines.disarm(self.request)
             if name is None:
                 known = {m for (m, p) in self.ROUTES if p == path}
-                self.discard_body()
                 if known:
                     raise ProxyError(405, f"{self.command} is not allowed on {path}; use {', '.join(sorted(known))}",
                                      "invalid_request_error")
@@ -1721,9 +1749,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.status = self.status or 499
             self.close_connection = True
         except RecursionError:
+            self.close_connection = True
             self.send_error_envelope(invalid("request body is nested too deeply"))
         except Exception:
             log.exception("%s internal error on %s %s", self.request_id, self.command, path)
+            self.close_connection = True
             self.send_error_envelope(ProxyError(500, "internal proxy error; see the proxy's log", "api_error"))
         finally:
             self.deadlines.disarm(self.request)
@@ -1744,71 +1774,83 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         if code >= 500:
             code = 405 if code == 501 else 400
-        try:
-            self.send_error_envelope(ProxyError(code, message or explain or "bad request", retry=False))
-        except OSError:
-            pass
+        reason = message or self.responses.get(code, ("bad request",))[0]
+        self.send_error_envelope(ProxyError(code, reason, ERROR_TYPES.get(code, "invalid_request_error"),
+                                            retry=False))
 
     # -- responses -------------------------------------------------------------
-    def send_json(self, status, payload, headers=None):
-        body = json.dumps(payload, separators=(",", ":")).encode()
+    def response_head(self, status, headers):
+        """The status line and headers as bytes; sent together with the first body bytes."""
         self.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("request-id", self.request_id)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
+        phrase = self.responses.get(status, ("Overloaded" if status == 529 else "Error",))[0]
+        head = (f"HTTP/1.1 {status} {phrase}\r\nServer: {self.server_version}\r\n"
+                f"Date: {self.date_time_string()}\r\nrequest-id: {self.request_id}\r\n")
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+            head += "Connection: close\r\n"
+        return (head + "\r\n").encode("latin-1")
+
+    def send(self, data):
+        try:
+            self.wfile.write(data)
+        except OSError as exc:
+            raise ClientGone() from exc
+
+    def send_json(self, status, payload, headers=None):
+        body = json_bytes(payload)
+        all_headers = {"Content-Type": "application/json", "Content-Length": len(body)}
+        all_headers.update(headers or {})
+        head = self.response_head(status, all_headers)
+        self.send(head if self.command == "HEAD" else head + body)
 
     def send_error_envelope(self, error):
-        if self._committed:
-            return
+        """Report a failure: as an error response, or as the last event of a stream already under way."""
         self.log_extra["error"] = error.message
         if error.status >= 500:
             log.warning("%s %s: %s", self.request_id, error.error_type, error.message)
         try:
-            self.send_json(error.status, error.body(self.request_id), error.headers())
-        except OSError:
+            if self._committed:
+                self.close_connection = True
+                self.write_events([("error", {"type": "error",
+                                              "error": {"type": error.error_type, "message": error.message}})])
+                self.end_stream()
+            else:
+                self.send_json(error.status, error.body(self.request_id), error.headers())
+        except ClientGone:
             self.close_connection = True
 
     def begin_stream(self, cache_state=None):
-        self.status = 200
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("request-id", self.request_id)
+        """Commit to a 200 event stream; the head leaves with the first events."""
+        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        # An HTTP/1.0 client cannot read chunked framing: it gets the stream up to the close.
+        self._chunked = self.request_version != "HTTP/1.0"
+        if self._chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            self.close_connection = True
         if cache_state:
-            self.send_header("x-cache", cache_state)
-        self.end_headers()
+            headers["x-cache"] = cache_state
+        self._head = self.response_head(200, headers)
         self._committed = True
 
-    def write_chunk(self, data):
-        """One HTTP chunk in one write, so each SSE event leaves as it is made."""
-        try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        except OSError as exc:
-            raise ClientGone() from exc
-
     def write_events(self, events):
-        if events:
-            self.write_chunk(b"".join(sse_event(name, data) for name, data in events))
+        """All the events of one moment in one write: one chunk, one send."""
+        if not events:
+            return
+        data = b"".join([sse_event(name, data) for name, data in events])
+        if self._chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        self.send(self._head + data)
+        self._head = b""
 
     def end_stream(self):
-        try:
-            self.wfile.write(b"0\r\n\r\n")
-        except OSError as exc:
-            raise ClientGone() from exc
+        self.send(self._head + (b"0\r\n\r\n" if self._chunked else b""))
+        self._head = b""
 
     # -- request bodies --------------------------------------------------------
     def discard_body(self):
         length = self.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) <= 1 << 20:
+        if length and re.fullmatch(r"[0-9]+", length) and int(length) <= 1 << 20:
             self.rfile.read(int(length))
         elif length or self.headers.get("Transfer-Encoding"):
             self.close_connection = True
@@ -1820,7 +1862,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if length is None:
             self.close_connection = True
             raise ProxyError(411, "a request body needs a Content-Length header", retry=False)
-        if not length.strip().isdigit():
+        if not re.fullmatch(r"[0-9]+", length.strip()):
             self.close_connection = True
             raise invalid(f"Content-Length {length!r} is not a number")
         size = int(length)
@@ -1977,10 +2019,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.log_extra.update(model=model, ollama_model=ollama_model, stream=stream)
         ollama = self.server.ollama
         payload = anthropic_to_ollama(request, ollama_model, self.config)
-        input_tokens = estimate_tokens(payload)
-        if input_tokens > self.config.ollama_num_ctx:
-            raise invalid(f"prompt is too long: {input_tokens} tokens > {self.config.ollama_num_ctx} maximum")
-
         cache, key, lookup, store = self.cache_policy(request, payload)
         if lookup:
             cached = cache.get(key)
@@ -1988,6 +2026,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 return self.replay(cached, model, stream)
         cache_state = "MISS" if lookup else "BYPASS"
         self.log_extra["cache"] = cache_state
+        input_tokens = estimate_tokens(payload)
+        if input_tokens > self.config.ollama_num_ctx:
+            raise prompt_too_long(input_tokens, self.config.ollama_num_ctx)
+        self.log_extra["estimated_tokens"] = input_tokens
 
         if request["max_tokens"] == 0:
             return self.respond_message(empty_message(model, input_tokens, "max_tokens"), stream, cache_state)
@@ -2038,6 +2080,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         message = json.loads(cached)
         message["id"] = new_id("msg_")
         message["model"] = model
+        for block in message["content"]:
+            if block["type"] == "tool_use":
+                block["id"] = new_id("toolu_")
         self.log_extra.update(cache="HIT", input_tokens=message["usage"]["input_tokens"],
                               output_tokens=message["usage"]["output_tokens"])
         self.respond_message(message, stream, "HIT")
@@ -2141,7 +2186,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             text = raw.decode("utf-8", "replace")
         if exchange.status == 404:
             return self.server.ollama.missing_model(ollama_model)
-        return upstream_status_error(exchange.status, str(text)[:500], exchange.address, ollama_model)
+        return upstream_status_error(exchange.status, str(text)[:500], exchange.address,
+                                     self.log_extra.get("estimated_tokens", 0), self.config.ollama_num_ctx)
 
     def collect_reply(self, exchange, translator, ollama_model):
         for chunk in self.upstream_chunks(exchange, ollama_model):

@@ -600,10 +600,11 @@ def test_stream_text_then_tool_calls_in_protocol_order():
     assert events[-2][1]["usage"] == {"input_tokens": 412, "output_tokens": 38}
 
 
-def test_non_streamed_reply_converts_whole():
-    message = proxy.ollama_to_anthropic({"message": {"role": "assistant", "content": "Hi", "thinking": "hmm"},
-                                         "done_reason": "length", "prompt_eval_count": 3, "eval_count": 9},
-                                        "claude-x", 5, show_thinking=True)
+def test_one_final_chunk_holding_everything_converts_whole():
+    translator = proxy.StreamTranslator("claude-x", 5, show_thinking=True)
+    translator.feed({"message": {"role": "assistant", "content": "Hi", "thinking": "hmm"}, "done": True,
+                     "done_reason": "length", "prompt_eval_count": 3, "eval_count": 9})
+    message = translator.message
     assert message["content"] == [{"type": "thinking", "thinking": "hmm", "signature": ""},
                                   {"type": "text", "text": "Hi"}]
     assert message["stop_reason"] == "max_tokens" and message["model"] == "claude-x"
@@ -1286,7 +1287,8 @@ def test_sdk_stream_accumulator_parses_a_replayed_hit(ollama, shared_redis):
     assert len(ollama.chats()) == 1
     miss, hit = finals
     assert hit.id != miss.id and hit.stop_reason == "tool_use"
-    assert [b.model_dump() for b in hit.content] == [b.model_dump() for b in miss.content]
+    assert [b.model_dump(exclude={"id"}) for b in hit.content] == [b.model_dump(exclude={"id"}) for b in miss.content]
+    assert hit.content[1].id != miss.content[1].id  # each replay's tool_use ids are its own
 
 
 def test_redis_killed_mid_traffic_costs_nothing_and_comes_back(ollama, private_redis):
@@ -1398,6 +1400,7 @@ def test_prose_then_tagged_call_keeps_the_prose_as_text():
     ('{"name": "Bash", "arguments": {"command": "ls"}, "note": "extra keys mean data, not a call"}', {}),
     ('{"name": "Bash", "arguments": {"command": "ls"}} and then some words', {}),
     ('<tool_call>{"name": "Bash", "arguments": {"command"</tool_call>', {}),
+    ('{"name": ["Bash"], "arguments": {}}', {}),
 ])
 def test_near_misses_stay_text(text, options):
     events, translator = stream_text(text, **options)
@@ -2728,3 +2731,80 @@ def test_launcher_missing_explicit_config_fails(launcher_sandbox):
     result = sb.run(["--local"], sb.env(CLAUDE_START_CONFIG=sb.root / "missing.env"))
     line = _launcher_error_line(result)
     assert "missing.env" in line and "not found" in line
+
+
+###############################################################################
+# Regressions found in review
+###############################################################################
+
+def test_internal_failure_mid_stream_ends_the_stream_instead_of_hanging(gateway, monkeypatch):
+    def broken_feed(self, chunk):
+        raise RuntimeError("simulated bug")
+    monkeypatch.setattr(proxy.StreamTranslator, "feed", broken_feed)
+    status, _, raw = gateway.stream(request_body())
+    events = parse_sse(raw)
+    assert status == 200 and events[-1][0] == "error" and events[-1][1]["error"]["type"] == "api_error"
+    assert "simulated bug" not in raw.decode()
+
+
+def test_a_get_with_a_body_does_not_poison_the_next_request(gateway):
+    body = json.dumps(request_body("secret prompt")).encode()
+    post = json.dumps(request_body()).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
+        connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                           b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                           b"Connection: close\r\n\r\n%s" % (len(body), body, len(post), post))
+        answer = b""
+        while part := connection.recv(65536):
+            answer += part
+    responses = answer.split(b"HTTP/1.1 ")[1:]
+    assert [r[:3] for r in responses] == [b"200", b"200"]
+    assert b"stand-in model" in responses[1] and b"secret prompt" not in answer
+
+
+def test_non_ascii_digits_in_content_length_are_a_400(gateway):
+    answer = raw_exchange(gateway.port, "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\n{}"
+                          .encode("latin-1"))
+    assert answer.startswith(b"HTTP/1.1 400")
+
+
+def test_ipv6_ollama_host_gets_a_bracketed_host_header():
+    client = proxy.OllamaClient(config(OLLAMA_HOST="[::1]:11434"))
+    assert client._host_header == b"[::1]:11434"
+
+
+@pytest.mark.parametrize("name", ["PING_INTERVAL", "OLLAMA_TIMEOUT", "CLIENT_TIMEOUT", "CACHE_TTL",
+                                  "OLLAMA_FIRST_TOKEN_TIMEOUT"])
+def test_settings_that_must_be_positive_are_checked(name, capsys):
+    with pytest.raises(SystemExit):
+        proxy.load_config([], {name: "0"})
+    assert f"{name} must be greater than 0" in capsys.readouterr().err
+
+
+def test_errors_name_the_clients_own_message_index():
+    body = request_body(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                  {"role": "assistant", "content": [{"type": "tool_use", "id": "t1",
+                                                                     "name": "Bash", "input": "ls"}]}])
+    with pytest.raises(proxy.ProxyError) as caught:
+        proxy.anthropic_to_ollama(body, MODEL, config())
+    assert caught.value.message.startswith("messages.2.content.0.input")
+
+
+def test_http_parser_errors_are_invalid_request_errors(gateway):
+    answer = raw_exchange(gateway.port, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 414") and b"invalid_request_error" in answer
+
+
+def test_http10_client_gets_an_unchunked_stream(gateway):
+    body = json.dumps(request_body(stream=True)).encode()
+    answer = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(body), body))
+    head, _, events = answer.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert_valid_stream(parse_sse(events))
+
+
+def test_ollama_context_length_refusal_uses_anthropics_wording(gateway, ollama):
+    ollama.script(Reply(status=400, error="the prompt is longer than the context length currently available"))
+    status, _, body = gateway.messages(request_body())
+    assert status == 400 and body["error"]["message"].startswith("prompt is too long: 32769 tokens > 32768 maximum")
