@@ -36,6 +36,7 @@ import select
 import signal
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -1130,6 +1131,12 @@ class UpstreamExchange:
     def __init__(self, sock, address):
         self.sock = sock
         self.address = address
+        # Non-blocking, with one poll object for the whole answer: a timeout set per read costs
+        # a system call each time.
+        sock.setblocking(False)
+        self.fd = sock.fileno()
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
         self.status = None
         self.headers = {}
         self.finished = False  # the body is complete
@@ -1145,16 +1152,18 @@ class UpstreamExchange:
         except OSError:
             pass
 
-    def buffered(self):
-        return b"\n" in self._body or self.finished or \
-            (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0)
+    def has_line(self):
+        return b"\n" in self._body
 
-    def receive(self, timeout):
-        """Read what arrived, waiting up to timeout; False if nothing came in time."""
-        self.sock.settimeout(timeout)
+    def tls_pending(self):
+        """Decrypted bytes that poll() cannot see, because they left the socket already."""
+        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+
+    def receive(self):
+        """Take what has arrived, without waiting; False if nothing had."""
         try:
             data = self.sock.recv(262144)
-        except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):
+        except (BlockingIOError, ssl.SSLWantReadError):
             return False
         except OSError as exc:
             raise ProxyError(502, f"the connection to Ollama at {self.address} broke: {exc}") from exc
@@ -1255,9 +1264,12 @@ class UpstreamExchange:
     def read_body(self, timeout):
         deadline = time.monotonic() + timeout
         while self.status is None or not self.finished:
+            if self.receive():
+                continue
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.receive(remaining):
+            if remaining <= 0:
                 raise ProxyError(504, f"Ollama at {self.address} did not answer within {timeout:g} s")
+            self.poller.poll(remaining * 1000)
         body, self._body = bytes(self._body), bytearray()
         return body
 
@@ -1686,7 +1698,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.config = self.server.config
-        self.request.settimeout(self.config.client_timeout)
+        # No Python-level timeout: it costs a poll() before every send and receive. Reads are
+        # bounded by ReadDeadlines; a client that stops reading fails our sends after
+        # CLIENT_TIMEOUT by the kernel's send timeout.
+        seconds = self.config.client_timeout
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
         self.deadlines = self.server.read_deadlines
 
     def version_string(self):
@@ -1811,9 +1828,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         try:
             if self._committed:
                 self.close_connection = True
-                self.write_events([("error", {"type": "error",
-                                              "error": {"type": error.error_type, "message": error.message}})])
-                self.end_stream()
+                self.end_stream([("error", {"type": "error",
+                                            "error": {"type": error.error_type, "message": error.message}})])
             else:
                 self.send_json(error.status, error.body(self.request_id), error.headers())
         except ClientGone:
@@ -1833,19 +1849,21 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self._head = self.response_head(200, headers)
         self._committed = True
 
+    def framed(self, events):
+        """Events as one HTTP chunk (or bare, for HTTP/1.0), behind the head if it has not left yet."""
+        data = b"".join([sse_event(name, data) for name, data in events])
+        if self._chunked and data:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        data, self._head = self._head + data, b""
+        return data
+
     def write_events(self, events):
         """All the events of one moment in one write: one chunk, one send."""
-        if not events:
-            return
-        data = b"".join([sse_event(name, data) for name, data in events])
-        if self._chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        self.send(self._head + data)
-        self._head = b""
+        if events:
+            self.send(self.framed(events))
 
-    def end_stream(self):
-        self.send(self._head + (b"0\r\n\r\n" if self._chunked else b""))
-        self._head = b""
+    def end_stream(self, events=()):
+        self.send(self.framed(events) + (b"0\r\n\r\n" if self._chunked else b""))
 
     # -- request bodies --------------------------------------------------------
     def discard_body(self):
@@ -2091,15 +2109,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not stream:
             return self.send_json(200, message, {"x-cache": cache_state})
         self.begin_stream(cache_state)
-        self.write_events(message_to_events(message))
-        self.end_stream()
+        self.end_stream(message_to_events(message))
 
     # -- talking to Ollama -------------------------------------------------------
     def wait(self, exchange, deadline, what, until=None):
         """Wait for Ollama until the deadline (or `until`), watching whether our client went away,
         and keeping a committed stream alive with pings."""
-        if exchange.buffered():
-            exchange.receive(0)
+        if exchange.tls_pending():
+            exchange.receive()
             return
         now = time.monotonic()
         if now >= deadline:
@@ -2109,20 +2126,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             step = max(0.0, min(step, until - now))
         if self._committed:
             step = max(0.0, min(step, self._next_ping - now))
-        poller = select.poll()
-        poller.register(exchange.sock, select.POLLIN)
-        if self._watch_client:
-            poller.register(self.connection, select.POLLIN)
-        for fd, _ in poller.poll(step * 1000):
-            if fd == exchange.sock.fileno():
-                exchange.receive(0)
+        for fd, _ in exchange.poller.poll(step * 1000):
+            if fd == exchange.fd:
+                exchange.receive()
             else:
-                self.check_client()
+                self.check_client(exchange.poller)
         if self._committed and time.monotonic() >= self._next_ping:
             self.write_events([("ping", {"type": "ping"})])
             self._next_ping = time.monotonic() + self.config.ping_interval
 
-    def check_client(self):
+    def check_client(self, poller):
         try:
             peeked = self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -2131,7 +2144,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ClientGone() from exc
         if not peeked:
             raise ClientGone()
-        self._watch_client = False  # the client sent its next request early; stop watching
+        poller.unregister(self.connection)  # the client sent its next request early; stop watching
 
     def upstream_chunks(self, exchange, ollama_model, commit=None):
         """Ollama's NDJSON objects as they arrive, under the first-token and between-token deadlines.
@@ -2139,7 +2152,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         `commit`, for streams, is called once: when Ollama's answer starts, or when it has not
         started within FAIL_FAST_SECONDS (from then on pings keep the client waiting)."""
         config = self.config
-        self._watch_client = True
+        # Watch our client too: if it leaves, Ollama's request is closed, which stops the generation.
+        exchange.poller.register(self.connection, select.POLLIN)
         deadline = time.monotonic() + config.ollama_first_token_timeout
         commit_at = time.monotonic() + self.FAIL_FAST_SECONDS if commit else None
         first_wait = (f"Ollama sent nothing for {config.ollama_first_token_timeout:g} s "
@@ -2206,11 +2220,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.write_events(translator.start() + [("ping", {"type": "ping"})])
             self._next_ping = time.monotonic() + self.config.ping_interval
 
+        events = []
         try:
             for chunk in self.upstream_chunks(exchange, ollama_model, commit):
-                self.write_events(translator.feed(chunk))
+                events += translator.feed(chunk)
                 if translator.done:
                     break
+                if not exchange.has_line():  # lines that arrived together leave together
+                    self.write_events(events)
+                    events = []
             else:
                 raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
         except ProxyError as error:
@@ -2218,11 +2236,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 raise
             self.log_extra["error"] = error.message
             log.warning("%s stream ended by %s: %s", self.request_id, error.error_type, error.message)
-            self.write_events(translator.error_events(error))
-            self.end_stream()
             self.close_connection = True
+            self.end_stream(events + translator.error_events(error))
             return None
-        self.end_stream()
+        self.end_stream(events)
         return translator.message
 
 
