@@ -728,6 +728,7 @@ def estimate_tokens(ollama_payload):
 
 
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
+_decode_json = json.JSONDecoder().decode
 
 
 def json_bytes(value):
@@ -914,6 +915,7 @@ class StreamTranslator:
         self.had_tool = False
         self.pending = ""  # text not yet released
         self.held_for_call = self.recover  # pending may be a tool call written as text
+        self.gated = bool(self.stop_sequences) or self.recover
         self.stop_reason = None
         self.stop_sequence = None
         self.output_tokens = 0
@@ -963,6 +965,9 @@ class StreamTranslator:
 
     # -- the text gate ----------------------------------------------------------
     def _text(self, piece, events):
+        if not self.gated:
+            self._delta("text", piece, events)
+            return
         # Text already searched cannot hold a whole stop sequence: start just before the new piece.
         searched = max(0, len(self.pending) - self.longest_stop + 1)
         self.pending += piece
@@ -1219,34 +1224,36 @@ class UpstreamExchange:
             self._raw.clear()
 
     def _parse_chunks(self):
-        raw = self._raw
-        while not self.finished:
-            if self._left:
-                take = raw[:self._left]
-                self._body += take
-                del raw[:len(take)]
-                self._left -= len(take)
+        """Decode every complete chunk in the buffer; what is consumed is dropped once, at the end."""
+        raw, body, pos = self._raw, self._body, 0
+        try:
+            while not self.finished:
                 if self._left:
+                    take = min(self._left, len(raw) - pos)
+                    body += raw[pos:pos + take]
+                    pos += take
+                    self._left -= take
+                    if self._left:
+                        return
+                    self._need_crlf = True
+                if self._need_crlf:
+                    if len(raw) - pos < 2:
+                        return
+                    pos += 2
+                    self._need_crlf = False
+                end = raw.find(b"\r\n", pos)
+                if end < 0:
+                    if len(raw) - pos > 4096:
+                        raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body")
                     return
-                self._need_crlf = True
-            if self._need_crlf:
-                if len(raw) < 2:
-                    return
-                del raw[:2]
-                self._need_crlf = False
-            end = raw.find(b"\r\n")
-            if end < 0:
-                if len(raw) > 4096:
+                size_field = bytes(raw[pos:end]).split(b";")[0].strip()
+                if not HEX_DIGITS.fullmatch(size_field):
                     raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body")
-                return
-            size_field = bytes(raw[:end]).split(b";")[0].strip()
-            if not HEX_DIGITS.fullmatch(size_field):
-                raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body")
-            size = int(size_field, 16)
-            del raw[:end + 2]
-            if size == 0:
-                self.finished = True
-            self._left = size
+                self._left = int(size_field, 16)
+                pos = end + 2
+                self.finished = self._left == 0
+        finally:
+            del raw[:pos]
 
     def pop_line(self):
         """The next complete line of the body, or the unterminated rest once the body is complete."""
@@ -1693,6 +1700,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     }
     MODEL_ROUTE = "/v1/models/"
     FAIL_FAST_SECONDS = 1.0  # how long a stream waits for Ollama's status before committing to 200
+    EVENTS_PER_WRITE = 16
 
     def setup(self):
         super().setup()
@@ -2178,7 +2186,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if not line.strip():
                 continue
             try:
-                chunk = json.loads(line)
+                chunk = _decode_json(line.decode())
             except ValueError:
                 raise ProxyError(502, f"Ollama at {exchange.address} sent a line that is not JSON: "
                                       f"{line[:80]!r}") from None
@@ -2226,7 +2234,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 events += translator.feed(chunk)
                 if translator.done:
                     break
-                if not exchange.has_line():  # lines that arrived together leave together
+                # Lines that arrived together leave together, a few at a time so the first text
+                # need not wait for the last.
+                if len(events) >= self.EVENTS_PER_WRITE or not exchange.has_line():
                     self.write_events(events)
                     events = []
             else:
