@@ -1133,9 +1133,10 @@ class UpstreamExchange:
     client at once, send pings between reads and apply one deadline before the first token and
     another between tokens; a socket timeout here never poisons the connection."""
 
-    def __init__(self, sock, address):
+    def __init__(self, sock, address, pool=None):
         self.sock = sock
         self.address = address
+        self.pool = pool
         # Non-blocking, with one poll object for the whole answer: a timeout set per read costs
         # a system call each time.
         sock.setblocking(False)
@@ -1150,6 +1151,26 @@ class UpstreamExchange:
         self._framing = None
         self._left = 0
         self._need_crlf = False
+        self._in_trailer = False
+
+    def release(self, wait=0.05):
+        """The answer's last line was read: keep the connection for the next request once the body
+        has ended cleanly (its closing chunk trails the last line by a moment), else close it."""
+        deadline = time.monotonic() + wait
+        try:
+            while not self.finished and self.status == 200:
+                if not self.receive():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self.poller.poll(remaining * 1000)
+        except ProxyError:
+            pass
+        if (self.pool is not None and self.finished and self._framing != "close" and not self._raw
+                and not self._body and self.headers.get("connection", "").lower() != "close"):
+            self.pool.keep(self.sock)
+        else:
+            self.close()
 
     def close(self):
         try:
@@ -1228,6 +1249,13 @@ class UpstreamExchange:
         raw, body, pos = self._raw, self._body, 0
         try:
             while not self.finished:
+                if self._in_trailer:  # after the last chunk: optional trailer lines, then an empty one
+                    end = raw.find(b"\r\n", pos)
+                    if end < 0:
+                        return
+                    self.finished = end == pos
+                    pos = end + 2
+                    continue
                 if self._left:
                     take = min(self._left, len(raw) - pos)
                     body += raw[pos:pos + take]
@@ -1251,7 +1279,7 @@ class UpstreamExchange:
                     raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body")
                 self._left = int(size_field, 16)
                 pos = end + 2
-                self.finished = self._left == 0
+                self._in_trailer = self._left == 0
         finally:
             del raw[:pos]
 
@@ -1284,16 +1312,64 @@ class UpstreamExchange:
 class OllamaClient:
     """Opens requests to Ollama; remembers each model's capabilities."""
 
+    MAX_IDLE_CONNECTIONS = 32
+
     def __init__(self, config):
         self.config = config
         self.address = config.ollama.url
         self._host_header = config.ollama.url.split("://", 1)[1].encode()
         self._capabilities = {}
         self._lock = threading.Lock()
+        self._idle = []  # kept-alive connections, most recently used last
         self._tls = ssl.create_default_context() if config.ollama.scheme == "https" else None
 
+    def keep(self, sock):
+        with self._lock:
+            if len(self._idle) < self.MAX_IDLE_CONNECTIONS:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def _idle_connection(self):
+        """A kept-alive connection Ollama has not closed, or None."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                sock = self._idle.pop()
+            idle = select.poll()
+            idle.register(sock, select.POLLIN)
+            if not idle.poll(0):  # anything to read on an idle connection means Ollama closed it
+                return sock
+            sock.close()
+
     def open(self, method, path, payload=None):
-        """Connect and send one request; the caller reads the answer from the returned exchange."""
+        """Send one request, on a kept-alive connection when there is one; the caller reads the
+        answer from the returned exchange."""
+        body = b"" if payload is None else json_bytes(payload)
+        head = (method.encode() + b" " + path.encode() + b" HTTP/1.1\r\nHost: " + self._host_header +
+                b"\r\nUser-Agent: simple_api_proxy/" + __version__.encode() +
+                b"\r\nAccept: application/x-ndjson, application/json\r\n")
+        if payload is not None:
+            head += b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
+        request = head + b"\r\n" + body
+        sock = self._idle_connection()
+        if sock is not None:
+            try:
+                sock.settimeout(self.config.ollama_timeout)
+                sock.sendall(request)
+                return UpstreamExchange(sock, self.address, self)
+            except OSError:
+                sock.close()
+        sock = self._connect()
+        try:
+            sock.sendall(request)
+        except OSError as exc:
+            sock.close()
+            raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
+        return UpstreamExchange(sock, self.address, self)
+
+    def _connect(self):
         ollama = self.config.ollama
         try:
             sock = socket.create_connection((ollama.host, ollama.port), timeout=self.config.ollama_timeout)
@@ -1308,25 +1384,20 @@ class OllamaClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls:
                 sock = self._tls.wrap_socket(sock, server_hostname=ollama.host)
-            body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
-            head = (method.encode() + b" " + path.encode() + b" HTTP/1.1\r\nHost: " + self._host_header +
-                    b"\r\nUser-Agent: simple_api_proxy/" + __version__.encode() +
-                    b"\r\nAccept: application/x-ndjson, application/json\r\nConnection: close\r\n")
-            if payload is not None:
-                head += b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
-            sock.sendall(head + b"\r\n" + body)
         except OSError as exc:
             sock.close()
-            raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
-        return UpstreamExchange(sock, self.address)
+            raise ProxyError(502, f"TLS to Ollama at {self.address} failed: {exc}") from exc
+        return sock
 
     def get_json(self, path, payload=None, timeout=None):
         """A short request answered with JSON: returns (status, parsed body or None)."""
         exchange = self.open("POST" if payload is not None else "GET", path, payload)
         try:
             body = exchange.read_body(timeout or self.config.ollama_timeout)
-        finally:
+        except BaseException:
             exchange.close()
+            raise
+        exchange.release()
         try:
             return exchange.status, json.loads(body)
         except ValueError:
@@ -2078,19 +2149,22 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     message = self.stream_reply(exchange, translator, ollama_model, cache_state)
                 else:
                     message = self.collect_reply(exchange, translator, ollama_model)
+                if message is not None:
+                    self.log_extra.update(input_tokens=message["usage"]["input_tokens"],
+                                          output_tokens=message["usage"]["output_tokens"])
+                    if store:
+                        cache.put(key, message)
+                    if not stream:
+                        self.send_json(200, message, {"x-cache": cache_state})
             finally:
-                exchange.close()
+                # Only after the client has its answer: keeping the connection may wait a moment.
+                if translator.done and translator.stop_reason != "stop_sequence":
+                    exchange.release()
+                else:
+                    exchange.close()  # which also stops a generation still running
         finally:
             self.server.count("in_flight", -1)
             self.server.slots.release()
-        if message is None:
-            return
-        self.log_extra.update(input_tokens=message["usage"]["input_tokens"],
-                              output_tokens=message["usage"]["output_tokens"])
-        if store:
-            cache.put(key, message)
-        if not stream:
-            self.send_json(200, message, {"x-cache": cache_state})
 
     def cache_policy(self, request, payload):
         """(cache, key, look it up?, store the answer?) from CACHE and the client's Cache-Control."""

@@ -109,12 +109,19 @@ class StandInOllama:
         self.scripted = queue.Queue()
         self.responder = None
         self.disconnects = 0
+        self.connections = 0
+        self.close_idle = False  # close each connection after its reply, as a server with an idle timeout does
         self.chat_started = threading.Event()
         self.lock = threading.Lock()
         stand_in = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                with stand_in.lock:
+                    stand_in.connections += 1
 
             def log_message(self, *args):
                 pass
@@ -187,6 +194,7 @@ class StandInOllama:
             handler.wfile.write(body)
 
     def post(self, handler):
+        handler.close_connection = self.close_idle
         path = handler.path.split("?")[0]
         length = int(handler.headers.get("Content-Length", 0))
         try:
@@ -201,7 +209,6 @@ class StandInOllama:
                                                  "details": {"family": "qwen2"}, "model_info": {}})
         if path != "/api/chat":
             return self.send_json(handler, 404, {"error": "404 page not found"})
-        handler.close_connection = True
         if body.get("model") not in self.models:
             return self.send_json(handler, 404, {"error": f"model '{body.get('model')}' not found"})
         if not self.scripted.empty():
@@ -238,10 +245,12 @@ class StandInOllama:
                 elif step[0] == "raw":
                     handler.wfile.write(b"%x\r\n%s\r\n" % (len(step[1]), step[1]))
                 elif step[0] == "reset":
+                    handler.close_connection = True
                     handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     handler.connection.close()
                     return
                 elif step[0] == "cut":
+                    handler.close_connection = True
                     handler.connection.shutdown(socket.SHUT_RDWR)
                     return
             handler.wfile.write(b"0\r\n\r\n")
@@ -958,6 +967,21 @@ def test_one_slow_generation_does_not_hold_up_another(gateway, ollama):
     status, _, _ = gateway.messages(request_body("fast one"))
     assert status == 200 and time.monotonic() - started < 1.5
     slow.join()
+
+
+def test_upstream_connections_are_kept_alive_and_stale_ones_replaced(gateway, ollama):
+    for _ in range(3):
+        assert gateway.messages(request_body())[0] == 200
+    assert ollama.connections == 1
+    ollama.script(Reply([chunk(content="Hi"), ("cut",)]))
+    gateway.messages(request_body())
+    for _ in range(2):
+        assert gateway.messages(request_body())[0] == 200
+    assert ollama.connections == 2
+    ollama.close_idle = True  # the kept connection is used once more, then found closed and replaced
+    for _ in range(2):
+        assert gateway.messages(request_body())[0] == 200
+    assert ollama.connections == 3
 
 
 def test_keep_alive_connection_serves_several_requests(gateway):
