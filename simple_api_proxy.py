@@ -1178,9 +1178,6 @@ class UpstreamExchange:
         except OSError:
             pass
 
-    def has_line(self):
-        return b"\n" in self._body
-
     def tls_pending(self):
         """Decrypted bytes that poll() cannot see, because they left the socket already."""
         return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
@@ -1274,27 +1271,27 @@ class UpstreamExchange:
                     if len(raw) - pos > 4096:
                         raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body")
                     return
-                size_field = bytes(raw[pos:end]).split(b";")[0].strip()
-                if not HEX_DIGITS.fullmatch(size_field):
-                    raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body")
-                self._left = int(size_field, 16)
+                if HEX_DIGITS.fullmatch(raw, pos, end):
+                    self._left = int(raw[pos:end], 16)
+                else:  # chunk extensions or spaces: rare, and checked the slow way
+                    size_field = bytes(raw[pos:end]).split(b";")[0].strip()
+                    if not HEX_DIGITS.fullmatch(size_field):
+                        raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body")
+                    self._left = int(size_field, 16)
                 pos = end + 2
                 self._in_trailer = self._left == 0
         finally:
             del raw[:pos]
 
-    def pop_line(self):
-        """The next complete line of the body, or the unterminated rest once the body is complete."""
-        end = self._body.find(b"\n")
-        if end >= 0:
-            line = bytes(self._body[:end])
-            del self._body[:end + 1]
-            return line
-        if self.finished and self._body:
-            line = bytes(self._body)
-            self._body.clear()
-            return line
-        return None
+    def pop_lines(self):
+        """The non-empty complete lines of the body so far, and the unterminated rest once the
+        body is complete."""
+        end = len(self._body) if self.finished else self._body.rfind(b"\n")
+        if end < 0:
+            return []
+        data = bytes(self._body[:end])
+        del self._body[:end + 1]
+        return [line for line in data.split(b"\n") if line.strip()]
 
     def read_body(self, timeout):
         deadline = time.monotonic() + timeout
@@ -1307,6 +1304,24 @@ class UpstreamExchange:
             self.poller.poll(remaining * 1000)
         body, self._body = bytes(self._body), bytearray()
         return body
+
+
+def decode_ndjson(lines, address):
+    """NDJSON lines -> objects, in one decoder call for all the lines that arrived together."""
+    try:
+        chunks = _decode_json("[" + b",".join(lines).decode() + "]")
+        if len(chunks) == len(lines) and all(isinstance(chunk, dict) for chunk in chunks):
+            return chunks
+    except ValueError:
+        pass
+    for line in lines:  # name the line that is wrong
+        try:
+            chunk = _decode_json(line.decode())
+        except ValueError:
+            raise ProxyError(502, f"Ollama at {address} sent a line that is not JSON: {line[:80]!r}") from None
+        if not isinstance(chunk, dict):
+            raise ProxyError(502, f"Ollama at {address} sent an unexpected line: {line[:80]!r}")
+    raise ProxyError(502, f"Ollama at {address} sent lines that are not one JSON object each")
 
 
 class OllamaClient:
@@ -2228,8 +2243,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ClientGone()
         poller.unregister(self.connection)  # the client sent its next request early; stop watching
 
-    def upstream_chunks(self, exchange, ollama_model, commit=None):
-        """Ollama's NDJSON objects as they arrive, under the first-token and between-token deadlines.
+    def upstream_batches(self, exchange, ollama_model, commit=None):
+        """Ollama's NDJSON objects as they arrive, a list of those that came together at a time,
+        under the first-token and between-token deadlines.
 
         `commit`, for streams, is called once: when Ollama's answer starts, or when it has not
         started within FAIL_FAST_SECONDS (from then on pings keep the client waiting)."""
@@ -2251,31 +2267,23 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             commit()
         silence = first_wait
         while True:
-            line = exchange.pop_line()
-            if line is None:
+            lines = exchange.pop_lines()
+            if not lines:
                 if exchange.finished:
                     raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
                 self.wait(exchange, deadline, silence)
                 continue
-            if not line.strip():
-                continue
-            try:
-                chunk = _decode_json(line.decode())
-            except ValueError:
-                raise ProxyError(502, f"Ollama at {exchange.address} sent a line that is not JSON: "
-                                      f"{line[:80]!r}") from None
-            if not isinstance(chunk, dict):
-                raise ProxyError(502, f"Ollama at {exchange.address} sent an unexpected line: {line[:80]!r}")
+            batch = decode_ndjson(lines, exchange.address)
             deadline = time.monotonic() + config.ollama_timeout
             silence = f"Ollama went silent for {config.ollama_timeout:g} s mid-reply (OLLAMA_TIMEOUT)"
-            yield chunk
+            yield batch
 
     def upstream_failure(self, exchange, ollama_model):
         """The ProxyError for an Ollama answer with an error status."""
         deadline = time.monotonic() + self.config.ollama_timeout
         while not exchange.finished:
             self.wait(exchange, deadline, "Ollama did not finish its error response")
-        raw = exchange.pop_line() or b""
+        raw = b"\n".join(exchange.pop_lines())
         try:
             text = json.loads(raw)["error"]
         except (ValueError, KeyError, TypeError):
@@ -2286,10 +2294,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                      self.log_extra.get("estimated_tokens", 0), self.config.ollama_num_ctx)
 
     def collect_reply(self, exchange, translator, ollama_model):
-        for chunk in self.upstream_chunks(exchange, ollama_model):
-            translator.feed(chunk)
-            if translator.done:
-                return translator.message
+        for batch in self.upstream_batches(exchange, ollama_model):
+            for chunk in batch:
+                translator.feed(chunk)
+                if translator.done:
+                    return translator.message
         raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
 
     def stream_reply(self, exchange, translator, ollama_model, cache_state):
@@ -2304,15 +2313,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
         events = []
         try:
-            for chunk in self.upstream_chunks(exchange, ollama_model, commit):
-                events += translator.feed(chunk)
+            for batch in self.upstream_batches(exchange, ollama_model, commit):
+                for chunk in batch:
+                    events += translator.feed(chunk)
+                    if translator.done:
+                        break
+                    # Lines that arrived together leave together, a few at a time so the first
+                    # text need not wait for the last.
+                    if len(events) >= self.EVENTS_PER_WRITE:
+                        self.write_events(events)
+                        events = []
                 if translator.done:
                     break
-                # Lines that arrived together leave together, a few at a time so the first text
-                # need not wait for the last.
-                if len(events) >= self.EVENTS_PER_WRITE or not exchange.has_line():
-                    self.write_events(events)
-                    events = []
+                self.write_events(events)
+                events = []
             else:
                 raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
         except ProxyError as error:
