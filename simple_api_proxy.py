@@ -1828,6 +1828,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.deadlines.arm(self.request, self.config.client_timeout)
         try:
             super().handle_one_request()
+        except OSError:  # the client reset or dropped the connection between requests
+            self.close_connection = True
         finally:
             self.deadlines.disarm(self.request)
         if self.server.stopping:
@@ -2334,7 +2336,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 raise
             self.log_extra["error"] = error.message
             log.warning("%s stream ended by %s: %s", self.request_id, error.error_type, error.message)
-            self.close_connection = True
+            # The error event and the closing chunk end the response cleanly: the connection,
+            # announced as kept alive, stays usable.
             self.end_stream(events + translator.error_events(error))
             return None
         self.end_stream(events)

@@ -102,7 +102,7 @@ def tool_reply(*calls, text=""):
 class StandInOllama:
     """An Ollama look-alike on 127.0.0.1, scripted per test."""
 
-    def __init__(self, models=None):
+    def __init__(self, models=None, port=0):
         self.models = models or {MODEL: ["completion", "tools"], "llama3.2:3b": ["completion", "tools"],
                                  "qwen3:8b": ["completion", "tools", "thinking"]}
         self.requests = []
@@ -110,6 +110,7 @@ class StandInOllama:
         self.responder = None
         self.disconnects = 0
         self.connections = 0
+        self.open_connections = set()
         self.close_idle = False  # close each connection after its reply, as a server with an idle timeout does
         self.chat_started = threading.Event()
         self.lock = threading.Lock()
@@ -122,6 +123,18 @@ class StandInOllama:
                 super().setup()
                 with stand_in.lock:
                     stand_in.connections += 1
+                    stand_in.open_connections.add(self.connection)
+
+            def handle_one_request(self):
+                try:
+                    super().handle_one_request()
+                except OSError:  # the proxy dropped a connection: how it cancels a generation
+                    self.close_connection = True
+
+            def finish(self):
+                super().finish()
+                with stand_in.lock:
+                    stand_in.open_connections.discard(self.connection)
 
             def log_message(self, *args):
                 pass
@@ -135,7 +148,7 @@ class StandInOllama:
             def do_POST(self):
                 stand_in.post(self)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -144,8 +157,13 @@ class StandInOllama:
         self.thread.start()
 
     def stop(self):
+        """Stop listening and drop every open connection, as an Ollama that goes away would."""
         self.server.shutdown()
         self.server.server_close()
+        with self.lock:
+            for connection in self.open_connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
 
     def script(self, *replies):
         for reply in replies:
@@ -2832,3 +2850,39 @@ def test_ollama_context_length_refusal_uses_anthropics_wording(gateway, ollama):
     ollama.script(Reply(status=400, error="the prompt is longer than the context length currently available"))
     status, _, body = gateway.messages(request_body())
     assert status == 400 and body["error"]["message"].startswith("prompt is too long: 32769 tokens > 32768 maximum")
+
+
+def test_a_client_resetting_an_idle_connection_is_not_an_error(ollama, tmp_path):
+    running = ProxyProcess(tmp_path, OLLAMA_HOST=ollama.url)
+    try:
+        connection = socket.create_connection(("127.0.0.1", running.port))
+        connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert connection.recv(1000).startswith(b"HTTP/1.1 200")
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+        time.sleep(0.3)
+        assert running.gateway.call("GET", "/")[0] == 200
+        running.process.send_signal(15)
+        assert running.finish() == 0
+    finally:
+        running.kill()
+    assert "Traceback" not in running.output
+
+
+###############################################################################
+# bench/: the benchmark and the soak keep working (no speed is asserted)
+###############################################################################
+
+def test_benchmark_smoke_run_completes():
+    result = subprocess.run([sys.executable, str(HERE / "bench" / "run.py"), "--smoke"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| cache hit, memory tier |" in result.stdout and "every scenario completed without errors" in result.stdout
+
+
+def test_soak_short_run_passes():
+    need(shutil.which("redis-server"), "redis-server is not installed")
+    result = subprocess.run([sys.executable, str(HERE / "bench" / "soak.py"), "--seconds", "8"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "answers lost: 0; corrupted: 0" in result.stdout and "soak: passed" in result.stdout
