@@ -1,0 +1,656 @@
+#!/usr/bin/env python3
+"""Benchmark of simple_api_proxy: each scenario measured straight against a stand-in Ollama (the
+floor) and through the proxy, printed as one markdown table with the targets next to the figures.
+
+    python3 bench/run.py                         # about 2 minutes
+    python3 bench/run.py --smoke                 # every scenario, tiny, well under 20 s
+    python3 bench/run.py --seconds 8 --json /tmp/bench.json
+
+It starts everything it needs and stops it again: the stand-in (standin_ollama.py), three proxy
+subprocesses (memory cache; Redis tier with CACHE_MAX_ENTRIES=0 so every hit comes from Redis;
+memory cache with LOG_LEVEL=INFO) and a private redis-server. The proxies run with
+LOG_LEVEL=WARNING because a per-request INFO line costs time; the "INFO logging" row shows how much.
+
+Floor and proxy runs of a row alternate (two rounds of half the time each) so that drift on a
+shared machine hits both. CPU per request is the serving process's utime+stime from /proc/PID/stat
+over the measured part divided by its requests: the stand-in's for the floor, the proxy's (alone)
+for the proxy. The floor of the cache-hit rows is the stand-in answering a small non-streamed
+request from bytes it prepared, the cheapest HTTP round trip this machine offers.
+
+Exit status: 0 when every scenario ran with no unexpected error, 1 otherwise; targets missed do
+not change it (they are the findings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import http.client
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import payloads
+from load import Expectation, LoadResult, run_load
+from payloads import (
+    NUMBER,
+    claude_code_request,
+    messages_request,
+    ollama_chat_request,
+    request_factory,
+)
+
+BENCH = Path(__file__).resolve().parent
+PROXY_SCRIPT = BENCH.parent / "simple_api_proxy.py"
+STANDIN_SCRIPT = BENCH / "standin_ollama.py"
+HOST = "127.0.0.1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+REQUEST_TIMEOUT = 30.0  # seconds before a request counts as failed
+MAX_REQUESTS_PER_CONNECTION = 200_000
+CLIENT_BUSY_NOTE = 0.8  # flag a run whose load generator used this share of a core or more
+
+
+# --- processes -------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def process_cpu_clock(pid):
+    """Linux's clockid for the CPU time of a whole process (clock_getcpuclockid(3) in C)."""
+    return ((~pid) << 3) | 2  # CPUCLOCK_SCHED, process-wide
+
+
+class Process:
+    """A subprocess this run started, its CPU time and memory from /proc, and its stop."""
+
+    def __init__(self, name, argv, log_dir, env=None, cwd=None):
+        self.name = name
+        self.log_path = Path(log_dir) / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                          stdout=log, stderr=subprocess.STDOUT)
+        self.pid = self.popen.pid
+
+    def cpu_seconds(self):
+        """CPU time of all its threads, living and ended: utime+stime as in /proc/PID/stat, but read
+        from the process's CPU-time clock, which counts nanoseconds where /proc counts 10 ms ticks."""
+        try:
+            return time.clock_gettime(process_cpu_clock(self.pid))
+        except OSError:  # a kernel that keeps other processes' clocks to itself
+            with open(f"/proc/{self.pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+            return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def rss_mb(self):
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError(f"{self.name} has no VmRSS")
+
+    def check_alive(self):
+        if self.popen.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{self.name} exited with status {self.popen.returncode}:\n{tail}")
+
+    def stop(self):
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def http_get(port, path, timeout=2.0):
+    """(status, body) of one GET; raises OSError while nothing listens."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def http_post_json(port, path, value):
+    connection = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        connection.request("POST", path, json.dumps(value), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"POST {path} on port {port}: HTTP {response.status} {body[:200]!r}")
+        return json.loads(body)
+    finally:
+        connection.close()
+
+
+def wait_until_ready(process, port, path="/", want=200, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        process.check_alive()
+        try:
+            if http_get(port, path)[0] == want:
+                return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise RuntimeError(f"{process.name} did not answer GET {path} with {want} within {timeout:g} s")
+
+
+def proxy_env(port, standin_port, **settings):
+    """The proxy's environment: this run's settings and the basics to start Python, nothing else,
+    so that no setting of the caller's (REDIS_URL, PROXY_API_KEY, ...) leaks into the measurement."""
+    env = {name: value for name, value in os.environ.items()
+           if name in ("PATH", "HOME", "LANG", "TMPDIR") or name.startswith(("LC_", "PYTHON", "PYENV"))}
+    env.update(API_HOST=HOST, API_PORT=str(port), OLLAMA_HOST=f"{HOST}:{standin_port}", LOG_FILE="",
+               LOG_LEVEL="WARNING", CACHE="on")
+    env.update(settings)
+    return env
+
+
+def redis_available():
+    """Why the Redis rows cannot run here, or None when they can."""
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed"
+    probe = subprocess.run([sys.executable, "-c", "import redis"], check=False, capture_output=True)
+    if probe.returncode != 0:
+        return "redis-py is not installed for the proxy (pip install redis)"
+    return None
+
+
+def start_redis(log_dir):
+    port = free_port()
+    process = Process("redis", ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+                                "--appendonly", "no"], log_dir)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        process.check_alive()
+        try:
+            with socket.create_connection((HOST, port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return process, port
+        except OSError:
+            time.sleep(0.01)
+    raise RuntimeError("the private redis-server did not answer PING")
+
+
+# --- meters: bracket the measured part of a run --------------------------------------
+
+class CpuMeter:
+    def __init__(self, process):
+        self.process = process
+        self.seconds = 0.0
+
+    def start(self):
+        self.begin = self.process.cpu_seconds()
+
+    def stop(self):
+        self.seconds = self.process.cpu_seconds() - self.begin
+
+
+class ClientCpuMeter:
+    """This process's CPU: the load generator's."""
+
+    def start(self):
+        self.begin = time.process_time()
+
+    def stop(self):
+        self.seconds = time.process_time() - self.begin
+
+
+class PeakRssMeter:
+    """The highest VmRSS sampled every 20 ms while the run lasts."""
+
+    def __init__(self, process):
+        self.process = process
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    def start(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        while True:
+            self.peak_mb = max(self.peak_mb, self.process.rss_mb())
+            if self._stop.wait(0.02):
+                return
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+class CacheHitsMeter:
+    """The proxy's hit count of one cache tier, from /health, so a row can prove where its hits came from."""
+
+    def __init__(self, port, tier):
+        self.port = port
+        self.tier = tier
+        self.hits = 0
+
+    def read(self):
+        body = http_get(self.port, "/health")[1]
+        return json.loads(body)["cache"][self.tier]["hits"]
+
+    def start(self):
+        self.begin = self.read()
+
+    def stop(self):
+        self.hits = self.read() - self.begin
+
+
+# --- scenarios -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Side:
+    """One way of running a scenario: straight to the stand-in, or through a proxy."""
+    port: int
+    server: Process  # whose CPU is the cost of a request
+    make_request: Callable[[], bytes]
+    expect: Expectation
+    hits_tier: str | None = None  # the proxy's cache tier every measured request must hit
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    text: str
+    met: Callable[[dict, dict], bool]  # (floor figures, proxy figures) -> met?
+
+
+@dataclasses.dataclass
+class Scenario:
+    key: str
+    title: str
+    connections: int
+    reply: dict  # the stand-in's reply settings
+    floor: Side
+    proxy: Side
+    lines: list  # (metric, Target or None): one table line each
+    warmup: int = 3
+    watch_rss: bool = False
+
+
+def added(metric, limit_ms):
+    return Target(f"adds ≤ {limit_ms:g} ms",
+                  lambda floor, proxy: proxy[metric]["median"] - floor[metric]["median"] <= limit_ms)
+
+
+def rps_share(share):
+    return Target(f"≥ {share:.0%} of floor rps", lambda floor, proxy: proxy["rps"] >= share * floor["rps"])
+
+
+def cpu_per_request(limit_ms):
+    return Target(f"≤ {limit_ms:g} ms CPU/stream", lambda floor, proxy: proxy["cpu_ms_per_request"] <= limit_ms)
+
+
+def no_errors_and_p99_within(share):
+    return Target(f"0 errors, p99 ≤ floor +{share:.0%}",
+                  lambda floor, proxy: proxy["errors"] == 0
+                  and proxy["total_ms"]["p99"] <= (1 + share) * floor["total_ms"]["p99"])
+
+
+def build_scenarios(standin, standin_port, proxies, redis_reason):
+    """The rows of the table, in the order they run."""
+    def host(port):
+        return f"{HOST}:{port}"
+
+    def floor_side(body, expect, *, unique=False, path="/api/chat", headers=payloads.JSON_HEADERS):
+        return Side(standin_port, standin, request_factory("POST", path, host(standin_port), body, headers,
+                                                           unique=unique), expect)
+
+    def proxy_side(name, body, expect, *, unique=False, path="/v1/messages", headers=payloads.JSON_HEADERS,
+                   hits_tier=None):
+        process, port = proxies[name]
+        return Side(port, process, request_factory("POST", path, host(port), body, headers, unique=unique),
+                    expect, hits_tier)
+
+    plain = {"tokens": 100, "delay_ms": 0, "stamp": False}
+    stamped = {"tokens": 100, "delay_ms": 5, "stamp": True}
+    answer = Expectation(100, stream=False)
+    stream = Expectation(100, stream=True)
+    stream_stamped = Expectation(100, stream=True, stamped=True)
+    hit = Expectation(100, stream=False, cache="HIT")
+    miss = Expectation(100, stream=False, cache="MISS")
+    stream_miss = Expectation(100, stream=True, cache="MISS")
+    stream_miss_stamped = Expectation(100, stream=True, cache="MISS", stamped=True)
+    small_floor = floor_side(ollama_chat_request("Say hello", stream=False), answer)
+    unique_floor = floor_side(ollama_chat_request(f"Say hello {NUMBER}", stream=False), answer, unique=True)
+    hello = messages_request("Say hello", stream=False)
+    unique_hello = messages_request(f"Say hello {NUMBER}", stream=False)
+    unique_stream_floor = floor_side(ollama_chat_request(f"Say hello {NUMBER}", stream=True), stream, unique=True)
+    unique_stream_hello = messages_request(f"Say hello {NUMBER}", stream=True)
+
+    rows = []
+    for connections, target in ((1, added("total_ms", 0.15)), (16, rps_share(0.5))):
+        rows.append(Scenario(f"hit_memory_{connections}", "cache hit, memory tier", connections, plain,
+                             small_floor, proxy_side("memory", hello, hit, hits_tier="memory"),
+                             [("total_ms", target)]))
+    if redis_reason is None:
+        for connections, target in ((1, added("total_ms", 0.3)), (16, rps_share(0.5))):
+            rows.append(Scenario(f"hit_redis_{connections}", "cache hit, Redis tier", connections, plain,
+                                 small_floor, proxy_side("redis", hello, hit, hits_tier="redis"),
+                                 [("total_ms", target)]))
+    for connections, target in ((1, added("total_ms", 1.0)), (16, rps_share(0.2))):
+        rows.append(Scenario(f"miss_{connections}", "cache miss, 100 tokens", connections, plain, unique_floor,
+                             proxy_side("memory", unique_hello, miss, unique=True), [("total_ms", target)]))
+    stream_lines = [("first_byte_ms", None), ("first_text_ms", added("first_text_ms", 1.0)),
+                    ("total_ms", cpu_per_request(10.0))]
+    rows.append(Scenario("stream_0ms", "stream, 100 tokens at 0 ms", 1, plain, unique_stream_floor,
+                         proxy_side("memory", unique_stream_hello, stream_miss, unique=True), stream_lines))
+    rows.append(Scenario("stream_5ms", "stream, 100 tokens at 5 ms", 1, stamped,
+                         floor_side(ollama_chat_request(f"Say hello {NUMBER}", stream=True), stream_stamped,
+                                    unique=True),
+                         proxy_side("memory", unique_stream_hello, stream_miss_stamped, unique=True),
+                         stream_lines + [("chunk_delay_ms", added("chunk_delay_ms", 1.0))], warmup=1))
+    claude_code = claude_code_request()
+    rows.append(Scenario("claude_code_47kb", "Claude Code request, 47 KB, streamed", 1, plain,
+                         floor_side(claude_code, stream, unique=True, headers=payloads.CLAUDE_CODE_HEADERS),
+                         proxy_side("memory", claude_code, stream_miss, unique=True, path="/v1/messages?beta=true",
+                                    headers=payloads.CLAUDE_CODE_HEADERS),
+                         [("first_text_ms", added("first_text_ms", 2.0)), ("total_ms", None)]))
+    rows.append(Scenario("streams_200", "200 concurrent streams at 5 ms", 200, stamped,
+                         floor_side(ollama_chat_request(f"Say hello {NUMBER}", stream=True), stream_stamped,
+                                    unique=True),
+                         proxy_side("memory", unique_stream_hello, stream_miss_stamped, unique=True),
+                         [("total_ms", no_errors_and_p99_within(0.1)), ("first_text_ms", None),
+                          ("chunk_delay_ms", None)], warmup=0, watch_rss=True))
+    rows.append(Scenario("hit_memory_1_info_log", "cache hit, memory tier, LOG_LEVEL=INFO", 1, plain,
+                         small_floor, proxy_side("info", hello, hit, hits_tier="memory"), [("total_ms", None)]))
+    return rows
+
+
+def run_side(side, scenario, seconds, standin):
+    """One timed run of one side; its load result and the meters' figures."""
+    server_cpu, standin_cpu, client_cpu = CpuMeter(side.server), CpuMeter(standin), ClientCpuMeter()
+    meters = [server_cpu, standin_cpu, client_cpu]
+    rss = PeakRssMeter(side.server) if scenario.watch_rss else None
+    hits = CacheHitsMeter(side.port, side.hits_tier) if side.hits_tier else None
+    meters += [meter for meter in (rss, hits) if meter]
+    result = asyncio.run(run_load(HOST, side.port, side.make_request, side.expect,
+                                  connections=scenario.connections, seconds=seconds, warmup=scenario.warmup,
+                                  max_requests=MAX_REQUESTS_PER_CONNECTION, timeout=REQUEST_TIMEOUT,
+                                  meters=meters))
+    if hits is not None and hits.hits < len(result.total):
+        result.errors[f"{side.hits_tier} tier counted {hits.hits} hits for {len(result.total)} requests"] += 1
+    return result, {"server_cpu_s": server_cpu.seconds, "standin_cpu_s": standin_cpu.seconds,
+                    "client_cpu_s": client_cpu.seconds, "peak_rss_mb": rss.peak_mb if rss else None}
+
+
+def measure(scenario, seconds, rounds, standin, standin_port):
+    """Both sides of a scenario, alternating for `rounds` rounds; the figures of each side."""
+    http_post_json(standin_port, "/bench/config", scenario.reply)
+    runs = {"floor": [], "proxy": []}
+    for _ in range(rounds):
+        for name, side_runs in runs.items():
+            side_runs.append(run_side(getattr(scenario, name), scenario, seconds / rounds, standin))
+    figures = {}
+    for name, side_runs in runs.items():
+        result = LoadResult.merged([result for result, _ in side_runs])
+        summary = result.summary()
+        served = max(1, summary["requests"] + summary["errors"])
+        for meter in ("server_cpu_s", "standin_cpu_s", "client_cpu_s"):
+            summary[meter] = sum(meters[meter] for _, meters in side_runs)
+        summary["cpu_ms_per_request"] = summary["server_cpu_s"] * 1000 / served
+        summary["standin_cpu_ms_per_request"] = summary["standin_cpu_s"] * 1000 / served
+        summary["client_cpu_ms_per_request"] = summary["client_cpu_s"] * 1000 / served
+        summary["client_busy"] = summary["client_cpu_s"] / summary["seconds"] if summary["seconds"] else 0.0
+        peaks = [meters["peak_rss_mb"] for _, meters in side_runs if meters["peak_rss_mb"] is not None]
+        summary["peak_rss_mb"] = max(peaks) if peaks else None
+        figures[name] = summary
+    return figures
+
+
+# --- footprint ----------------------------------------------------------------------------
+
+def time_to_ready(name, argv, port, checks, log_dir, env=None, cwd=None, timeout=10.0):
+    """Seconds from spawning the process until each (path, status) check first passes, and its RSS then."""
+    started = time.monotonic()
+    process = Process(name, argv, log_dir, env=env, cwd=cwd)
+    ready = {}
+    try:
+        while len(ready) < len(checks) and time.monotonic() - started < timeout:
+            process.check_alive()
+            for path, want in checks:
+                if path in ready:
+                    continue
+                try:
+                    if http_get(port, path)[0] == want:
+                        ready[path] = time.monotonic() - started
+                except OSError:
+                    pass
+            time.sleep(0.002)
+        if len(ready) < len(checks):
+            raise RuntimeError(f"{name} was not ready within {timeout:g} s: {ready}")
+        return ready, process.rss_mb()
+    finally:
+        process.stop()
+
+
+def measure_startup(standin_port, repeats, log_dir):
+    """Median start-to-ready of the proxy (GET / and /health), against `python3 -m http.server`."""
+    proxy_runs, floor_runs = [], []
+    empty_dir = tempfile.mkdtemp(dir=log_dir)
+    for attempt in range(repeats):
+        port = free_port()
+        proxy_runs.append(time_to_ready(f"proxy-start-{attempt}", [sys.executable, str(PROXY_SCRIPT)], port,
+                                        [("/", 200), ("/health", 200)], log_dir,
+                                        env=proxy_env(port, standin_port)))
+        port = free_port()
+        floor_runs.append(time_to_ready(f"http-server-start-{attempt}",
+                                        [sys.executable, "-m", "http.server", "--bind", HOST, str(port)], port,
+                                        [("/", 200)], log_dir, cwd=empty_dir))
+    return {"proxy_root_s": statistics.median(ready["/"] for ready, _ in proxy_runs),
+            "proxy_health_s": statistics.median(ready["/health"] for ready, _ in proxy_runs),
+            "floor_root_s": statistics.median(ready["/"] for ready, _ in floor_runs),
+            "floor_rss_mb": statistics.median(rss for _, rss in floor_runs)}
+
+
+def warm_and_idle_rss(process, port, idle_seconds):
+    """The proxy's VmRSS after a few requests of every kind and a quiet pause."""
+    wait_until_ready(process, port, "/health")
+    for body in (messages_request("warm up", stream=False), messages_request("warm up", stream=True),
+                 claude_code_request("00000")):
+        connection = http.client.HTTPConnection(HOST, port, timeout=10)
+        connection.request("POST", "/v1/messages", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        if response.status != 200:
+            raise RuntimeError(f"warm-up request answered HTTP {response.status}")
+    time.sleep(idle_seconds)
+    return process.rss_mb()
+
+
+# --- the table ----------------------------------------------------------------------------
+
+METRIC_NAMES = {"total_ms": "total", "first_byte_ms": "first byte", "first_text_ms": "first text",
+                "chunk_delay_ms": "chunk delay"}
+COLUMNS = ("scenario", "conns", "metric", "floor median ms", "proxy median ms", "added ms", "floor p99 ms",
+           "proxy p99 ms", "floor rps", "proxy rps", "proxy/floor rps", "floor CPU ms/req", "proxy CPU ms/req",
+           "errors floor/proxy", "target", "met?")
+
+
+def ms(value):
+    return "—" if value is None else f"{value:.3f}"
+
+
+def met_cell(met):
+    return "—" if met is None else ("yes" if met else "**no**")
+
+
+def latency_line(scenario, figures, metric, target):
+    floor, proxy = figures["floor"], figures["proxy"]
+    floor_median, proxy_median = floor[metric]["median"], proxy[metric]["median"]
+    have_both = floor_median is not None and proxy_median is not None
+    met = target.met(floor, proxy) if target and have_both else (False if target else None)
+    return {
+        "scenario": scenario.title, "conns": str(scenario.connections), "metric": METRIC_NAMES[metric],
+        "floor median ms": ms(floor_median), "proxy median ms": ms(proxy_median),
+        "added ms": ms(proxy_median - floor_median) if have_both else "—",
+        "floor p99 ms": ms(floor[metric]["p99"]), "proxy p99 ms": ms(proxy[metric]["p99"]),
+        "floor rps": f"{floor['rps']:.0f}", "proxy rps": f"{proxy['rps']:.0f}",
+        "proxy/floor rps": f"{proxy['rps'] / floor['rps']:.2f}" if floor["rps"] else "—",
+        "floor CPU ms/req": ms(floor["cpu_ms_per_request"]), "proxy CPU ms/req": ms(proxy["cpu_ms_per_request"]),
+        "errors floor/proxy": f"{floor['errors']}/{proxy['errors']}",
+        "target": target.text if target else "", "met?": met_cell(met),
+    }
+
+
+def footprint_line(metric, floor, proxy, unit, target_text="", limit=None):
+    line = dict.fromkeys(COLUMNS, "")
+    line.update({"scenario": "footprint", "metric": metric, "target": target_text,
+                 "floor median ms": "—" if floor is None else f"{floor:.3f} {unit}",
+                 "proxy median ms": f"{proxy:.3f} {unit}",
+                 "met?": met_cell(None if limit is None else proxy <= limit)})
+    return line
+
+
+def markdown(lines):
+    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    out += ["| " + " | ".join(line[column] for column in COLUMNS) + " |" for line in lines]
+    return "\n".join(out)
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+def run(args, log_dir):
+    seconds = args.seconds
+    rounds = 1 if args.smoke else 2
+    processes = []
+
+    def started(process):
+        processes.append(process)
+        return process
+
+    try:
+        standin_port = free_port()
+        standin = started(Process("standin", [sys.executable, str(STANDIN_SCRIPT), "--port", str(standin_port)],
+                                  log_dir))
+        wait_until_ready(standin, standin_port, "/api/version")
+        redis_reason = redis_available()
+        proxy_settings = {"memory": {}, "info": {"LOG_LEVEL": "INFO"}}
+        if redis_reason is None:
+            redis, redis_port = start_redis(log_dir)
+            started(redis)
+            proxy_settings["redis"] = {"REDIS_URL": f"redis://{HOST}:{redis_port}/0", "CACHE_MAX_ENTRIES": "0"}
+        proxies = {}
+        for name, settings in proxy_settings.items():
+            port = free_port()
+            proxies[name] = (started(Process(f"proxy-{name}", [sys.executable, str(PROXY_SCRIPT)], log_dir,
+                                             env=proxy_env(port, standin_port, **settings))), port)
+        for process, port in proxies.values():
+            wait_until_ready(process, port, "/health")
+        if redis_reason is None:
+            redis_state = json.loads(http_get(proxies["redis"][1], "/health")[1])["cache"]["redis"]["state"]
+            if redis_state != "up":
+                raise RuntimeError(f"the Redis-tier proxy reports Redis {redis_state}")
+        idle_rss = warm_and_idle_rss(*proxies["memory"], idle_seconds=0.2 if args.smoke else 1.0)
+
+        results, lines, failures, notes = {}, [], [], []
+        for scenario in build_scenarios(standin, standin_port, proxies, redis_reason):
+            print(f"… {scenario.title}, {scenario.connections} conn(s)", file=sys.stderr, flush=True)
+            try:
+                figures = measure(scenario, seconds, rounds, standin, standin_port)
+            except Exception as exc:  # one broken scenario must not hide the others' figures
+                failures.append(f"{scenario.key}: {type(exc).__name__}: {exc}")
+                continue
+            results[scenario.key] = figures
+            for side in ("floor", "proxy"):
+                if figures[side]["errors"]:
+                    failures.append(f"{scenario.key} {side}: {figures[side]['error_kinds']}")
+                if figures[side]["requests"] == 0:
+                    failures.append(f"{scenario.key} {side}: no request completed")
+                if figures[side]["client_busy"] >= CLIENT_BUSY_NOTE and scenario.connections > 1:
+                    notes.append(f"{scenario.title}, {scenario.connections} conns, {side}: the load generator "
+                                 f"was {figures[side]['client_busy']:.0%} busy, so this rps is partly its limit")
+            lines += [latency_line(scenario, figures, metric, target) for metric, target in scenario.lines]
+        if redis_reason is not None:
+            notes.append(f"Redis-tier rows skipped: {redis_reason}")
+
+        print("… start-up", file=sys.stderr, flush=True)
+        startup = measure_startup(standin_port, 1 if args.smoke else 3, log_dir)
+        peak = results.get("streams_200", {}).get("proxy", {}).get("peak_rss_mb")
+        lines.append(footprint_line("start → GET / answers", startup["floor_root_s"], startup["proxy_root_s"], "s",
+                                    "≤ 0.2 s", 0.2))
+        lines.append(footprint_line("start → /health 200", None, startup["proxy_health_s"], "s"))
+        lines.append(footprint_line("idle RSS", startup["floor_rss_mb"], idle_rss, "MB", "≤ 30 MB", 30))
+        if peak is not None:
+            floor_peak = results["streams_200"]["floor"]["peak_rss_mb"]
+            lines.append(footprint_line("peak RSS, 200 streams", floor_peak, peak, "MB"))
+        footprint = dict(startup, proxy_idle_rss_mb=idle_rss, proxy_peak_rss_200_streams_mb=peak)
+        return lines, results, footprint, failures, notes
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="every scenario, tiny durations; checks it all works")
+    parser.add_argument("--seconds", type=float, help="measured seconds per side of each row (default 4, smoke 0.25)")
+    parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the subprocesses' logs and print where")
+    args = parser.parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 0.25 if args.smoke else 4.0
+    if not 0 < args.seconds <= 120:
+        parser.error("--seconds must be > 0 and ≤ 120")
+    began = time.monotonic()
+    load_before = os.getloadavg()[0]  # others' load on this machine; the run's own comes after
+    log_dir = tempfile.mkdtemp(prefix="simple_api_proxy_bench_")
+    try:
+        lines, results, footprint, failures, notes = run(args, log_dir)
+    finally:
+        if args.keep_logs:
+            print(f"logs: {log_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    wall = time.monotonic() - began
+
+    mode = "smoke (figures too short to judge)" if args.smoke else f"{args.seconds:g} s per side per row"
+    print(f"simple_api_proxy benchmark — {datetime.datetime.now():%Y-%m-%d %H:%M}, {mode}, "
+          f"Python {platform.python_version()}, {os.cpu_count()} cores, load average before the run "
+          f"{load_before:.2f}, proxy LOG_LEVEL=WARNING\n")
+    print(markdown(lines))
+    print("\nfloor: the same client straight to the stand-in Ollama with the same reply settings; for cache hits "
+          "its cheapest answer, a small non-streamed reply. CPU ms/req: the serving process's CPU (the stand-in "
+          "for the floor, the proxy alone for the proxy). Footprint floors: `python3 -m http.server` for start-up "
+          "and idle RSS, the stand-in for peak RSS. chunk delay: stand-in send to client receive, per token.")
+    for note in notes:
+        print(f"- note: {note}")
+    for failure in failures:
+        print(f"- FAILED: {failure}")
+    print(f"\nwall time {wall:.1f} s; {'FAILED' if failures else 'every scenario completed without errors'}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"mode": "smoke" if args.smoke else "full", "seconds_per_side": args.seconds,
+                       "python": platform.python_version(), "cores": os.cpu_count(), "wall_s": wall,
+                       "load_average_before": load_before,
+                       "table": lines, "scenarios": results, "footprint": footprint,
+                       "failures": failures, "notes": notes}, out, indent=1)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
