@@ -1821,6 +1821,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.started = time.monotonic()
         self.status = None
         self.log_extra = {}
+        self.input_estimate = 0  # tokens, for a context-length refusal from Ollama
         self._committed = False
         self._chunked = True
         self._head = b""
@@ -2143,7 +2144,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         input_tokens = estimate_tokens(payload)
         if input_tokens > self.config.ollama_num_ctx:
             raise prompt_too_long(input_tokens, self.config.ollama_num_ctx)
-        self.log_extra["estimated_tokens"] = input_tokens
+        self.input_estimate = input_tokens
 
         if request["max_tokens"] == 0:
             return self.respond_message(empty_message(model, input_tokens, "max_tokens"), stream, cache_state)
@@ -2293,7 +2294,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if exchange.status == 404:
             return self.server.ollama.missing_model(ollama_model)
         return upstream_status_error(exchange.status, str(text)[:500], exchange.address,
-                                     self.log_extra.get("estimated_tokens", 0), self.config.ollama_num_ctx)
+                                     self.input_estimate, self.config.ollama_num_ctx)
 
     def collect_reply(self, exchange, translator, ollama_model):
         for batch in self.upstream_batches(exchange, ollama_model):
