@@ -2162,27 +2162,32 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.server.count("in_flight", 1)
         try:
             exchange = ollama.open("POST", "/api/chat", payload)
-            try:
-                if stream:
-                    message = self.stream_reply(exchange, translator, ollama_model, cache_state)
-                else:
-                    message = self.collect_reply(exchange, translator, ollama_model)
-                if message is not None:
-                    self.log_extra.update(input_tokens=message["usage"]["input_tokens"],
-                                          output_tokens=message["usage"]["output_tokens"])
-                    if store:
-                        cache.put(key, message)
-                    if not stream:
-                        self.send_json(200, message, {"x-cache": cache_state})
-            finally:
-                # Only after the client has its answer: keeping the connection may wait a moment.
-                if translator.done and translator.stop_reason != "stop_sequence":
-                    exchange.release()
-                else:
-                    exchange.close()  # which also stops a generation still running
+        except ProxyError:
+            self.generation_over()
+            raise
+        try:
+            if stream:
+                message = self.stream_reply(exchange, translator, ollama_model, cache_state)
+            else:
+                message = self.collect_reply(exchange, translator, ollama_model)
+            if message is not None:
+                self.log_extra.update(input_tokens=message["usage"]["input_tokens"],
+                                      output_tokens=message["usage"]["output_tokens"])
+                if store:
+                    cache.put(key, message)
+                if not stream:
+                    self.send_json(200, message, {"x-cache": cache_state})
         finally:
-            self.server.count("in_flight", -1)
-            self.server.slots.release()
+            self.generation_over()
+            # Only after the client has its answer: keeping the connection may wait a moment.
+            if translator.done and translator.stop_reason != "stop_sequence":
+                exchange.release()
+            else:
+                exchange.close()  # which also stops a generation still running
+
+    def generation_over(self):
+        self.server.count("in_flight", -1)
+        self.server.slots.release()
 
     def cache_policy(self, request, payload):
         """(cache, key, look it up?, store the answer?) from CACHE and the client's Cache-Control."""

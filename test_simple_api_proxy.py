@@ -250,13 +250,17 @@ class StandInOllama:
         handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
         try:
-            for step in reply.steps:
+            for number, step in enumerate(reply.steps, 1):
                 if isinstance(step, dict):
                     if reply.per_token_delay and not self.pause(handler, reply.per_token_delay):
                         return
                     step = dict(step, model=request["model"])
                     line = json.dumps(step).encode() + b"\n"
-                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                    # Like Go's server, the last line and the closing chunk leave together.
+                    end = b"0\r\n\r\n" if number == len(reply.steps) else b""
+                    handler.wfile.write(b"%x\r\n%s\r\n%s" % (len(line), line, end))
+                    if end:
+                        return
                 elif step[0] == "sleep":
                     if not self.pause(handler, step[1]):
                         return
@@ -2482,7 +2486,7 @@ def test_launcher_remote_503_warns_and_continues(launcher_sandbox):
     result = sb.run(["--ssh", "me@gpu-box", "--remote-port", str(remote), "--local-port", str(local)],
                     sb.env())
     assert result.returncode == 0, result.stderr
-    warnings = [line for line in _launcher_all_prefixed(result) if "503" in line]
+    warnings = [line for line in _launcher_all_prefixed(result) if "HTTP 503" in line]
     assert len(warnings) == 1 and "Ollama" in warnings[0]
     assert sb.claude_record()["health"] == 503
     sb.assert_no_tunnel_left()
