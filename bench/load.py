@@ -64,17 +64,8 @@ class ErrorBody:
         pass
 
 
-class JsonBody:
+class JsonBody(ErrorBody):
     """A whole JSON object: an Anthropic message or Ollama's non-streamed reply."""
-
-    def __init__(self):
-        self.parts = []
-        self.first_text = None
-        self.text = ""
-        self.ended = False
-
-    def feed(self, data, now):
-        self.parts.append(data)
 
     def finish(self, now):
         value = json.loads(b"".join(self.parts))
