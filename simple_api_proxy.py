@@ -288,8 +288,8 @@ def load_config(argv=None, environ=None):
                         ("OLLAMA_FIRST_TOKEN_TIMEOUT", config.ollama_first_token_timeout),
                         ("CLIENT_TIMEOUT", config.client_timeout), ("CACHE_TTL", config.cache_ttl),
                         ("REDIS_TIMEOUT", config.redis_timeout)):
-        if value <= 0:
-            parser.error(f"{name} must be greater than 0, not {value}")
+        if not (math.isfinite(value) and value > 0):
+            parser.error(f"{name} must be a number greater than 0, not {value}")
     if config.shutdown_grace < 0 or config.cache_max_entries < 0 or config.cache_max_bytes < 0:
         parser.error("SHUTDOWN_GRACE, CACHE_MAX_ENTRIES and CACHE_MAX_BYTES cannot be negative")
     if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -921,6 +921,7 @@ class StreamTranslator:
         self.output_tokens = 0
         self.chunks = 0
         self.done = False
+        self.upstream_done = False
 
     def start(self):
         message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
@@ -1034,6 +1035,8 @@ class StreamTranslator:
             function = call.get("function") or {}
             self._flush(events, before_tool=True)
             self._tool_use(str(function.get("name", "")), tool_arguments(function.get("arguments")), events)
+        if chunk.get("done"):
+            self.upstream_done = True  # Ollama finished; a stop sequence leaves it generating
         if chunk.get("done") or self.stop_reason == "stop_sequence":
             self._finish(chunk, events)
         return events
@@ -1133,10 +1136,12 @@ class UpstreamExchange:
     client at once, send pings between reads and apply one deadline before the first token and
     another between tokens; a socket timeout here never poisons the connection."""
 
-    def __init__(self, sock, address, pool=None):
+    def __init__(self, sock, address, pool=None, request=b"", reused=False):
         self.sock = sock
         self.address = address
         self.pool = pool
+        self.request_bytes = request  # sent once more if a kept connection turns out closed
+        self.reused = reused
         # Non-blocking, with one poll object for the whole answer: a timeout set per read costs
         # a system call each time.
         sock.setblocking(False)
@@ -1157,13 +1162,17 @@ class UpstreamExchange:
         """The answer's last line was read: keep the connection for the next request once the body
         has ended cleanly (its closing chunk trails the last line by a moment), else close it."""
         deadline = time.monotonic() + wait
+        upstream_only = None  # the exchange's poller may still watch the client
         try:
             while not self.finished and self.status == 200:
                 if not self.receive():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
-                    self.poller.poll(remaining * 1000)
+                    if upstream_only is None:
+                        upstream_only = select.poll()
+                        upstream_only.register(self.sock, select.POLLIN)
+                    upstream_only.poll(remaining * 1000)
         except ProxyError:
             pass
         if (self.pool is not None and self.finished and self._framing != "close" and not self._raw
@@ -1171,6 +1180,24 @@ class UpstreamExchange:
             self.pool.keep(self.sock)
         else:
             self.close()
+
+    def _resend_on_fresh_connection(self):
+        """A kept connection that Ollama closed before answering anything: send once more on a new one."""
+        if not (self.reused and self.status is None and not self._raw):
+            return False
+        self.reused = False
+        self.poller.unregister(self.fd)
+        self.close()
+        sock = self.pool._connect()
+        try:
+            sock.sendall(self.request_bytes)
+        except OSError as exc:
+            sock.close()
+            raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
+        sock.setblocking(False)
+        self.sock, self.fd = sock, sock.fileno()
+        self.poller.register(sock, select.POLLIN)
+        return True
 
     def close(self):
         try:
@@ -1189,7 +1216,11 @@ class UpstreamExchange:
         except (BlockingIOError, ssl.SSLWantReadError):
             return False
         except OSError as exc:
+            if self._resend_on_fresh_connection():
+                return True
             raise ProxyError(502, f"the connection to Ollama at {self.address} broke: {exc}") from exc
+        if not data and self._resend_on_fresh_connection():
+            return True
         if not data:
             self._at_eof()
         else:
@@ -1307,21 +1338,24 @@ class UpstreamExchange:
 
 
 def decode_ndjson(lines, address):
-    """NDJSON lines -> objects, in one decoder call for all the lines that arrived together."""
+    """NDJSON lines -> (objects, None), in one decoder call for all the lines that arrived
+    together; or (the objects before a bad line, the ProxyError naming it)."""
     try:
         chunks = _decode_json("[" + b",".join(lines).decode() + "]")
         if len(chunks) == len(lines) and all(isinstance(chunk, dict) for chunk in chunks):
-            return chunks
+            return chunks, None
     except ValueError:
         pass
-    for line in lines:  # name the line that is wrong
+    chunks = []
+    for line in lines:
         try:
             chunk = _decode_json(line.decode())
         except ValueError:
-            raise ProxyError(502, f"Ollama at {address} sent a line that is not JSON: {line[:80]!r}") from None
+            return chunks, ProxyError(502, f"Ollama at {address} sent a line that is not JSON: {line[:80]!r}")
         if not isinstance(chunk, dict):
-            raise ProxyError(502, f"Ollama at {address} sent an unexpected line: {line[:80]!r}")
-    raise ProxyError(502, f"Ollama at {address} sent lines that are not one JSON object each")
+            return chunks, ProxyError(502, f"Ollama at {address} sent an unexpected line: {line[:80]!r}")
+        chunks.append(chunk)
+    return chunks, None
 
 
 class OllamaClient:
@@ -1373,7 +1407,7 @@ class OllamaClient:
             try:
                 sock.settimeout(self.config.ollama_timeout)
                 sock.sendall(request)
-                return UpstreamExchange(sock, self.address, self)
+                return UpstreamExchange(sock, self.address, self, request, reused=True)
             except OSError:
                 sock.close()
         sock = self._connect()
@@ -1797,7 +1831,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         # CLIENT_TIMEOUT by the kernel's send timeout.
         seconds = self.config.client_timeout
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                                struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+                                struct.pack("ll", int(seconds), max(1, int(seconds % 1 * 1e6))))
         self.deadlines = self.server.read_deadlines
 
     def version_string(self):
@@ -1823,6 +1857,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.log_extra = {}
         self.input_estimate = 0  # tokens, for a context-length refusal from Ollama
         self._committed = False
+        self._ended = False
         self._chunked = True
         self._head = b""
         # Idle keep-alive time, request line and headers: CLIENT_TIMEOUT in all.
@@ -1923,7 +1958,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if error.status >= 500:
             log.warning("%s %s: %s", self.request_id, error.error_type, error.message)
         try:
-            if self._committed:
+            if self._ended:
+                self.close_connection = True
+            elif self._committed:
                 self.close_connection = True
                 self.end_stream([("error", {"type": "error",
                                             "error": {"type": error.error_type, "message": error.message}})])
@@ -1960,6 +1997,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send(self.framed(events))
 
     def end_stream(self, events=()):
+        self._ended = True
         self.send(self.framed(events) + (b"0\r\n\r\n" if self._chunked else b""))
 
     # -- request bodies --------------------------------------------------------
@@ -2180,7 +2218,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         finally:
             self.generation_over()
             # Only after the client has its answer: keeping the connection may wait a moment.
-            if translator.done and translator.stop_reason != "stop_sequence":
+            if translator.upstream_done:
                 exchange.release()
             else:
                 exchange.close()  # which also stops a generation still running
@@ -2281,10 +2319,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
                 self.wait(exchange, deadline, silence)
                 continue
-            batch = decode_ndjson(lines, exchange.address)
+            batch, error = decode_ndjson(lines, exchange.address)
             deadline = time.monotonic() + config.ollama_timeout
             silence = f"Ollama went silent for {config.ollama_timeout:g} s mid-reply (OLLAMA_TIMEOUT)"
             yield batch
+            if error:
+                raise error
 
     def upstream_failure(self, exchange, ollama_model):
         """The ProxyError for an Ollama answer with an error status."""

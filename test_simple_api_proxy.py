@@ -102,15 +102,16 @@ def tool_reply(*calls, text=""):
 class StandInOllama:
     """An Ollama look-alike on 127.0.0.1, scripted per test."""
 
-    def __init__(self, models=None, port=0):
+    def __init__(self, models=None, port=0, responder=None):
         self.models = models or {MODEL: ["completion", "tools"], "llama3.2:3b": ["completion", "tools"],
                                  "qwen3:8b": ["completion", "tools", "thinking"]}
         self.requests = []
         self.scripted = queue.Queue()
-        self.responder = None
+        self.responder = responder
         self.disconnects = 0
         self.connections = 0
         self.open_connections = set()
+        self.drop_kept = False
         self.close_idle = False  # close each connection after its reply, as a server with an idle timeout does
         self.chat_started = threading.Event()
         self.lock = threading.Lock()
@@ -213,6 +214,11 @@ class StandInOllama:
 
     def post(self, handler):
         handler.close_connection = self.close_idle
+        handler.served = getattr(handler, "served", 0) + 1
+        if self.drop_kept and handler.served > 1:
+            self.drop_kept = False  # a kept connection closed just as it is used again: no answer
+            handler.close_connection = True
+            return
         path = handler.path.split("?")[0]
         length = int(handler.headers.get("Content-Length", 0))
         try:
@@ -1004,6 +1010,36 @@ def test_upstream_connections_are_kept_alive_and_stale_ones_replaced(gateway, ol
     for _ in range(2):
         assert gateway.messages(request_body())[0] == 200
     assert ollama.connections == 3
+
+
+def test_a_kept_connection_closed_as_it_is_reused_gets_the_request_resent(gateway, ollama):
+    assert gateway.messages(request_body())[0] == 200
+    ollama.drop_kept = True
+    for stream in (False, True):
+        status, _, raw = gateway.call("POST", "/v1/messages", request_body(stream=stream))
+        assert status == 200
+        if stream:
+            assert_valid_stream(parse_sse(raw))
+        else:
+            assert json.loads(raw)["content"][0]["text"] == "Hello! I am the stand-in model."
+        ollama.drop_kept = True
+    assert ollama.connections == 3
+
+
+def test_lines_before_a_bad_line_in_the_same_read_still_arrive(gateway, ollama):
+    good = json.dumps(chunk(content="Hello")).encode() + b"\n"
+    ollama.script(Reply([("raw", good + b"{garbage\n")]))
+    status, _, raw = gateway.stream(request_body())
+    events = parse_sse(raw)
+    assert [d["delta"]["text"] for n, d in events if n == "content_block_delta"] == ["Hello"]
+    assert events[-1][0] == "error"
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_timeouts_must_be_finite(value, capsys):
+    with pytest.raises(SystemExit):
+        proxy.load_config([], {"CLIENT_TIMEOUT": value})
+    assert "CLIENT_TIMEOUT must be a number greater than 0" in capsys.readouterr().err
 
 
 def test_keep_alive_connection_serves_several_requests(gateway):
@@ -2824,7 +2860,7 @@ def test_ipv6_ollama_host_gets_a_bracketed_host_header():
 def test_settings_that_must_be_positive_are_checked(name, capsys):
     with pytest.raises(SystemExit):
         proxy.load_config([], {name: "0"})
-    assert f"{name} must be greater than 0" in capsys.readouterr().err
+    assert f"{name} must be a number greater than 0" in capsys.readouterr().err
 
 
 def test_errors_name_the_clients_own_message_index():

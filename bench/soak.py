@@ -244,8 +244,7 @@ def main():
             elif what == "ollama down":
                 ollama.stop()
             elif what == "ollama up":
-                ollama = standin.StandInOllama(port=ollama_port)
-                ollama.responder = soak.respond
+                ollama = standin.StandInOllama(port=ollama_port, responder=soak.respond)
         for thread in clients:
             thread.join(REQUEST_TIMEOUT + args.seconds)
         if redis_port:
