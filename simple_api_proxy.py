@@ -1806,8 +1806,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # A garbled request line still gets a status line and headers, not an HTTP/0.9 bare body.
     default_request_version = "HTTP/1.1"
     server_version = f"simple_api_proxy/{__version__}"
-    sys_version = ""
-    error_content_type = "application/json"
 
     ROUTES = {
         ("GET", "/"): "root",
