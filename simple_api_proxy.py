@@ -1372,6 +1372,13 @@ class OllamaClient:
         self._idle = []  # kept-alive connections, most recently used last
         self._tls = ssl.create_default_context() if config.ollama.scheme == "https" else None
 
+    def close(self):
+        """Close the kept connections (on shutdown)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
     def keep(self, sock):
         with self._lock:
             if len(self._idle) < self.MAX_IDLE_CONNECTIONS:
@@ -1799,6 +1806,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         super().server_close()
         self.read_deadlines.stopped.set()
         self.cache.close()
+        self.ollama.close()
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
