@@ -1775,6 +1775,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.in_flight = 0  # generations: requests Ollama is working on
         self.stopping = False
         self.started = time.time()
+        # Tells one proxy run from another behind the same address: the launcher compares the id
+        # seen through its tunnel with the one on the box, so it never talks to a stranger's proxy.
+        self.instance_id = secrets.token_hex(8)
         super().__init__((config.api_host, config.api_port), handler_class or ProxyHandler)
 
     def process_request(self, request, client_address):
@@ -2116,10 +2119,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         payload = {"status": "ok" if healthy else "degraded", "service": "simple_api_proxy",
                    "version": __version__, "uptime_s": round(time.time() - self.server.started, 1),
                    "ollama": ollama, "cache": self.server.cache.health(),
-                   "in_flight": self.server.in_flight}
+                   "in_flight": self.server.in_flight, "instance_id": self.server.instance_id}
         if self.config.proxy_api_key and not self.has_api_key():
             # Without the key, say only whether it works: no addresses, models or errors.
-            payload = {"status": payload["status"], "service": "simple_api_proxy", "version": __version__}
+            payload = {"status": payload["status"], "service": "simple_api_proxy", "version": __version__,
+                       "instance_id": self.server.instance_id}
         self.send_json(200 if healthy else 503, payload)
 
     def route_models(self):
@@ -2422,8 +2426,14 @@ def is_loopback(host):
 
 
 def serve(config):
-    """Run until SIGTERM/SIGINT; requests in flight get SHUTDOWN_GRACE seconds to finish."""
-    server = ProxyServer(config)
+    """Run until SIGTERM/SIGINT; requests in flight get SHUTDOWN_GRACE seconds to finish.
+    Returns the exit status."""
+    try:
+        server = ProxyServer(config)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s; another process holds the port (stop it, or set API_PORT)",
+                  config.api_host, config.api_port, exc.strerror or exc)
+        return 1
     host, port = server.server_address[:2]
     log.info("simple_api_proxy %s listening on http://%s:%s | %s", __version__, host, port, config.describe())
     if not is_loopback(config.api_host) and not config.proxy_api_key:
@@ -2450,13 +2460,13 @@ def serve(config):
         log.warning("shutdown grace over with %d request(s) still in flight", server.active_requests)
     server.server_close()
     log.info("stopped")
+    return 0
 
 
 def main(argv=None):
     config = load_config(argv)
     setup_logging(config)
-    serve(config)
-    return 0
+    return serve(config)
 
 
 if __name__ == "__main__":

@@ -1647,7 +1647,7 @@ def test_api_key_guards_v1_but_not_liveness(ollama):
         assert gateway.json("GET", "/v1/models")[0] == 401
         assert gateway.json("GET", "/")[0] == 200
         status, _, open_health = gateway.json("GET", "/health")
-        assert status == 200 and set(open_health) == {"status", "service", "version"}
+        assert status == 200 and set(open_health) == {"status", "service", "version", "instance_id"}
         status, _, full_health = gateway.json("GET", "/health", headers={"x-api-key": "k-123"})
         assert "ollama" in full_health and "cache" in full_health
         anthropic = anthropic_module()
@@ -2813,6 +2813,32 @@ def test_launcher_missing_explicit_config_fails(launcher_sandbox):
     result = sb.run(["--local"], sb.env(CLAUDE_START_CONFIG=sb.root / "missing.env"))
     line = _launcher_error_line(result)
     assert "missing.env" in line and "not found" in line
+
+
+###############################################################################
+# The proxy as the launcher meets it on a box: one instance id per run, a taken port
+###############################################################################
+
+def test_health_carries_an_instance_id_per_run(ollama):
+    with running_proxy(ollama.url) as first, running_proxy(ollama.url, PROXY_API_KEY="k-1") as second:
+        ids = [first.json("GET", "/health")[2]["instance_id"] for _ in range(2)]
+        other = second.json("GET", "/health")[2]["instance_id"]  # without the key: still there
+    assert ids[0] == ids[1] == first.server.instance_id and len(ids[0]) == 16
+    assert other != ids[0]
+
+
+def test_taken_port_is_a_one_line_error(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        result = subprocess.run([sys.executable, str(HERE / "simple_api_proxy.py"), "--api-port", str(port)],
+                                env=dict(os.environ, LOG_FILE="", CACHE="off"), cwd=tmp_path,
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot listen on 127.0.0.1:%d" % port in lines[0] and "API_PORT" in lines[0]
 
 
 ###############################################################################
