@@ -66,6 +66,7 @@ SETTINGS = (
      "seconds before the first token: model load plus prompt processing"),
     ("OLLAMA_NUM_CTX", int, 32768, "context window sent to Ollama on every request (num_ctx)"),
     ("OLLAMA_KEEP_ALIVE", str, "", "how long Ollama keeps the model loaded (e.g. 30m, -1); unset: Ollama's default"),
+    ("DEFAULT_MAX_TOKENS", int, 4096, "max_tokens for a request that does not say (the integration guide's checks)"),
     ("PING_INTERVAL", float, 10.0, "seconds between SSE pings while a stream waits for the model"),
     ("CACHE", str, "on", "response cache: on or off"),
     ("CACHE_TTL", int, 86400, "seconds a cached answer lives, in memory and in Redis"),
@@ -120,6 +121,7 @@ class Config:
     ollama_first_token_timeout: float
     ollama_num_ctx: int
     ollama_keep_alive: str
+    default_max_tokens: int
     ping_interval: float
     cache_enabled: bool
     cache_ttl: int
@@ -260,6 +262,7 @@ def load_config(argv=None, environ=None):
             ollama_first_token_timeout=values["OLLAMA_FIRST_TOKEN_TIMEOUT"],
             ollama_num_ctx=values["OLLAMA_NUM_CTX"],
             ollama_keep_alive=values["OLLAMA_KEEP_ALIVE"],
+            default_max_tokens=values["DEFAULT_MAX_TOKENS"],
             ping_interval=values["PING_INTERVAL"],
             cache_enabled=parse_switch("CACHE", values["CACHE"]),
             cache_ttl=values["CACHE_TTL"],
@@ -287,7 +290,8 @@ def load_config(argv=None, environ=None):
                         ("OLLAMA_TIMEOUT", config.ollama_timeout), ("PING_INTERVAL", config.ping_interval),
                         ("OLLAMA_FIRST_TOKEN_TIMEOUT", config.ollama_first_token_timeout),
                         ("CLIENT_TIMEOUT", config.client_timeout), ("CACHE_TTL", config.cache_ttl),
-                        ("REDIS_TIMEOUT", config.redis_timeout)):
+                        ("REDIS_TIMEOUT", config.redis_timeout),
+                        ("DEFAULT_MAX_TOKENS", config.default_max_tokens)):
         if not (math.isfinite(value) and value > 0):
             parser.error(f"{name} must be a number greater than 0, not {value}")
     if config.shutdown_grace < 0 or config.cache_max_entries < 0 or config.cache_max_bytes < 0:
@@ -348,6 +352,10 @@ CHARS_PER_TOKEN = 3.5  # qwen-style tokenizers: ~4 for prose, ~3 for code; err t
 IMAGE_TOKENS = 768  # what Ollama's own truncation assumes per image
 MESSAGE_OVERHEAD_TOKENS = 4  # role markers of a chat template
 STOP_REASONS = {"length": "max_tokens"}
+# Stop sequences are matched by the proxy; these bound the matcher's size per request.
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_SEQUENCE_CHARS = 128
+MIN_THINKING_BUDGET = 1024  # Anthropic's floor for thinking.budget_tokens
 TOOL_SCHEMA_TYPES = (None, "custom")
 
 
@@ -393,8 +401,86 @@ def _require_type(value, kinds, path, description):
     return value
 
 
-def validate_messages_request(body, *, for_count=False):
-    """Check the fields the proxy uses, with messages that name the field; leave the rest alone."""
+class NonFiniteNumber(ValueError):
+    """A JSON number too large for a float (1e400): json.loads would make it inf, which no JSON
+    encoder can send on."""
+
+
+def finite_float(text):
+    """json.loads' parse_float: refuses what would become inf instead of passing it upstream."""
+    value = float(text)
+    if value - value != 0:
+        raise NonFiniteNumber(text)
+    return value
+
+
+NON_FINITE_MARK = object()
+
+
+def non_finite_field(text):
+    """Where the first non-finite number of a JSON text stands, as a field path (a.0.b): for the
+    400 that names it. Runs only for a body that already failed finite_float."""
+    found = []
+
+    def mark(number):
+        value = float(number)
+        if value - value != 0 and not found:
+            found.append(number)
+            return NON_FINITE_MARK
+        return value
+
+    try:
+        stack = [("", json.loads(text, parse_float=mark))]
+    except (ValueError, RecursionError):
+        return "body"
+    while stack:
+        path, value = stack.pop()
+        if value is NON_FINITE_MARK:
+            return path or "body"
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        stack.extend((f"{path}.{key}" if path else str(key), item) for key, item in items)
+    return "body"
+
+
+def _require_number_between(body, key, low, high):
+    value = body.get(key)
+    if value is None:
+        return
+    _require_type(value, (int, float), key, "a valid number")
+    if not low <= value <= high:
+        raise invalid(f"{key}: Input should be between {low} and {high} (got {value})")
+
+
+def _validate_thinking(thinking, max_tokens):
+    if thinking.get("type") != "enabled":
+        return
+    if "budget_tokens" not in thinking:
+        raise invalid("thinking.enabled.budget_tokens: Field required")
+    budget = _require_type(thinking["budget_tokens"], (int,), "thinking.budget_tokens", "a valid integer")
+    if budget < MIN_THINKING_BUDGET:
+        raise invalid(f"thinking.budget_tokens: Input should be greater than or equal to {MIN_THINKING_BUDGET}")
+    if max_tokens is not None and budget >= max_tokens:
+        raise invalid(f"thinking.budget_tokens: `max_tokens` must be greater than `thinking.budget_tokens` "
+                      f"({max_tokens} <= {budget})")
+
+
+def _validate_stop_sequences(stops):
+    _require_type(stops, (list,), "stop_sequences", "a valid list")
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise invalid(f"stop_sequences: at most {MAX_STOP_SEQUENCES} stop sequences are accepted "
+                      f"(got {len(stops)})")
+    for index, stop in enumerate(stops):
+        _require_type(stop, (str,), f"stop_sequences.{index}", "a valid string")
+        if len(stop) > MAX_STOP_SEQUENCE_CHARS:
+            raise invalid(f"stop_sequences.{index}: a stop sequence may have at most "
+                          f"{MAX_STOP_SEQUENCE_CHARS} characters (got {len(stop)})")
+
+
+def validate_messages_request(body, *, for_count=False, default_max_tokens=None):
+    """Check the fields the proxy uses, with messages that name the field; leave the rest alone.
+
+    Without max_tokens the request gets default_max_tokens (DEFAULT_MAX_TOKENS), or is refused
+    when there is no default."""
     if not isinstance(body, dict):
         raise invalid("Request body must be a JSON object")
     if "model" not in body:
@@ -404,7 +490,9 @@ def validate_messages_request(body, *, for_count=False):
         raise invalid("model: String should have at least 1 character")
     if not for_count:
         if "max_tokens" not in body:
-            raise invalid("max_tokens: Field required")
+            if default_max_tokens is None:
+                raise invalid("max_tokens: Field required")
+            body["max_tokens"] = default_max_tokens
         max_tokens = _require_type(body["max_tokens"], (int,), "max_tokens", "a valid integer")
         if max_tokens < 0:
             raise invalid("max_tokens: Input should be greater than or equal to 0")
@@ -427,16 +515,14 @@ def validate_messages_request(body, *, for_count=False):
     system = body.get("system")
     if system is not None:
         _validate_content(system, "system")
-    for key, kinds, description in (("temperature", (int, float), "a valid number"),
-                                    ("top_p", (int, float), "a valid number"),
-                                    ("top_k", (int,), "a valid integer")):
-        if body.get(key) is not None:
-            _require_type(body[key], kinds, key, description)
+    _require_number_between(body, "temperature", 0, 1)
+    _require_number_between(body, "top_p", 0, 1)
+    if body.get("top_k") is not None:
+        if _require_type(body["top_k"], (int,), "top_k", "a valid integer") < 0:
+            raise invalid("top_k: Input should be greater than or equal to 0")
     stops = body.get("stop_sequences")
     if stops is not None:
-        _require_type(stops, (list,), "stop_sequences", "a valid list")
-        for index, stop in enumerate(stops):
-            _require_type(stop, (str,), f"stop_sequences.{index}", "a valid string")
+        _validate_stop_sequences(stops)
     tools = body.get("tools")
     if tools is not None:
         _require_type(tools, (list,), "tools", "a valid list")
@@ -456,6 +542,8 @@ def validate_messages_request(body, *, for_count=False):
     for key in ("thinking", "metadata", "output_config"):
         if body.get(key) is not None:
             _require_type(body[key], (dict,), key, "a valid dictionary")
+    if body.get("thinking") is not None:
+        _validate_thinking(body["thinking"], None if for_count else body["max_tokens"])
     return body
 
 
@@ -888,6 +976,64 @@ def partial_suffix(text, marker):
     return 0
 
 
+class StopSequenceMatcher:
+    """Finds the first stop sequence to complete in streamed text, in one pass (Aho-Corasick).
+
+    Each character costs one or two dict lookups however many sequences there are, and the state
+    carries across pieces, so a sequence split over tokens is found without searching again.
+    `held` is how many of the last characters may still begin a sequence: text the gate keeps."""
+
+    def __init__(self, stops):
+        self.next = [{}]  # per node: character -> node
+        self.fail = [0]   # per node: the node of the longest proper suffix that is also a prefix
+        self.depth = [0]
+        self.output = [None]  # per node: a stop sequence ending here
+        for stop in stops:
+            node = 0
+            for char in stop:
+                child = self.next[node].get(char)
+                if child is None:
+                    child = len(self.next)
+                    self.next.append({})
+                    self.fail.append(0)
+                    self.depth.append(self.depth[node] + 1)
+                    self.output.append(None)
+                    self.next[node][char] = child
+                node = child
+            self.output[node] = self.output[node] or stop
+        queue = collections.deque(self.next[0].values())
+        while queue:
+            node = queue.popleft()
+            for char, child in self.next[node].items():
+                fallback = self.fail[node]
+                while fallback and char not in self.next[fallback]:
+                    fallback = self.fail[fallback]
+                self.fail[child] = self.next[fallback].get(char, 0)
+                self.output[child] = self.output[child] or self.output[self.fail[child]]
+                queue.append(child)
+        self.state = 0
+
+    @property
+    def held(self):
+        return self.depth[self.state]
+
+    def reset(self):
+        self.state = 0
+
+    def scan(self, text):
+        """(end, stop): the first stop sequence completed in text and the index just after it; or None."""
+        node, nexts, fail, output = self.state, self.next, self.fail, self.output
+        for index, char in enumerate(text):
+            while node and char not in nexts[node]:
+                node = fail[node]
+            node = nexts[node].get(char, 0)
+            if output[node] is not None:
+                self.state = 0
+                return index + 1, output[node]
+        self.state = node
+        return None
+
+
 class StreamTranslator:
     """Ollama /api/chat stream chunks -> Anthropic SSE events, and the complete message alongside.
 
@@ -906,7 +1052,7 @@ class StreamTranslator:
         self.message_id = new_id("msg_")
         self.input_tokens = input_tokens
         self.stop_sequences = [s for s in stop_sequences if s]
-        self.longest_stop = max(map(len, self.stop_sequences), default=0)
+        self.stop_matcher = StopSequenceMatcher(self.stop_sequences) if self.stop_sequences else None
         self.tool_names = frozenset(tool_names)
         self.show_thinking = show_thinking
         self.recover = recover_tool_calls and bool(self.tool_names)
@@ -969,15 +1115,14 @@ class StreamTranslator:
         if not self.gated:
             self._delta("text", piece, events)
             return
-        # Text already searched cannot hold a whole stop sequence: start just before the new piece.
-        searched = max(0, len(self.pending) - self.longest_stop + 1)
+        if self.stop_matcher and not self.pending:
+            self.stop_matcher.reset()  # whatever began a stop sequence has been released
         self.pending += piece
-        if self.stop_sequences:
-            hits = [(self.pending.find(s, searched), s) for s in self.stop_sequences]
-            hits = [hit for hit in hits if hit[0] >= 0]
-            if hits:
-                position, self.stop_sequence = min(hits)
-                self.pending = self.pending[:position]
+        if self.stop_matcher:
+            found = self.stop_matcher.scan(piece)
+            if found:
+                end, self.stop_sequence = found
+                self.pending = self.pending[:len(self.pending) - len(piece) + end - len(self.stop_sequence)]
                 self.stop_reason = "stop_sequence"
                 return
         if self.held_for_call:
@@ -990,8 +1135,8 @@ class StreamTranslator:
             self.pending = tag + after
             self.held_for_call = True
             return
-        keep = max([partial_suffix(self.pending, s) for s in self.stop_sequences] +
-                   [partial_suffix(self.pending, TOOL_CALL_OPEN) if self.recover else 0])
+        keep = max(min(self.stop_matcher.held, len(self.pending)) if self.stop_matcher else 0,
+                   partial_suffix(self.pending, TOOL_CALL_OPEN) if self.recover else 0)
         self._release(self.pending[:len(self.pending) - keep], events)
         self.pending = self.pending[len(self.pending) - keep:]
 
@@ -2072,7 +2217,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.config.log_bodies:
             log.info("%s body: %s", self.request_id, body.decode("utf-8", "replace"))
         try:
-            return json.loads(body.decode("utf-8"), parse_constant=reject_json_constant)
+            text = body.decode("utf-8")
+            return json.loads(text, parse_constant=reject_json_constant, parse_float=finite_float)
+        except NonFiniteNumber as exc:
+            raise invalid(f"{non_finite_field(text)}: Input should be a finite number (got {exc})") from None
         except UnicodeDecodeError as exc:
             raise invalid(f"request body is not valid UTF-8 (byte {exc.start})") from None
         except ValueError as exc:
@@ -2172,10 +2320,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         request = validate_messages_request(self.read_json(), for_count=True)
         ollama_model = resolve_model(request["model"], self.config)
         payload = anthropic_to_ollama(dict(request, max_tokens=1), ollama_model, self.config)
+        try:
+            self.server.ollama.capabilities(ollama_model)  # a model Ollama lacks is a 404 here too
+        except ProxyError as error:
+            if error.status == 404:
+                raise
+            # Ollama unreachable: the estimate needs no Ollama, so it is still the answer.
         self.send_json(200, {"input_tokens": estimate_tokens(payload)})
 
     def route_messages(self):
-        request = validate_messages_request(self.read_json())
+        request = validate_messages_request(self.read_json(), default_max_tokens=self.config.default_max_tokens)
         model = request["model"]
         ollama_model = resolve_model(model, self.config)
         stream = bool(request.get("stream"))

@@ -826,7 +826,7 @@ def test_stop_sequence_is_reported_and_generation_stopped(gateway, ollama):
 
 def test_thinking_model_gets_think_flag_and_capabilities_are_cached(gateway, ollama):
     ollama.script(Reply([chunk(thinking="pondering"), chunk(content="42"), final_chunk()]), text_reply())
-    body = request_body(model="qwen3:8b", thinking={"type": "enabled", "budget_tokens": 2000})
+    body = request_body(model="qwen3:8b", max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000})
     status, _, message = gateway.messages(body)
     assert ollama.chats()[-1]["think"] is True
     assert message["content"] == [{"type": "thinking", "thinking": "pondering", "signature": ""},
@@ -998,17 +998,24 @@ def test_one_slow_generation_does_not_hold_up_another(gateway, ollama):
 
 
 def test_upstream_connections_are_kept_alive_and_stale_ones_replaced(gateway, ollama):
+    def answered(expected=200):
+        status = gateway.messages(request_body())[0]
+        # The connection goes back to the pool only after the client has its answer: wait for
+        # the request to be over, or the next one would find the pool empty and open another.
+        wait_until(lambda: gateway.server.active_requests == 0, what="the request to finish")
+        return expected is None or status == expected
+
     for _ in range(3):
-        assert gateway.messages(request_body())[0] == 200
+        assert answered()
     assert ollama.connections == 1
     ollama.script(Reply([chunk(content="Hi"), ("cut",)]))
-    gateway.messages(request_body())
+    answered(None)
     for _ in range(2):
-        assert gateway.messages(request_body())[0] == 200
+        assert answered()
     assert ollama.connections == 2
     ollama.close_idle = True  # the kept connection is used once more, then found closed and replaced
     for _ in range(2):
-        assert gateway.messages(request_body())[0] == 200
+        assert answered()
     assert ollama.connections == 3
 
 
@@ -2024,6 +2031,88 @@ if given:
         status, _, message = gateway.messages(request_body())
         assert status == 200 and message["content"][0]["text"] == "Hello! I am the stand-in model."
         assert_threads_freed(gateway)
+
+
+###############################################################################
+# Hardening, round two: value rules, stop sequences, failures, cache, logs, shutdown
+###############################################################################
+
+def wait_until(predicate, timeout=10, what="a condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"temperature": 1.5}, "temperature: Input should be between 0 and 1"),
+    ({"temperature": -0.1}, "temperature: Input should be between 0 and 1"),
+    ({"top_p": 2}, "top_p: Input should be between 0 and 1"),
+    ({"top_k": -1}, "top_k: Input should be greater than or equal to 0"),
+    ({"top_k": 2.5}, "top_k: Input should be a valid integer"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 1000}}, "thinking.budget_tokens: Input should be greater"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, "thinking.budget_tokens: `max_tokens` must be"),
+    ({"thinking": {"type": "enabled"}}, "thinking.enabled.budget_tokens: Field required"),
+    ({"stop_sequences": ["x"] * (proxy.MAX_STOP_SEQUENCES + 1)}, "stop_sequences: at most"),
+    ({"stop_sequences": ["ok", "y" * (proxy.MAX_STOP_SEQUENCE_CHARS + 1)]}, "stop_sequences.1: a stop sequence"),
+])
+def test_anthropic_value_rules_are_400s_naming_the_field(extra, field):
+    body = request_body(**extra)
+    body["max_tokens"] = 2048
+    with pytest.raises(proxy.ProxyError) as caught:
+        proxy.validate_messages_request(body)
+    assert caught.value.status == 400 and caught.value.error_type == "invalid_request_error"
+    assert field in caught.value.message
+    fine = request_body(temperature=1, top_p=0, top_k=0, stop_sequences=["s"] * proxy.MAX_STOP_SEQUENCES,
+                        max_tokens=1025, thinking={"type": "enabled", "budget_tokens": 1024})
+    assert proxy.validate_messages_request(fine) is fine
+
+
+def test_non_finite_numbers_and_missing_models_are_refused_through_the_proxy(gateway, ollama):
+    body = json.dumps(request_body()).encode()
+    for field, raw in (("temperature", body[:-1] + b', "temperature": 1e400}'),
+                       ("tools.0.input_schema.maximum", body[:-1] + b', "tools": [{"name": "t", "input_schema": '
+                                                                         b'{"type": "object", "maximum": -2E999}}]}')):
+        status, _, answer = gateway.call("POST", "/v1/messages", raw)
+        error = json.loads(answer)["error"]
+        assert status == 400 and error["type"] == "invalid_request_error"
+        assert error["message"].startswith(f"{field}: Input should be a finite number")
+    assert ollama.chats() == []
+    counted = dict(request_body(), model="no-such-model:1b")
+    status, _, answer = gateway.json("POST", "/v1/messages/count_tokens", counted)
+    assert status == 404 and answer["error"]["type"] == "not_found_error"
+    assert gateway.json("POST", "/v1/messages", counted)[0] == 404
+
+
+def test_seed_guides_own_checks_answer_without_max_tokens(gateway, ollama):
+    """SEED_GUIDE.md's bodies, copied literally: its curl check and its "Custom Applications" example."""
+    curl_check = '{"messages":[{"role":"user","content":"Hello"}],"model":"qwen2.5-coder:7b"}'
+    custom_application = {"model": "qwen2.5-coder:7b", "messages": [{"role": "user", "content": "Hello"}]}
+    for raw in (curl_check.encode(), json.dumps(custom_application).encode()):
+        status, _, answer = gateway.json("POST", "/v1/messages", raw)
+        assert status == 200 and answer["content"][0]["text"] == "Hello! I am the stand-in model."
+    assert [chat["options"]["num_predict"] for chat in ollama.chats()] == [4096, 4096]
+    with running_proxy(ollama.url, DEFAULT_MAX_TOKENS=77) as small:
+        assert small.json("POST", "/v1/messages", curl_check.encode())[0] == 200
+    assert ollama.chats()[-1]["options"]["num_predict"] == 77
+    status, _, answer = gateway.json("POST", "/v1/messages", dict(custom_application, max_tokens="200"))
+    assert status == 400 and "max_tokens: Input should be a valid integer" in answer["error"]["message"]
+
+
+def test_many_stop_sequences_match_in_one_pass_earliest_first():
+    stops = [f"STOP{n:02d}" for n in range(proxy.MAX_STOP_SEQUENCES - 2)] + ["bc", "abcd"]
+    events, translator = translate([chunk(content="xx a"), chunk(content="b"), chunk(content="cd tail"),
+                                    final_chunk()], stop_sequences=stops)
+    assert_valid_stream(events)
+    # "bc" completes before "abcd" does, as a model emitting tokens would stop at it.
+    assert translator.message["stop_sequence"] == "bc"
+    assert translator.message["content"] == [{"type": "text", "text": "xx a"}]
+    events, translator = translate([chunk(content="ST"), chunk(content="OP0"), chunk(content="x STOP4"),
+                                    chunk(content="1!"), final_chunk()], stop_sequences=stops)
+    assert translator.message["stop_sequence"] == "STOP41"
+    assert translator.message["content"] == [{"type": "text", "text": "STOP0x "}]
+    text_deltas = [d["delta"]["text"] for n, d in events if n == "content_block_delta"]
+    assert text_deltas == ["STOP0x "]
 
 
 ###############################################################################
