@@ -57,7 +57,8 @@ SETTINGS = (
     ("API_HOST", str, "127.0.0.1", "address to listen on; the SSH tunnel reaches 127.0.0.1"),
     ("API_PORT", int, 8000, "port to listen on"),
     ("OLLAMA_HOST", str, "localhost:11434",
-     "Ollama address: host, host:port or http(s)://host[:port] (Ollama's port rules)"),
+     "Ollama address: host, host:port or http(s)://host[:port] (Ollama's port rules); "
+     "several, comma-separated, to spread requests over several Ollama servers"),
     ("OLLAMA_MODEL", str, "qwen2.5-coder:7b", "Ollama model that claude-* model names map to"),
     ("MODEL_MAP", str, "",
      "per-family models, e.g. haiku=llama3.2:3b,sonnet=qwen2.5-coder:7b,opus=qwen2.5-coder:32b"),
@@ -67,6 +68,9 @@ SETTINGS = (
     ("OLLAMA_NUM_CTX", int, 32768, "context window sent to Ollama on every request (num_ctx)"),
     ("OLLAMA_KEEP_ALIVE", str, "", "how long Ollama keeps the model loaded (e.g. 30m, -1); unset: Ollama's default"),
     ("DEFAULT_MAX_TOKENS", int, 4096, "max_tokens for a request that does not say (the integration guide's checks)"),
+    ("OLLAMA_WARMUP", str, "on",
+     "load OLLAMA_MODEL on each Ollama host at start and when a host comes back: on, off, or all "
+     "(also the MODEL_MAP models)"),
     ("PING_INTERVAL", float, 10.0, "seconds between SSE pings while a stream waits for the model"),
     ("CACHE", str, "on", "response cache: on or off"),
     ("CACHE_TTL", int, 86400, "seconds a cached answer lives, in memory and in Redis"),
@@ -114,7 +118,7 @@ class OllamaAddress:
 class Config:
     api_host: str
     api_port: int
-    ollama: OllamaAddress
+    ollama_hosts: tuple  # of OllamaAddress, in OLLAMA_HOST's order
     ollama_model: str
     model_map: dict
     ollama_timeout: float
@@ -122,6 +126,7 @@ class Config:
     ollama_num_ctx: int
     ollama_keep_alive: str
     default_max_tokens: int
+    ollama_warmup: str
     ping_interval: float
     cache_enabled: bool
     cache_ttl: int
@@ -140,12 +145,18 @@ class Config:
     log_file: str
     log_bodies: bool
 
+    @property
+    def ollama(self):
+        """The first Ollama host: the only one, unless OLLAMA_HOST lists several."""
+        return self.ollama_hosts[0]
+
     def describe(self):
         """The effective configuration as one log-safe line."""
         redis = mask_url_password(self.redis_url) if self.redis_url else "off"
         models = ",".join(f"{k}={v}" for k, v in self.model_map.items()) or "-"
         return (
-            f"listen={self.api_host}:{self.api_port} ollama={self.ollama.url} model={self.ollama_model} "
+            f"listen={self.api_host}:{self.api_port} ollama={','.join(h.url for h in self.ollama_hosts)} "
+            f"model={self.ollama_model} warmup={self.ollama_warmup} "
             f"model_map={models} num_ctx={self.ollama_num_ctx} timeout={self.ollama_timeout:g}s "
             f"first_token_timeout={self.ollama_first_token_timeout:g}s "
             f"keep_alive={self.ollama_keep_alive or 'default'} "
@@ -178,6 +189,29 @@ def parse_ollama_host(value):
         # A bind address is not connectable everywhere; Ollama's client rewrites it too.
         host = "127.0.0.1"
     return OllamaAddress(parsed.scheme, host, port or default_port)
+
+
+def parse_ollama_hosts(value):
+    """OLLAMA_HOST: one address, or several separated by commas."""
+    hosts = tuple(parse_ollama_host(part) for part in value.split(",") if part.strip())
+    if not hosts:
+        raise ValueError("OLLAMA_HOST is empty")
+    urls = [host.url for host in hosts]
+    for url in urls:
+        if urls.count(url) > 1:
+            raise ValueError(f"OLLAMA_HOST lists {url} more than once")
+    return hosts
+
+
+def parse_warmup(value):
+    word = value.strip().lower() or "on"
+    if word == "all":
+        return "all"
+    if word in TRUE_WORDS:
+        return "on"
+    if word in FALSE_WORDS:
+        return "off"
+    raise ValueError(f"OLLAMA_WARMUP must be on, off or all, not {value!r}")
 
 
 def parse_model_map(value):
@@ -255,7 +289,7 @@ def load_config(argv=None, environ=None):
         config = Config(
             api_host=values["API_HOST"],
             api_port=values["API_PORT"],
-            ollama=parse_ollama_host(values["OLLAMA_HOST"]),
+            ollama_hosts=parse_ollama_hosts(values["OLLAMA_HOST"]),
             ollama_model=values["OLLAMA_MODEL"],
             model_map=parse_model_map(values["MODEL_MAP"]),
             ollama_timeout=values["OLLAMA_TIMEOUT"],
@@ -263,6 +297,7 @@ def load_config(argv=None, environ=None):
             ollama_num_ctx=values["OLLAMA_NUM_CTX"],
             ollama_keep_alive=values["OLLAMA_KEEP_ALIVE"],
             default_max_tokens=values["DEFAULT_MAX_TOKENS"],
+            ollama_warmup=parse_warmup(values["OLLAMA_WARMUP"]),
             ping_interval=values["PING_INTERVAL"],
             cache_enabled=parse_switch("CACHE", values["CACHE"]),
             cache_ttl=values["CACHE_TTL"],
@@ -793,9 +828,42 @@ def anthropic_to_ollama(request, ollama_model, config, *, can_think=False):
     if isinstance(output_format, dict) and isinstance(output_format.get("schema"), dict):
         payload["format"] = output_format["schema"]
     if config.ollama_keep_alive:
-        keep_alive = config.ollama_keep_alive
-        payload["keep_alive"] = int(keep_alive) if re.fullmatch(r"-?\d+", keep_alive) else keep_alive
+        payload["keep_alive"] = keep_alive_value(config.ollama_keep_alive)
     return payload
+
+
+def keep_alive_value(text):
+    """OLLAMA_KEEP_ALIVE as Ollama reads it: a bare number is seconds, else a duration like 30m."""
+    return int(text) if re.fullmatch(r"-?\d+", text) else text
+
+
+def load_request(ollama_model, config):
+    """The body that makes Ollama load a model and answer at once (done_reason "load"), with the
+    num_ctx and keep_alive real requests carry: another num_ctx would load it again."""
+    payload = {"model": ollama_model, "messages": [], "stream": False,
+               "options": {"num_ctx": config.ollama_num_ctx}}
+    if config.ollama_keep_alive:
+        payload["keep_alive"] = keep_alive_value(config.ollama_keep_alive)
+    return payload
+
+
+def conversation_key(payload):
+    """A conversation's identity across turns: its system prompt and first user message."""
+    system, first_user = "", ""
+    for message in payload["messages"]:
+        if message["role"] == "system" and not system:
+            system = message.get("content") or ""
+        elif message["role"] == "user":
+            first_user = message.get("content") or ""
+            break
+    digest = hashlib.blake2b(system.encode("utf-8", "replace"), digest_size=16)
+    digest.update(b"\0" + first_user.encode("utf-8", "replace"))
+    return digest.digest()
+
+
+def same_model(wanted, name):
+    """Ollama's naming: a model without a tag is its :latest."""
+    return name == wanted or (":" not in wanted and name == wanted + ":latest")
 
 
 def estimate_tokens(ollama_payload):
@@ -1350,6 +1418,19 @@ class UpstreamExchange:
         except OSError:
             pass
 
+    def answered(self):
+        """Whether any byte of Ollama's answer has arrived."""
+        return self.status is not None or bool(self._raw)
+
+    def take_over(self, other):
+        """Go on with another host's exchange of the same request: failover before any answer.
+        The poller stays, with what else it watches (the client)."""
+        self.poller.unregister(self.fd)
+        self.close()
+        self.sock, self.fd, self.address, self.pool = other.sock, other.fd, other.address, other.pool
+        self.request_bytes, self.reused = other.request_bytes, other.reused
+        self.poller.register(self.sock, select.POLLIN)
+
     def tls_pending(self):
         """Decrypted bytes that poll() cannot see, because they left the socket already."""
         return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
@@ -1504,15 +1585,22 @@ def decode_ndjson(lines, address):
 
 
 class OllamaClient:
-    """Opens requests to Ollama; remembers each model's capabilities."""
+    """One Ollama host: opens requests to it, remembers each model's capabilities there, and
+    carries what the upstream pool routes by (up or down, generations in flight, models)."""
 
     MAX_IDLE_CONNECTIONS = 32
 
-    def __init__(self, config):
+    def __init__(self, config, ollama=None):
         self.config = config
-        self.address = config.ollama.url
-        self._host_header = config.ollama.url.split("://", 1)[1].encode()
+        self.ollama = ollama or config.ollama
+        self.address = self.ollama.url
+        self._host_header = self.address.split("://", 1)[1].encode()
         self._capabilities = {}
+        self.up = True  # until a request or a check fails
+        self.in_flight = 0  # generations; changed under the pool's lock
+        self.last_error = None
+        self.models = None  # names from the last /api/tags; None: not asked yet
+        self.errors = collections.Counter()  # failures by kind, for /metrics
         self._lock = threading.Lock()
         self._idle = []  # kept-alive connections, most recently used last
         self._tls = ssl.create_default_context() if config.ollama.scheme == "https" else None
@@ -1553,7 +1641,15 @@ class OllamaClient:
                 b"\r\nAccept: application/x-ndjson, application/json\r\n")
         if payload is not None:
             head += b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
-        request = head + b"\r\n" + body
+        return self.send_request(head + b"\r\n" + body)
+
+    def resend(self, request):
+        """A request built for another host, sent here (failover before any answer)."""
+        request_line, _, rest = request.partition(b"\r\n")
+        _host_line, _, rest = rest.partition(b"\r\n")
+        return self.send_request(request_line + b"\r\nHost: " + self._host_header + b"\r\n" + rest)
+
+    def send_request(self, request):
         sock = self._idle_connection()
         if sock is not None:
             try:
@@ -1568,10 +1664,10 @@ class OllamaClient:
         except OSError as exc:
             sock.close()
             raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
-        return UpstreamExchange(sock, self.address, self)
+        return UpstreamExchange(sock, self.address, self, request)
 
     def _connect(self):
-        ollama = self.config.ollama
+        ollama = self.ollama
         try:
             sock = socket.create_connection((ollama.host, ollama.port), timeout=self.config.ollama_timeout)
         except socket.timeout as exc:
@@ -1635,6 +1731,342 @@ class OllamaClient:
         return ProxyError(404, f"model {model!r} is not installed in Ollama at {self.address}; installed: "
                                f"{installed}. Run `ollama pull {model}` or set OLLAMA_MODEL / MODEL_MAP.",
                           "not_found_error", retry=False)
+
+
+###############################################################################
+# Upstream pool: several Ollama hosts
+###############################################################################
+
+def failure_kind(error):
+    """A short name for why a host failed, for the log and /metrics."""
+    cause = error.__cause__
+    if isinstance(cause, ConnectionRefusedError):
+        return "refused"
+    if isinstance(cause, (ConnectionResetError, BrokenPipeError)):
+        return "reset"
+    if error.status == 504 or isinstance(cause, socket.timeout):
+        return "timeout"
+    if "closed the connection" in error.message:
+        return "closed"
+    return "other"
+
+
+class UpstreamPool:
+    """The Ollama hosts of OLLAMA_HOST, and which one serves each generation.
+
+    A generation goes to a host that is up and has its model, the least busy one (ties rotate),
+    except that a conversation stays on the host that served its previous turn while that host is
+    not busier than the others: Ollama's prompt cache lives on one host, and moving a long
+    conversation means reading its whole prompt again. A host that fails before answering is
+    marked down and the request moves on; a check every RECHECK_SECONDS brings it back (and loads
+    the model on it again)."""
+
+    RECHECK_SECONDS = 3.0
+    AFFINITY_ENTRIES = 4096
+
+    def __init__(self, config):
+        self.config = config
+        self.hosts = [OllamaClient(config, ollama) for ollama in config.ollama_hosts]
+        self.single = len(self.hosts) == 1
+        self._lock = threading.Lock()
+        self._turn = 0  # rotates ties between equally busy hosts
+        self._affinity = collections.OrderedDict()  # conversation key -> the host of its last turn
+        self._lists_refreshed = 0.0
+        self.warmup = Warmup(config)
+        self.stopped = threading.Event()
+        for host in self.hosts:
+            threading.Thread(target=self._watch, args=(host,), name=f"upstream-watch {host.address}",
+                             daemon=True).start()
+
+    def close(self):
+        """Stop the checks and close the kept connections (on shutdown)."""
+        self.stopped.set()
+        for host in self.hosts:
+            host.close()
+
+    # -- host state ----------------------------------------------------------------
+    def _watch(self, host):
+        # A single host without warm-up needs no list of models: it answers 404 itself.
+        if not (self.single and self.config.ollama_warmup == "off") and self.check(host):
+            self.warmup.run(host, self.stopped)
+        while not self.stopped.wait(self.RECHECK_SECONDS):
+            if not host.up and self.check(host):
+                log.info("upstream: Ollama at %s is back", host.address)
+                self.warmup.run(host, self.stopped)
+
+    def check(self, host):
+        """Ask the host for its models; True if it answered (and is now up)."""
+        try:
+            host.models = [m["name"] for m in host.installed_models()]
+        except ProxyError as error:
+            self.mark_down(host, error)
+            return False
+        with self._lock:
+            host.up = True
+        return True
+
+    def mark_down(self, host, error):
+        kind = failure_kind(error)
+        with self._lock:
+            was_up, host.up = host.up, False
+            host.last_error = error.message
+            host.errors[kind] += 1
+        if was_up:
+            log.warning("upstream: Ollama at %s is down (%s: %s); checking again every %g s", host.address, kind,
+                        error.message, self.RECHECK_SECONDS)
+
+    def has_model(self, host, model):
+        return host.models is None or any(same_model(model, name) for name in host.models)
+
+    # -- routing ---------------------------------------------------------------------
+    def route(self, model, payload):
+        """The hosts that may serve this model, for one generation (a 404 if none has it)."""
+        if self.single:
+            return UpstreamRoute(self, model, self.hosts, None)
+        hosts = [host for host in self.hosts if self.has_model(host, model)]
+        if not hosts and self._refresh_lists():
+            hosts = [host for host in self.hosts if self.has_model(host, model)]
+        if not hosts:
+            raise self.missing_model(model)
+        return UpstreamRoute(self, model, hosts, conversation_key(payload))
+
+    def _refresh_lists(self):
+        """Ask every host for its models again, at most once per RECHECK_SECONDS: a model pulled
+        since the last look should not be a 404."""
+        with self._lock:
+            if time.monotonic() - self._lists_refreshed < self.RECHECK_SECONDS:
+                return False
+            self._lists_refreshed = time.monotonic()
+        for host in self.hosts:
+            self.check(host)
+        return True
+
+    def reserve(self, route):
+        """Pick the next host for the route and count the generation on it, atomically, so that
+        requests arriving together spread."""
+        with self._lock:
+            left = [host for host in route.hosts if host not in route.tried]
+            if not left:
+                return None
+            pool = [host for host in left if host.up] or left
+            least = min(host.in_flight for host in pool)
+            chosen = self._affinity.get(route.conversation) if route.conversation else None
+            if chosen not in pool or chosen.in_flight > least:
+                idle = [host for host in pool if host.in_flight == least]
+                chosen = idle[self._turn % len(idle)]
+                self._turn += 1
+            chosen.in_flight += 1
+            route.tried.append(chosen)
+        return chosen
+
+    def release(self, host):
+        with self._lock:
+            host.in_flight -= 1
+
+    def remember(self, route, host):
+        if route.conversation is None:
+            return
+        with self._lock:
+            self._affinity[route.conversation] = host
+            self._affinity.move_to_end(route.conversation)
+            if len(self._affinity) > self.AFFINITY_ENTRIES:
+                self._affinity.popitem(last=False)
+
+    # -- what clients see ------------------------------------------------------------
+    def capabilities(self, model):
+        """The model's capabilities, from the first host that has it and answers."""
+        if self.single:
+            return self.hosts[0].capabilities(model)
+        failure = None
+        hosts = [host for host in self.hosts if self.has_model(host, model)]
+        for host in sorted(hosts, key=lambda host: not host.up):
+            try:
+                return host.capabilities(model)
+            except ProxyError as error:
+                if error.status != 404:
+                    self.mark_down(host, error)
+                failure = error
+        if failure is None or failure.status == 404:
+            raise self.missing_model(model)
+        raise failure
+
+    def installed_models(self):
+        """The union of the hosts' models, in host order; an error only if no host answers."""
+        if self.single:
+            return self.hosts[0].installed_models()
+        models, seen, failure = [], set(), None
+        for host in self.hosts:
+            try:
+                listed = host.installed_models()
+            except ProxyError as error:
+                failure = error
+                continue
+            for model in listed:
+                if model["name"] not in seen:
+                    seen.add(model["name"])
+                    models.append(model)
+        if failure is not None and not seen and all(not host.up for host in self.hosts):
+            raise failure
+        return models
+
+    def health(self, timeout):
+        """Each host as /health shows it. Several hosts are asked in parallel, so that one slow
+        host does not hold up the answer."""
+        if self.single:
+            return [self._probe(self.hosts[0], timeout)]
+        reports = [{"url": host.address, "reachable": False, "error": "no answer in time"} for host in self.hosts]
+
+        def probe(index, host):
+            reports[index] = self._probe(host, timeout)
+
+        threads = [threading.Thread(target=probe, args=(index, host), daemon=True)
+                   for index, host in enumerate(self.hosts)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 3 * timeout + 1
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return reports
+
+    def _probe(self, host, timeout):
+        default = self.config.ollama_model
+        report = {"url": host.address}
+        began = time.monotonic()
+        try:
+            status, body = host.get_json("/api/version", timeout=timeout)
+            report["latency_ms"] = round((time.monotonic() - began) * 1000, 1)
+            report["reachable"] = status == 200
+            report["version"] = body.get("version") if isinstance(body, dict) else None
+            host.models = [m["name"] for m in host.installed_models()]
+            report["models"] = host.models
+            report["default_model_installed"] = any(same_model(default, name) for name in host.models)
+            report["loaded"] = self._loaded(host, timeout)
+            if report["loaded"] is not None:
+                report["default_model_loaded"] = any(same_model(default, m["name"]) for m in report["loaded"])
+        except ProxyError as error:
+            report["reachable"] = False
+            report["error"] = error.message
+            self.mark_down(host, error)
+        report.update(up=host.up, in_flight=host.in_flight, last_error=host.last_error)
+        return report
+
+    @staticmethod
+    def _loaded(host, timeout):
+        """The models Ollama has in memory (/api/ps), with the context each was loaded with."""
+        status, body = host.get_json("/api/ps", timeout=timeout)
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("models"), list):
+            return None
+        return [{"name": m["name"], "context_length": m.get("context_length"), "expires_at": m.get("expires_at"),
+                 "size_vram": m.get("size_vram")}
+                for m in body["models"] if isinstance(m, dict) and isinstance(m.get("name"), str)]
+
+    def missing_model(self, model):
+        """The 404 for a model no host has, listing what each host has installed."""
+        if self.single:
+            return self.hosts[0].missing_model(model)
+        listings = []
+        for host in self.hosts:
+            try:
+                names = sorted(m["name"] for m in host.installed_models())
+                listings.append(f"{host.address}: {', '.join(names) or 'none'}")
+            except ProxyError:
+                listings.append(f"{host.address}: unreachable")
+        return ProxyError(404, f"model {model!r} is not installed on any Ollama host; installed: "
+                               f"{'; '.join(listings)}. Run `ollama pull {model}` on a host or set "
+                               "OLLAMA_MODEL / MODEL_MAP.", "not_found_error", retry=False)
+
+
+class UpstreamRoute:
+    """One generation's way through the pool: the host serving it, and the ones it may move to
+    while Ollama has not answered."""
+
+    def __init__(self, pool, model, hosts, conversation):
+        self.pool = pool
+        self.model = model
+        self.hosts = hosts
+        self.conversation = conversation
+        self.tried = []
+        self.host = None  # the host counting this generation as in flight
+        self.failure = None  # why the last host tried could not take the request
+
+    def open(self, path, payload):
+        """Send the request to the best host, moving on from hosts that cannot be reached."""
+        while True:
+            host = self.pool.reserve(self)
+            if host is None:
+                raise self.failure
+            try:
+                exchange = host.open("POST", path, payload)
+            except ProxyError as error:
+                self.pool.release(host)
+                self.pool.mark_down(host, error)
+                self.failure = error
+                continue
+            self.host = host
+            self.pool.remember(self, host)
+            return exchange
+
+    def fail_over(self, exchange, error):
+        """After `error` and before any byte of an answer: send the request to the next host and
+        go on there. False when it cannot be moved (the error stands)."""
+        if error.status != 502 or exchange.answered():
+            return False
+        self.pool.release(self.host)
+        self.pool.mark_down(self.host, error)
+        self.host = None
+        while True:
+            host = self.pool.reserve(self)
+            if host is None:
+                return False
+            try:
+                exchange.take_over(host.resend(exchange.request_bytes))
+            except ProxyError as error:
+                self.pool.release(host)
+                self.pool.mark_down(host, error)
+                continue
+            log.info("upstream: moved a request to Ollama at %s", host.address)
+            self.host = host
+            self.pool.remember(self, host)
+            return True
+
+    def finish(self):
+        if self.host is not None:
+            self.pool.release(self.host)
+            self.host = None
+
+
+class Warmup:
+    """Loads models on a host in the background, with the num_ctx and keep_alive real requests
+    carry, so that the first request does not wait for the load. Never delays start-up."""
+
+    def __init__(self, config):
+        self.config = config
+        self.models = []
+        if config.ollama_warmup != "off":
+            self.models.append(config.ollama_model)
+        if config.ollama_warmup == "all":
+            self.models += [m for m in config.model_map.values() if m not in self.models]
+
+    def run(self, host, stopped):
+        for model in self.models:
+            if stopped.is_set():
+                return
+            if host.models is not None and not any(same_model(model, name) for name in host.models):
+                log.warning("warm-up: %s is not installed in Ollama at %s", model, host.address)
+                continue
+            began = time.monotonic()
+            try:
+                status, body = host.get_json("/api/chat", load_request(model, self.config),
+                                             timeout=self.config.ollama_first_token_timeout)
+            except ProxyError as error:
+                log.warning("warm-up: loading %s in Ollama at %s failed: %s", model, host.address, error.message)
+                continue
+            if status == 200:
+                log.info("warm-up: %s loaded in Ollama at %s in %.1f s", model, host.address,
+                         time.monotonic() - began)
+            else:
+                log.warning("warm-up: Ollama at %s answered HTTP %s loading %s: %s", host.address,
+                            status, model, (body or {}).get("error") if isinstance(body, dict) else body)
 
 
 ###############################################################################
@@ -1910,7 +2342,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, config, handler_class=None):
         self.config = config
-        self.ollama = OllamaClient(config)
+        self.ollama = UpstreamPool(config)
         self.cache = ResponseCache(config)
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
         self.read_deadlines = ReadDeadlines()
@@ -2010,6 +2442,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.status = None
         self.log_extra = {}
         self.input_estimate = 0  # tokens, for a context-length refusal from Ollama
+        self.upstream_route = None  # the Ollama host(s) a generation may use
         self._committed = False
         self._ended = False
         self._chunked = True
@@ -2249,21 +2682,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                              "message": "Anthropic Messages API proxy for Ollama; see /health"})
 
     def route_health(self):
-        ollama = {"url": self.config.ollama.url, "default_model": self.config.ollama_model}
-        began = time.monotonic()
-        try:
-            status, body = self.server.ollama.get_json("/api/version", timeout=min(5.0, self.config.ollama_timeout))
-            ollama["latency_ms"] = round((time.monotonic() - began) * 1000, 1)
-            ollama["reachable"] = status == 200
-            ollama["version"] = (body or {}).get("version") if isinstance(body, dict) else None
-            names = [m["name"] for m in self.server.ollama.installed_models()]
-            ollama["models"] = names
-            ollama["default_model_installed"] = self.config.ollama_model in names or \
-                (":" not in self.config.ollama_model and f"{self.config.ollama_model}:latest" in names)
-        except ProxyError as error:
-            ollama["reachable"] = False
-            ollama["error"] = error.message
-        healthy = ollama["reachable"]
+        hosts = self.server.ollama.health(timeout=min(5.0, self.config.ollama_timeout))
+        # One host: its report is the "ollama" object, as before there could be several.
+        ollama = dict(hosts[0]) if len(hosts) == 1 else {"url": ",".join(host["url"] for host in hosts)}
+        models = []
+        for host in hosts:
+            models += [name for name in host.get("models", ()) if name not in models]
+        ollama.update(default_model=self.config.ollama_model, models=models,
+                      reachable=any(host["reachable"] for host in hosts),
+                      default_model_installed=any(host.get("default_model_installed") for host in hosts),
+                      hosts=hosts)
+        if len(hosts) > 1 and not ollama["reachable"]:
+            ollama["error"] = "no Ollama host answers; see hosts"
+        healthy = any(host["reachable"] and host.get("default_model_installed") for host in hosts)
         payload = {"status": "ok" if healthy else "degraded", "service": "simple_api_proxy",
                    "version": __version__, "uptime_s": round(time.time() - self.server.started, 1),
                    "ollama": ollama, "cache": self.server.cache.health(),
@@ -2303,7 +2734,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if target != wanted:
                     found.update(id=wanted, display_name=f"{wanted} (served by {model['name']})")
                 return self.send_json(200, found)
-        raise ProxyError(404, f"model {wanted!r} not found in Ollama at {self.config.ollama.url}",
+        raise ProxyError(404, f"model {wanted!r} not found in Ollama at "
+                              f"{', '.join(host.url for host in self.config.ollama_hosts)}",
                          "not_found_error", retry=False)
 
     @staticmethod
@@ -2363,7 +2795,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                   "(MAX_CONCURRENT); try again shortly", "overloaded_error", retry_after=2)
         self.server.count("in_flight", 1)
         try:
-            exchange = ollama.open("POST", "/api/chat", payload)
+            self.upstream_route = ollama.route(ollama_model, payload)
+            exchange = self.upstream_route.open("/api/chat", payload)
         except ProxyError:
             self.generation_over()
             raise
@@ -2381,6 +2814,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     self.send_json(200, message, {"x-cache": cache_state})
         finally:
             self.generation_over()
+            self.upstream_route.finish()
             # Only after the client has its answer: keeping the connection may wait a moment.
             if translator.upstream_done:
                 exchange.release()
@@ -2470,7 +2904,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if commit_at is not None and time.monotonic() >= commit_at:
                 commit()
                 commit_at = None
-            self.wait(exchange, deadline, first_wait, until=commit_at)
+            try:
+                self.wait(exchange, deadline, first_wait, until=commit_at)
+            except ProxyError as error:
+                if not self.upstream_route.fail_over(exchange, error):
+                    raise
         if exchange.status != 200:
             raise self.upstream_failure(exchange, ollama_model)
         if commit_at is not None:

@@ -9,6 +9,7 @@ Run with: python3 -m pytest -q
 import contextlib
 import http.client
 import http.server
+import itertools
 import json
 import os
 import queue
@@ -74,10 +75,12 @@ class Reply:
     steps: dicts are NDJSON lines, each sent as its own chunk the way Ollama flushes them;
     ("sleep", s) waits (and notices a client that leaves); ("raw", b) writes bytes as a chunk;
     ("reset",) drops the connection with a TCP reset; ("cut",) closes without the final chunk.
-    status != 200 sends {"error": error} with that status before any stream."""
+    status != 200 sends {"error": error} with that status before any stream.
+    drop="reset" or "close" ends the connection before any byte of an answer, as a host that dies does."""
 
-    def __init__(self, steps=(), status=200, error=None, delay_before=0.0, per_token_delay=0.0):
+    def __init__(self, steps=(), status=200, error=None, delay_before=0.0, per_token_delay=0.0, drop=None):
         self.steps = list(steps)
+        self.drop = drop
         self.status = status
         self.error = error
         self.delay_before = delay_before
@@ -106,6 +109,7 @@ class StandInOllama:
         self.models = models or {MODEL: ["completion", "tools"], "llama3.2:3b": ["completion", "tools"],
                                  "qwen3:8b": ["completion", "tools", "thinking"]}
         self.requests = []
+        self.loaded = {}  # model -> num_ctx it was loaded with, for /api/ps
         self.scripted = queue.Queue()
         self.responder = responder
         self.disconnects = 0
@@ -114,6 +118,7 @@ class StandInOllama:
         self.drop_kept = False
         self.close_idle = False  # close each connection after its reply, as a server with an idle timeout does
         self.chat_started = threading.Event()
+        self.load_gate = None  # an Event that load requests wait for, to model a slow model load
         self.lock = threading.Lock()
         stand_in = self
 
@@ -171,7 +176,11 @@ class StandInOllama:
             self.scripted.put(reply)
 
     def chats(self):
-        return [body for path, body in self.requests if path == "/api/chat"]
+        """The generations asked for (not the empty-prompt loads)."""
+        return [body for path, body in self.requests if path == "/api/chat" and body.get("messages")]
+
+    def loads(self):
+        return [body for path, body in self.requests if path == "/api/chat" and not body.get("messages")]
 
     # -- wire format -------------------------------------------------------------
     @staticmethod
@@ -197,6 +206,15 @@ class StandInOllama:
                 handler.wfile.write(body)
         elif path == "/api/version":
             self.send_json(handler, 200, {"version": "0.33.0"})
+        elif path == "/api/ps":
+            with self.lock:
+                loaded = dict(self.loaded)
+            self.send_json(handler, 200, {"models": [
+                {"name": name, "model": name, "size": 6654289920, "digest": "a" * 64,
+                 "details": {"parent_model": "", "format": "gguf", "family": "qwen2", "families": ["qwen2"],
+                             "parameter_size": "7.6B", "quantization_level": "Q4_K_M"},
+                 "expires_at": "2026-11-26T10:05:00.000000Z", "size_vram": 6654289920, "context_length": num_ctx}
+                for name, num_ctx in loaded.items()]})
         elif path == "/api/tags":
             self.send_json(handler, 200, {"models": [
                 {"name": name, "model": name, "modified_at": "2026-05-10T08:06:48.123456789+02:00",
@@ -235,6 +253,9 @@ class StandInOllama:
             return self.send_json(handler, 404, {"error": "404 page not found"})
         if body.get("model") not in self.models:
             return self.send_json(handler, 404, {"error": f"model '{body.get('model')}' not found"})
+        if not body.get("messages"):  # Ollama's load request
+            return self.load(handler, body)
+        self.mark_loaded(body)
         if not self.scripted.empty():
             reply = self.scripted.get()
         elif self.responder:
@@ -244,8 +265,31 @@ class StandInOllama:
         self.chat_started.set()
         self.play(handler, body, reply)
 
+    def mark_loaded(self, body):
+        with self.lock:
+            self.loaded[body["model"]] = (body.get("options") or {}).get("num_ctx", 4096)
+
+    def load(self, handler, body):
+        """Load the model and generate nothing: one done line with done_reason "load"."""
+        if self.load_gate is not None:
+            self.load_gate.wait(30)
+        self.mark_loaded(body)
+        line = {"model": body["model"], "created_at": "2026-11-26T10:00:00.000000Z",
+                "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": True}
+        if body.get("stream", True):
+            return self.play(handler, body, Reply([line]))
+        return self.send_json(handler, 200, line)
+
     def play(self, handler, request, reply):
         if reply.delay_before and not self.pause(handler, reply.delay_before):
+            return
+        if reply.drop:
+            handler.close_connection = True
+            if reply.drop == "reset":
+                handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                handler.connection.close()
+            else:
+                handler.connection.shutdown(socket.SHUT_RDWR)
             return
         if reply.status != 200:
             return self.send_json(handler, reply.status, {"error": reply.error or "error"})
@@ -311,7 +355,9 @@ def ollama():
 
 @contextlib.contextmanager
 def running_proxy(ollama_url, **settings):
-    env = {"OLLAMA_HOST": ollama_url, "API_PORT": "0", "LOG_FILE": "", "CACHE": "off", "LOG_LEVEL": "WARNING"}
+    # No warm-up unless a test asks: its background requests would mix with the ones a test counts.
+    env = {"OLLAMA_HOST": ollama_url, "API_PORT": "0", "LOG_FILE": "", "CACHE": "off", "LOG_LEVEL": "WARNING",
+           "OLLAMA_WARMUP": "off"}
     env.update({k: str(v) for k, v in settings.items()})
     config = proxy.load_config([], env)
     server = proxy.ProxyServer(config)
@@ -1434,6 +1480,261 @@ def test_proxy_runs_without_redis_py(ollama, tmp_path):
         output = process.communicate(timeout=15)[0]
     assert process.returncode == 0, output
     assert "redis-py is not installed" in output
+
+
+###############################################################################
+# Several Ollama hosts and warm-up
+###############################################################################
+
+def wait_for(condition, what, timeout=15):
+    """Poll a condition the proxy reaches by itself (a background check, a request arriving)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+class Gate:
+    """A stand-in responder that holds every generation until opened."""
+
+    def __init__(self):
+        self.opened = threading.Event()
+
+    def __call__(self, body):
+        self.opened.wait(20)
+        return text_reply()
+
+
+@pytest.fixture
+def hosts():
+    """Two stand-in Ollama servers with the same models; a test may stop and restart them."""
+    made = [StandInOllama(), StandInOllama()]
+    yield made
+    for host in made:
+        host.stop()
+
+
+def host_list(hosts):
+    return ",".join(host.url for host in hosts)
+
+
+def restarted(host):
+    """The same Ollama back on the same port, as after a reboot."""
+    return StandInOllama(models=host.models, port=host.port)
+
+
+@pytest.fixture
+def fast_recheck(monkeypatch):
+    monkeypatch.setattr(proxy.UpstreamPool, "RECHECK_SECONDS", 0.05)
+
+
+def test_ollama_host_lists_several_hosts(capsys):
+    settings = config(OLLAMA_HOST="gpu-a, gpu-b:11500 ,https://gpu-c")
+    assert [h.url for h in settings.ollama_hosts] == ["http://gpu-a:11434", "http://gpu-b:11500",
+                                                      "https://gpu-c:443"]
+    assert settings.ollama.url == "http://gpu-a:11434" and settings.ollama_warmup == "on"
+    for value, message in (("gpu-a,gpu-a:11434", "more than once"), (" , ", "OLLAMA_HOST is empty")):
+        with pytest.raises(SystemExit):
+            proxy.load_config([], {"OLLAMA_HOST": value})
+        assert message in capsys.readouterr().err
+    assert config(OLLAMA_WARMUP="ALL").ollama_warmup == "all" and config(OLLAMA_WARMUP="0").ollama_warmup == "off"
+    with pytest.raises(SystemExit):
+        proxy.load_config([], {"OLLAMA_WARMUP": "later"})
+    assert "on, off or all" in capsys.readouterr().err
+
+
+def test_concurrent_generations_spread_over_the_hosts(hosts):
+    gate = Gate()
+    for host in hosts:
+        host.responder = gate
+    with running_proxy(host_list(hosts)) as gateway:
+        results = queue.Queue()
+        threads = [threading.Thread(target=lambda n=n: results.put(gateway.messages(request_body(f"task {n}"))[0]))
+                   for n in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: sum(len(host.chats()) for host in hosts) == 4, "4 generations upstream")
+        assert [len(host.chats()) for host in hosts] == [2, 2]
+        health = gateway.json("GET", "/health")[2]
+        assert [h["in_flight"] for h in health["ollama"]["hosts"]] == [2, 2]
+        gate.opened.set()
+        for thread in threads:
+            thread.join(20)
+        assert [results.get() for _ in threads] == [200] * 4
+        wait_for(lambda: [h.in_flight for h in gateway.server.ollama.hosts] == [0, 0], "the generations to end")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_host_that_fails_before_answering_costs_no_request(hosts, stream):
+    first, second = hosts
+    with running_proxy(host_list(hosts)) as gateway:
+        pool = gateway.server.ollama
+
+        def first_host_next():
+            # Both hosts idle: the tie goes to the first, marked up again so that it is tried.
+            pool.hosts[0].up, pool._turn = True, 0
+
+        # The first host dies as it is asked (reset, or closed), then does not listen at all.
+        drops = itertools.cycle(["reset", "close"])
+        first.responder = lambda body: Reply(drop=next(drops))
+        for n in range(3):
+            if n == 2:
+                first.stop()
+            first_host_next()
+            body = request_body(f"question {n}")
+            if stream:
+                status, _, raw = gateway.stream(body)
+                assert status == 200
+                assert_valid_stream(parse_sse(raw))
+            else:
+                status, _, answer = gateway.messages(body)
+                assert status == 200 and answer["content"][0]["text"] == "Hello! I am the stand-in model."
+        for n in range(2):  # down: not tried until it is back
+            assert gateway.call("POST", "/v1/messages", request_body(f"again {n}", stream=stream))[0] == 200
+        assert len(second.chats()) == 5
+        assert not pool.hosts[0].up and "cannot reach Ollama" in pool.hosts[0].last_error
+        assert pool.hosts[0].errors["refused"] >= 1 and pool.hosts[0].errors["reset"] + pool.hosts[0].errors["closed"] >= 2
+        wait_for(lambda: [host.in_flight for host in pool.hosts] == [0, 0], "the generations to end")
+
+
+def test_once_the_answer_started_there_is_no_second_host(hosts):
+    with running_proxy(host_list(hosts)) as gateway:
+        hosts[0].script(Reply([chunk(content="Hel"), ("cut",)]))
+        hosts[1].script(Reply([chunk(content="Hel"), ("cut",)]))
+        status, _, raw = gateway.stream(request_body())
+        assert status == 200 and parse_sse(raw)[-1][0] == "error"
+        assert sum(len(host.chats()) for host in hosts) == 1
+
+
+def test_a_host_that_comes_back_is_warmed_up_and_used_again(hosts, fast_recheck):
+    first, second = hosts
+    first.stop()
+    with running_proxy(host_list(hosts), OLLAMA_WARMUP="on", OLLAMA_NUM_CTX=8192) as gateway:
+        pool = gateway.server.ollama.hosts
+        wait_for(lambda: not pool[0].up, "the stopped host to be marked down")
+        assert gateway.messages(request_body())[0] == 200 and len(second.chats()) == 1
+        back = restarted(first)
+        try:
+            wait_for(lambda: pool[0].up, "the host to be back")
+            wait_for(lambda: back.loads(), "the warm-up of the host that came back")
+            assert back.loads()[0]["options"] == {"num_ctx": 8192}
+            for n in range(2):  # two idle hosts: the tie rotates
+                assert gateway.messages(request_body(f"new conversation {n}"))[0] == 200
+            assert len(back.chats()) == 1 and len(second.chats()) == 2
+        finally:
+            back.stop()
+
+
+def test_each_model_goes_to_a_host_that_has_it():
+    coder = StandInOllama(models={MODEL: ["completion", "tools"]})
+    small = StandInOllama(models={"llama3.2:3b": ["completion", "tools"]})
+    try:
+        with running_proxy(host_list([coder, small]), MODEL_MAP="haiku=llama3.2:3b") as gateway:
+            for n in range(3):
+                assert gateway.messages(request_body(f"code {n}"))[0] == 200
+                assert gateway.messages(request_body(f"chat {n}", model="claude-haiku-4-5"))[0] == 200
+            assert [c["model"] for c in coder.chats()] == [MODEL] * 3
+            assert [c["model"] for c in small.chats()] == ["llama3.2:3b"] * 3
+            status, _, body = gateway.messages(request_body(model="mistral:7b"))
+            message = body["error"]["message"]
+            assert status == 404 and body["error"]["type"] == "not_found_error"
+            assert f"{coder.url}: {MODEL}" in message and f"{small.url}: llama3.2:3b" in message
+            assert "ollama pull mistral:7b" in message
+            models = gateway.json("GET", "/v1/models")[2]
+            assert [m["id"] for m in models["data"]] == [MODEL, "llama3.2:3b"]
+            assert gateway.json("GET", "/v1/models/llama3.2:3b")[0] == 200
+    finally:
+        coder.stop()
+        small.stop()
+
+
+def test_a_conversation_stays_on_its_host_while_that_host_is_not_busier(hosts):
+    system = "You are a coding assistant."
+
+    def turns(host):
+        return sum(1 for chat in host.chats() if chat["messages"][0]["content"] == system)
+
+    with running_proxy(host_list(hosts)) as gateway:
+        messages = [{"role": "user", "content": "Fix the bug in app.py"}]
+
+        def next_turn():
+            status, _, answer = gateway.messages(request_body(system=system, messages=messages))
+            assert status == 200
+            messages.extend([{"role": "assistant", "content": answer["content"]},
+                             {"role": "user", "content": f"and now step {len(messages)}"}])
+
+        for _ in range(4):  # idle hosts would take turns; the conversation does not move
+            next_turn()
+        home = 0 if turns(hosts[0]) else 1
+        assert turns(hosts[home]) == 4 and turns(hosts[1 - home]) == 0
+        gate = Gate()
+        for host in hosts:
+            host.responder = gate
+        threads = []
+
+        def in_background(target, total):
+            threads.append(threading.Thread(target=target))
+            threads[-1].start()
+            wait_for(lambda: sum(len(host.chats()) for host in hosts) == total, f"{total} generations upstream")
+
+        try:
+            for n in range(2):  # one other generation on each host
+                in_background(lambda n=n: gateway.messages(request_body(f"other {n}")), 5 + n)
+            in_background(next_turn, 7)  # home not busier (1 and 1): the turn stays
+            assert turns(hosts[home]) == 5
+            in_background(lambda: gateway.messages(request_body("one more")), 8)  # to the idler host
+            in_background(next_turn, 9)  # 2 and 2: stays
+            assert turns(hosts[home]) == 6
+            in_background(next_turn, 10)  # home busier (3 and 2): the turn moves
+            assert turns(hosts[home]) == 6 and turns(hosts[1 - home]) == 1
+        finally:
+            gate.opened.set()
+            for thread in threads:
+                thread.join(20)
+
+
+def test_health_lists_each_host_and_is_200_while_one_serves_the_default_model(hosts):
+    first, second = hosts
+    with running_proxy(host_list(hosts), OLLAMA_WARMUP="on", OLLAMA_NUM_CTX=16384) as gateway:
+        wait_for(lambda: first.loads() and second.loads(), "the warm-up of both hosts")
+        status, _, body = gateway.json("GET", "/health")
+        assert status == 200 and body["ollama"]["reachable"] and body["ollama"]["default_model_installed"]
+        for report, host in zip(body["ollama"]["hosts"], hosts):
+            assert report["url"] == host.url and report["reachable"] and report["version"] == "0.33.0"
+            assert MODEL in report["models"] and report["in_flight"] == 0 and report["up"]
+            assert report["default_model_loaded"] is True
+            assert report["loaded"][0]["name"] == MODEL and report["loaded"][0]["context_length"] == 16384
+        first.stop()
+        status, _, body = gateway.json("GET", "/health")
+        down, up = body["ollama"]["hosts"]
+        assert status == 200 and not down["reachable"] and not down["up"]
+        assert "cannot reach Ollama" in down["error"] and down["last_error"] and up["reachable"]
+        second.models = {"llama3.2:3b": ["completion"]}  # the default model gone from the last host
+        status, _, body = gateway.json("GET", "/health")
+        assert status == 503 and body["status"] == "degraded"
+        second.stop()
+        status, _, body = gateway.json("GET", "/health")
+        assert status == 503 and body["ollama"]["reachable"] is False and "no Ollama host" in body["ollama"]["error"]
+
+
+def test_warm_up_never_delays_start_up_and_loads_the_models_asked_for(ollama):
+    ollama.load_gate = threading.Event()  # a model load that takes its time
+    try:
+        with running_proxy(ollama.url, OLLAMA_WARMUP="all", OLLAMA_NUM_CTX=12288, OLLAMA_KEEP_ALIVE="30m",
+                           MODEL_MAP="haiku=llama3.2:3b") as gateway:
+            status, _, body = gateway.json("GET", "/health")
+            assert status == 200 and body["ollama"]["default_model_loaded"] is False
+            assert gateway.messages(request_body())[0] == 200
+            ollama.load_gate.set()
+            wait_for(lambda: len(ollama.loads()) == 2, "both loads")
+            assert ollama.loads() == [{"model": model, "messages": [], "stream": False, "keep_alive": "30m",
+                                       "options": {"num_ctx": 12288}} for model in (MODEL, "llama3.2:3b")]
+            assert gateway.json("GET", "/health")[2]["ollama"]["default_model_loaded"] is True
+    finally:
+        ollama.load_gate.set()
+    with running_proxy(ollama.url) as gateway:  # OLLAMA_WARMUP=off
+        assert gateway.messages(request_body())[0] == 200
+    assert len(ollama.loads()) == 2
 
 
 ###############################################################################
