@@ -1774,6 +1774,9 @@ class UpstreamPool:
         self._lists_refreshed = 0.0
         self.warmup = Warmup(config)
         self.stopped = threading.Event()
+
+    def start(self):
+        """Begin the checks and the warm-up, once the proxy has its port."""
         for host in self.hosts:
             threading.Thread(target=self._watch, args=(host,), name=f"upstream-watch {host.address}",
                              daemon=True).start()
@@ -2356,6 +2359,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         # seen through its tunnel with the one on the box, so it never talks to a stranger's proxy.
         self.instance_id = secrets.token_hex(8)
         super().__init__((config.api_host, config.api_port), handler_class or ProxyHandler)
+        self.ollama.start()
 
     def process_request(self, request, client_address):
         """One thread per connection, up to MAX_CONNECTIONS; past that a 529 without a thread."""
