@@ -19,6 +19,7 @@ translation (pure functions), upstream client, cache, HTTP handler, main().
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import dataclasses
 import hashlib
@@ -929,120 +930,626 @@ def message_to_events(message):
     return events
 
 
-# --- tool calls written as text --------------------------------------------
-# Small models (qwen2.5-coder among them, ollama/ollama#12174) often answer with the
-# tool call as text instead of Ollama's structured tool_calls.
+###############################################################################
+# Tool calls written as text
+###############################################################################
+# Small models often write a tool call as text instead of Ollama's structured tool_calls:
+# qwen2.5-coder as bare JSON (ollama/ollama#12174), qwen3-coder and qwen3.5 as Qwen's XML
+# (ollama/ollama#14745), Llama, Gemma 4 and Mistral behind their own markers. A reply becomes
+# tool_use blocks only when it consists of such calls, each naming an offered tool; a tagged
+# call may follow a short preamble. Everything else stays text. StreamTranslator's gate uses
+# call_prospect() to hold text back only while it can still become a call, and the final
+# decision is always find_text_tool_calls() on the whole reply, so streamed and collected
+# replies agree.
 
-TOOL_CALL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
-JSON_FENCE = re.compile(r"```(?:json)?\s*\n(.*?)\n?```", re.S)
+# Markers that open calls after an optional preamble, each at the start of a line.
+TAGGED_OPENERS = ("<tool_call>", "<function=", "<function_calls>", "<|python_tag|>",
+                  "<|python_start|>", "<|tool_call>", "[TOOL_CALLS]")
+# What opens a reply that is nothing but calls: JSON, bare or in a fence.
+UNTAGGED_OPENERS = ("{", "[", "```")
+# Special tokens some runtimes leave in the text after the calls.
+END_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|python_end|>", "<tool_call|>", "<|tool_response>")
+PREAMBLE_LIMIT = 1000  # characters of prose a tagged call may follow
+# A preamble that shows an example or refuses: the call after it must not run.
+EXAMPLE_OR_REFUSAL = re.compile(
+    r"\b(?:examples?|e\.g|for instance|would look like|syntax|cannot|can't|can ?not|unable|won't"
+    r"|not able|not allowed)\b", re.I)
+LINE_START_OPENER = re.compile(r"^[ \t]*(?:" + "|".join(map(re.escape, TAGGED_OPENERS)) + ")", re.M)
+
+CALL_KEYS = frozenset({"name", "arguments", "parameters", "args", "input", "type", "id"})
+ARGUMENT_KEYS = ("arguments", "parameters", "args", "input")
+NESTED_CALL_KEYS = frozenset({"type", "function", "id", "index"})  # OpenAI's {"function": {...}}
+FIRST_KEYS = CALL_KEYS | NESTED_CALL_KEYS | {"tool_calls"}
+
+JSON_FENCE = re.compile(r"```(?:json)?[ \t]*\n?(.*?)\n?[ \t]*```", re.S)
+QWEN_PARAMETER = re.compile(r"<parameter=(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|\Z)", re.S)
+INVOKE = re.compile(r'\s*<invoke name="([^"]*)">(.*?)(?:</invoke>|\Z)', re.S)
+INVOKE_PARAMETER = re.compile(r'\s*<parameter name="([^"]*)">(.*?)</parameter>', re.S)
+MISTRAL_NAMED = re.compile(r"\s*([\w.-]+)\s*(?:\[CALL_ID\]\s*\w*\s*)?\[ARGS\]")
+GEMMA_QUOTE = '<|"|>'
+GEMMA_KEY = re.compile(r"\s*([A-Za-z_][\w.-]*)")
+GEMMA_ATOM = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null")
 
 
-def _calls_from_json(value, tool_names):
-    items = value if isinstance(value, list) else [value]
-    calls = []
-    for item in items:
-        if not isinstance(item, dict) or set(item) - {"name", "arguments", "parameters", "type", "id"}:
-            return None
-        if not isinstance(item.get("name"), str) or item["name"] not in tool_names:
-            return None
-        arguments = item.get("arguments", item.get("parameters", {}))
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                return None
-        if not isinstance(arguments, dict):
-            return None
-        calls.append({"name": item["name"], "input": arguments})
-    return calls or None
+def offered_tools(tools):
+    """Offered tools as {name: input_schema}, from such a mapping or from bare names."""
+    if isinstance(tools, dict):
+        return {name: schema if isinstance(schema, dict) else {} for name, schema in tools.items()}
+    return {name: {} for name in tools}
 
 
-def _json_values(text):
+def _skip_space(text, position):
+    while position < len(text) and text[position].isspace():
+        position += 1
+    return position
+
+
+def _json_values(text, separators=""):
     """Consecutive JSON values making up the whole text, or None."""
-    decoder = json.JSONDecoder()
     values, position = [], 0
     while True:
-        while position < len(text) and text[position].isspace():
+        while position < len(text) and (text[position].isspace() or text[position] in separators):
             position += 1
         if position == len(text):
             return values or None
         try:
-            value, position = decoder.raw_decode(text, position)
+            value, position = _decode_json_value(text, position)
         except ValueError:
             return None
         values.append(value)
 
 
-def parse_text_tool_calls(text, tool_names):
-    """Tool calls the text consists of, and the text before them; None if it is not such a reply.
+_decode_json_value = json.JSONDecoder().raw_decode
 
-    Accepted: bare JSON objects (or a list of them) {"name", "arguments"|"parameters"}, the same in
-    ```json fences, or <tool_call>...</tool_call> tags after optional prose. Every call must name an
-    offered tool, and nothing may follow the calls."""
-    if not tool_names:
+
+def _bracket_end(text, position):
+    """Index just past the bracket that closes the one at position, minding quoted strings."""
+    depth, quote, escaped = 0, None, False
+    for index in range(position, len(text)):
+        char = text[index]
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = None
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return None
+
+
+def _literal_value(text, position):
+    """A JSON value at position, else a Python literal (Mistral writes both), and where it ends."""
+    try:
+        return _decode_json_value(text, position)
+    except ValueError:
+        pass
+    end = _bracket_end(text, position)
+    if end is None:
         return None
-    stripped = text.strip()
-    tagged = list(TOOL_CALL_TAG.finditer(stripped))
-    if tagged:
-        if stripped[tagged[-1].end():].strip():
+    try:
+        value = ast.literal_eval(text[position:end])
+        _compact_json(value)  # sets, bytes and the like are no tool input
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return value, end
+
+
+def _json_call(item, tools):
+    """{"name", "arguments"} and its variants (parameters, args, input; OpenAI's nesting) -> a call."""
+    if not isinstance(item, dict):
+        return None
+    if isinstance(item.get("function"), dict):
+        if set(item) - NESTED_CALL_KEYS or item.get("type", "function") != "function":
             return None
-        prefix = stripped[:tagged[0].start()].strip()
-        calls, last = [], tagged[0].start()
-        for match in tagged:
-            if stripped[last:match.start()].strip():
+        item = item["function"]
+    if set(item) - CALL_KEYS or item.get("type", "function") != "function":
+        return None
+    name = item.get("name")
+    if not isinstance(name, str) or name not in tools:
+        return None
+    given = [key for key in ARGUMENT_KEYS if key in item]
+    if len(given) > 1:
+        return None
+    arguments = item[given[0]] if given else {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return {"name": name, "input": arguments}
+
+
+def _calls_from_json(value, tools):
+    """The calls a decoded JSON value is: one, a list of them, or {"tool_calls": [...]}; else None."""
+    if isinstance(value, dict) and set(value) == {"tool_calls"}:
+        value = value["tool_calls"]
+    calls = [_json_call(item, tools) for item in (value if isinstance(value, list) else [value])]
+    return calls if calls and None not in calls else None
+
+
+def _calls_from_json_text(body, tools, separators=""):
+    values = _json_values(body, separators)
+    calls = []
+    for value in values or ():
+        found = _calls_from_json(value, tools)
+        if not found:
+            return None
+        calls.extend(found)
+    return calls or None
+
+
+def _typed_argument(value, schema, key):
+    """A parameter value written as text, converted only when the tool's input_schema types the
+    property as something other than a string and the text parses as that (Qwen's own rule)."""
+    spec = ((schema or {}).get("properties") or {}).get(key)
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if isinstance(kind, list):
+        kind = "string" if "string" in kind else next((k for k in kind if k != "null"), None)
+    if kind in (None, "string") or not isinstance(kind, str):
+        return value
+    text = value.strip()
+    if text == "null":
+        return None
+    if kind == "boolean":
+        return {"true": True, "false": False}.get(text.lower(), value)
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = value
+        if kind in ("array", "object"):
+            literal = _literal_value(text, 0) if text[:1] in "[{" else None
+            if literal and literal[1] == len(text):
+                parsed = literal[0]
+    wanted = {"integer": int, "number": (int, float), "array": list, "object": dict}.get(kind)
+    if wanted and isinstance(parsed, wanted) and not isinstance(parsed, bool):
+        return parsed
+    return value
+
+
+def _tool_call_tag(text, position, tools):
+    """<tool_call> JSON or Qwen XML </tool_call>; the closing tag may be missing at the end."""
+    close = text.find("</tool_call>", position)
+    body = text[position:] if close < 0 else text[position:close]
+    end = len(text) if close < 0 else close + len("</tool_call>")
+    if body.lstrip().startswith("<function="):
+        return _tagged_calls(body, 0, tools), end
+    return _calls_from_json_text(body, tools), end
+
+
+def _qwen_function(text, position, tools):
+    """Qwen3-Coder's <function=NAME><parameter=P>value</parameter></function>, parsed as Qwen's own
+    parser does: one leading and one trailing newline of a value are the format's, not the value's."""
+    close = text.find("</function>", position)
+    body = text[position:] if close < 0 else text[position:close]
+    end = len(text) if close < 0 else close + len("</function>")
+    name, bracket, parameters = body.partition(">")
+    name = name.strip()
+    if not bracket or name not in tools:
+        return None
+    arguments, last = {}, 0
+    for match in QWEN_PARAMETER.finditer(parameters):
+        key, bracket, value = match.group(1).partition(">")
+        if parameters[last:match.start()].strip() or not bracket:
+            return None
+        value = value[1:] if value.startswith("\n") else value
+        value = value[:-1] if value.endswith("\n") else value
+        arguments[key.strip()] = _typed_argument(value, tools[name], key.strip())
+        last = match.end()
+    if parameters[last:].strip():
+        return None
+    return [{"name": name, "input": arguments}], end
+
+
+def _invoke_block(text, position, tools):
+    """Anthropic-style <function_calls><invoke name="N"><parameter name="P">v</parameter></invoke>."""
+    close = text.find("</function_calls>", position)
+    body = text[position:] if close < 0 else text[position:close]
+    end = len(text) if close < 0 else close + len("</function_calls>")
+    calls, at = [], 0
+    while body[at:].strip():
+        invoke = INVOKE.match(body, at)
+        if not invoke or invoke.group(1) not in tools:
+            return None
+        name, inner, arguments, inside = invoke.group(1), invoke.group(2), {}, 0
+        while inner[inside:].strip():
+            parameter = INVOKE_PARAMETER.match(inner, inside)
+            if not parameter:
                 return None
-            values = _json_values(match.group(1))
-            found = values and [c for v in values for c in (_calls_from_json(v, tool_names) or [None])]
-            if not found or None in found:
+            arguments[parameter.group(1)] = _typed_argument(parameter.group(2), tools[name], parameter.group(1))
+            inside = parameter.end()
+        calls.append({"name": name, "input": arguments})
+        at = invoke.end()
+    return calls, end
+
+
+def _python_tag(text, position, tools):
+    """Llama 3.1's <|python_tag|> then JSON calls (several separated by ;) to the end of the turn."""
+    ends = [index for index in (text.find(token, position) for token in END_TOKENS) if index >= 0]
+    end = min(ends, default=len(text))
+    return _calls_from_json_text(text[position:end], tools, separators=";"), end
+
+
+def _python_start(text, position, tools):
+    """Llama 4's <|python_start|> JSON <|python_end|>; the closing marker may be missing at the end."""
+    close = text.find("<|python_end|>", position)
+    end = len(text) if close < 0 else close + len("<|python_end|>")
+    return _calls_from_json_text(text[position:] if close < 0 else text[position:close], tools), end
+
+
+def _gemma_value(text, position):
+    """A value in Gemma 4's call syntax: <|"|>strings<|"|>, JSON strings, numbers, true, false,
+    null, and objects with bare keys or arrays of these. (value, end) or None."""
+    position = _skip_space(text, position)
+    if text.startswith(GEMMA_QUOTE, position):
+        close = text.find(GEMMA_QUOTE, position + len(GEMMA_QUOTE))
+        return None if close < 0 else (text[position + len(GEMMA_QUOTE):close], close + len(GEMMA_QUOTE))
+    if position >= len(text):
+        return None
+    char = text[position]
+    if char == '"':
+        try:
+            return _decode_json_value(text, position)
+        except ValueError:
+            return None
+    if char in "{[":
+        closing, items, position = "}]"["{[".index(char)], ({} if char == "{" else []), position + 1
+        while True:
+            position = _skip_space(text, position)
+            if text.startswith(closing, position):
+                return items, position + 1
+            if items and text.startswith(",", position):
+                position = _skip_space(text, position + 1)
+            if char == "{":
+                key = _gemma_key(text, position)
+                if key is None:
+                    return None
+                name, position = key
+                position = _skip_space(text, position)
+                if not text.startswith(":", position):
+                    return None
+                position += 1
+            value = _gemma_value(text, position)
+            if value is None:
                 return None
-            calls.extend(found)
-            last = match.end()
-        return prefix, calls
-    fences = list(JSON_FENCE.finditer(stripped))
-    if fences:
-        outside = JSON_FENCE.sub("", stripped).strip()
-        if outside:
+            if char == "{":
+                items[name] = value[0]
+            else:
+                items.append(value[0])
+            position = value[1]
+    atom = GEMMA_ATOM.match(text, position)
+    return (json.loads(atom.group()), atom.end()) if atom else None
+
+
+def _gemma_key(text, position):
+    if text.startswith((GEMMA_QUOTE, '"'), position):
+        key = _gemma_value(text, position)
+        return key if key and isinstance(key[0], str) else None
+    match = GEMMA_KEY.match(text, position)
+    return (match.group(1), match.end()) if match else None
+
+
+def _gemma_call(text, position, tools):
+    """Gemma 4's <|tool_call>call:NAME{key:<|"|>value<|"|>}<tool_call|>; the close may be missing."""
+    brace = text.find("{", position)
+    if not text.startswith("call:", position) or brace < 0:
+        return None
+    name = text[position + len("call:"):brace].strip()
+    parsed = _gemma_value(text, brace) if name in tools else None
+    if parsed is None or not isinstance(parsed[0], dict):
+        return None
+    end = parsed[1] + len("<tool_call|>") if text.startswith("<tool_call|>", parsed[1]) else parsed[1]
+    return [{"name": name, "input": parsed[0]}], end
+
+
+def _mistral_calls(text, position, tools):
+    """Mistral's [TOOL_CALLS] then a JSON or Python-literal list of calls, or NAME[ARGS]{...}.
+    What follows the calls is the model answering for tools that have not run yet: dropped."""
+    position = _skip_space(text, position)
+    if text.startswith(("[", "{"), position):
+        literal = _literal_value(text, position)
+        calls = literal and _calls_from_json(literal[0], tools)
+    else:
+        named = MISTRAL_NAMED.match(text, position)
+        literal = named and named.group(1) in tools and _literal_value(text, named.end())
+        calls = literal and isinstance(literal[0], dict) and [{"name": named.group(1), "input": literal[0]}]
+    if not calls:
+        return None
+    following = _skip_space(text, literal[1])
+    return calls, following if text.startswith("[TOOL_CALLS]", following) else len(text)
+
+
+TAGGED_PARSERS = {"<tool_call>": _tool_call_tag, "<function=": _qwen_function, "<function_calls>": _invoke_block,
+                  "<|python_tag|>": _python_tag, "<|python_start|>": _python_start, "<|tool_call>": _gemma_call,
+                  "[TOOL_CALLS]": _mistral_calls}
+
+
+def _tagged_calls(text, position, tools):
+    """The calls from position to the end, each behind its marker; None if anything else is there."""
+    calls = []
+    while True:
+        position = _skip_space(text, position)
+        if position == len(text):
+            return calls or None
+        token = next((token for token in END_TOKENS if text.startswith(token, position)), None)
+        if token and calls:
+            position += len(token)
+            continue
+        opener = next((opener for opener in TAGGED_OPENERS if text.startswith(opener, position)), None)
+        parsed = opener and TAGGED_PARSERS[opener](text, position + len(opener), tools)
+        if not parsed or not parsed[0]:
+            return None
+        calls.extend(parsed[0])
+        position = parsed[1]
+
+
+def _untagged_calls(text, tools):
+    """A reply that is JSON calls, bare or in ```json fences with nothing around them."""
+    if text.startswith("```"):
+        fences = list(JSON_FENCE.finditer(text))
+        if not fences or JSON_FENCE.sub("", text).strip():
             return None
         bodies = [match.group(1) for match in fences]
     else:
-        bodies = [stripped]
+        bodies = [text]
     calls = []
     for body in bodies:
-        values = _json_values(body)
-        if not values:
+        found = _calls_from_json_text(body, tools)
+        if not found:
             return None
-        for value in values:
-            found = _calls_from_json(value, tool_names)
-            if not found:
+        calls.extend(found)
+    return calls
+
+
+def preamble_allows(preamble):
+    """Prose a tagged call may follow: short, no code fence (the call would be inside it), and
+    neither an example nor a refusal."""
+    preamble = preamble.strip()
+    return len(preamble) <= PREAMBLE_LIMIT and "```" not in preamble and not EXAMPLE_OR_REFUSAL.search(preamble)
+
+
+def find_text_tool_calls(text, tools):
+    """(where the calls begin, the calls) when the reply is tool calls written as text, else None.
+
+    tools: {name: input_schema} of the offered tools. A reply that begins with a marker, or with
+    JSON or a fence, must be calls from there on; otherwise the calls start at the first line that
+    begins with a marker, after a preamble that preamble_allows()."""
+    start = _skip_space(text, 0)
+    try:
+        if text.startswith(UNTAGGED_OPENERS, start) and not text.startswith("[TOOL_CALLS]", start):
+            calls = _untagged_calls(text[start:], tools)
+        else:
+            opener = LINE_START_OPENER.search(text)
+            if opener is None:
                 return None
-            calls.extend(found)
-    return "", calls
+            start = _skip_space(text, opener.start())
+            calls = _tagged_calls(text, start, tools) if preamble_allows(text[:start]) else None
+    except RecursionError:
+        return None
+    return (start, calls) if calls else None
 
 
-CALL_START = re.compile(r'\s*(?:\[\s*)?(?:\{\s*(?:"|$)|$)')
-TOOL_CALL_OPEN = "<tool_call>"
+def parse_text_tool_calls(text, tools):
+    """(the prose before the calls, the calls) when the reply is tool calls written as text, else None.
+    Each call is {"name", "input"}; tools: {name: input_schema}, or bare names."""
+    tools = offered_tools(tools)
+    found = find_text_tool_calls(text, tools) if tools else None
+    return (text[:found[0]].strip(), found[1]) if found else None
 
 
-def could_become_tool_call(text):
-    """True while a reply's text so far can still turn out to be a tool call written as text."""
-    stripped = text.lstrip()
-    if stripped.startswith("```"):
-        language, newline, rest = stripped[3:].partition("\n")
-        if not newline:
-            return "json".startswith(language.strip()) and len(language) < 8
-        return language.strip() in ("", "json") and bool(CALL_START.match(rest))
-    if "```".startswith(stripped) or TOOL_CALL_OPEN.startswith(stripped) or stripped.startswith(TOOL_CALL_OPEN):
-        return True
-    return bool(CALL_START.match(stripped))
+# What call_prospect() says of text that begins where a call may begin.
+NO_OPENER = "no opener"    # no marker (or JSON, at the reply's start) begins there
+MAYBE = "maybe"            # undecided: hold it
+CALL = "call"              # names an offered tool: hold it to the end, where it is parsed whole
+NOT_A_CALL = "not a call"  # an opener that cannot become a call, nor can anything after it
+PROSPECT_HEAD = 512        # beyond this many characters an undecided opener is held to the end
 
 
-def partial_suffix(text, marker):
-    """Length of the longest end of text that is a proper beginning of marker."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:size]):
-            return size
-    return 0
+def _quoted(text, position):
+    """The string starting at a quote at position: (its text so far or None if it holds an
+    escape, whether it closed, index past it); None when no quote starts there."""
+    if position >= len(text) or text[position] not in "\"'":
+        return None
+    close = text.find(text[position], position + 1)
+    value = text[position + 1:close if close >= 0 else len(text)]
+    return (None if "\\" in value else value), close >= 0, close + 1
 
+
+def _name_prospect(name, complete, tools):
+    stripped = name.strip()
+    if complete or name != name.rstrip():
+        return CALL if stripped in tools else NOT_A_CALL
+    return MAYBE if any(tool.startswith(stripped) for tool in tools) else NOT_A_CALL
+
+
+def _json_prospect(text, tools):
+    """A JSON (or Python-literal) call so far: decided by its first key and, for "name", "type"
+    and "id", by what follows; other call keys first mean holding to the end."""
+    position = _skip_space(text, 1) if text.startswith("[") else 0
+    if position == len(text):
+        return MAYBE
+    if text[position] != "{":
+        return NOT_A_CALL
+    position = _skip_space(text, position + 1)
+    if position == len(text):
+        return MAYBE
+    quoted = _quoted(text, position)
+    if quoted is None:
+        return NOT_A_CALL
+    key, closed, position = quoted
+    if key is None:
+        return CALL
+    if not closed:
+        return MAYBE if any(first.startswith(key) for first in FIRST_KEYS) else NOT_A_CALL
+    if key not in FIRST_KEYS:
+        return NOT_A_CALL
+    if key not in ("name", "type", "id"):
+        return CALL
+    position = _skip_space(text, position)
+    if position < len(text) and text[position] != ":":
+        return NOT_A_CALL
+    position = _skip_space(text, position + 1)
+    if position >= len(text):
+        return MAYBE
+    quoted = _quoted(text, position)
+    if quoted is None:
+        return CALL if key == "id" else NOT_A_CALL
+    value, closed, position = quoted
+    if value is None:
+        return CALL
+    if key == "name":
+        return _name_prospect(value, closed, tools)
+    if key == "type":
+        if not closed:
+            return MAYBE if "function".startswith(value) else NOT_A_CALL
+        return CALL if value == "function" else NOT_A_CALL
+    # "id" first, as in an invented chat completion: the key after it tells
+    position = _skip_space(text, position) if closed else len(text)
+    if position == len(text):
+        return MAYBE
+    if text[position] != ",":
+        return NOT_A_CALL
+    position = _skip_space(text, position + 1)
+    quoted = _quoted(text, position)
+    if quoted is None:
+        return MAYBE if position == len(text) else NOT_A_CALL
+    second, closed, _ = quoted
+    if second is None:
+        return CALL
+    if not closed:
+        return MAYBE if any(key.startswith(second) for key in CALL_KEYS | NESTED_CALL_KEYS) else NOT_A_CALL
+    return CALL if second in CALL_KEYS | NESTED_CALL_KEYS else NOT_A_CALL
+
+
+def _literal_prospect(text, literal, then):
+    """Text that must go on with literal, then be judged by then(rest)."""
+    if len(text) < len(literal):
+        return MAYBE if literal.startswith(text) else NOT_A_CALL
+    return then(text[len(literal):]) if text.startswith(literal) else NOT_A_CALL
+
+
+def _tagged_prospect(opener, rest, tools):
+    """The text after an opener so far."""
+    stripped = rest.lstrip()
+    if opener in ("<function=", "<|tool_call>", "[TOOL_CALLS]", "<function_calls>") and not stripped:
+        return MAYBE
+    if opener == "<function=":
+        name, bracket, _ = rest.partition(">")
+        return _name_prospect(name, bool(bracket), tools)
+    if opener == "<|tool_call>":
+        return _literal_prospect(rest, "call:", lambda after: _name_prospect(
+            after.partition("{")[0], "{" in after, tools))
+    if opener == "<function_calls>":
+        return _literal_prospect(stripped, '<invoke name="', lambda after: _name_prospect(
+            after.partition('"')[0], '"' in after, tools))
+    if not stripped:
+        return MAYBE
+    if stripped[0] in "[{":
+        return _json_prospect(stripped, tools)
+    if opener == "<tool_call>":
+        return _literal_prospect(stripped, "<function=", lambda after: _tagged_prospect("<function=", after, tools))
+    if opener == "[TOOL_CALLS]":
+        name = re.match(r"[\w.-]*", stripped).group()
+        return _name_prospect(name, len(name) < len(stripped), tools)
+    return NOT_A_CALL
+
+
+def call_prospect(text, tools, untagged):
+    """Whether text that begins at the start of a line can still become tool calls, from its head
+    alone so the cost per streamed token stays small. untagged: this is the reply's start, where
+    JSON and fences count too."""
+    head = text[:PROSPECT_HEAD]
+    head = head.lstrip() if untagged else head.lstrip(" \t")
+    if not head:
+        return MAYBE
+    openers = TAGGED_OPENERS + UNTAGGED_OPENERS if untagged else TAGGED_OPENERS
+    if any(opener.startswith(head) and opener != head for opener in TAGGED_OPENERS):
+        return MAYBE  # "[" may still become [TOOL_CALLS]
+    opener = next((opener for opener in openers if head.startswith(opener)), None)
+    if opener is None:
+        return MAYBE if any(opener.startswith(head) for opener in openers) else NO_OPENER
+    if opener == "```":
+        language = re.match(r"[A-Za-z]*", head[3:]).group()
+        rest = head[3 + len(language):]
+        if not rest:
+            verdict = MAYBE if "json".startswith(language) else NOT_A_CALL
+        elif language not in ("", "json"):
+            verdict = NOT_A_CALL
+        else:
+            rest = rest.lstrip()
+            verdict = _json_prospect(rest, tools) if rest else MAYBE
+    elif opener in "{[":
+        verdict = _json_prospect(head, tools)
+    else:
+        verdict = _tagged_prospect(opener, head[len(opener):], tools)
+    return CALL if verdict is MAYBE and len(text) >= PROSPECT_HEAD else verdict
+
+
+class TextCallGate:
+    """How much of a streaming reply's text may leave now: text is held from where a tool call
+    written as text may begin, for as long as it can still become one. One per reply; it sees the
+    text StreamTranslator holds (pending) and is told what leaves."""
+
+    def __init__(self, tools):
+        self.tools = tools
+        self.open = True         # a call written as text may still come
+        self.settled = False     # pending[offset:] names an offered tool: held to the end
+        self.offset = 0
+        self.preamble = ""       # text released so far while open
+        self.line_start = True   # pending begins at the start of a line
+
+    def close(self):
+        self.open = self.settled = False
+        self.preamble = ""
+
+    def hold_from(self, pending):
+        """Where in pending the text to hold back begins (len(pending): nothing to hold)."""
+        if self.settled:
+            return self.offset
+        position = 0 if self.line_start else pending.find("\n") + 1 or None
+        while self.open and position is not None:
+            before = self.preamble + pending[:position]
+            untagged = not before.strip()
+            verdict = call_prospect(pending[position:], self.tools, untagged)
+            if verdict is not NO_OPENER:
+                if verdict is NOT_A_CALL or not (untagged or preamble_allows(before)):
+                    self.close()  # the first place a call could begin holds none: none follows
+                    break
+                self.settled, self.offset = verdict is CALL, position
+                return position
+            position = pending.find("\n", position) + 1 or None
+        return len(pending)
+
+    def released(self, text):
+        """text, from the start of pending, left as text."""
+        self.offset -= len(text)
+        if text and self.open:
+            self.line_start = text.endswith("\n")
+            self.preamble += text
+            if len(self.preamble) > PREAMBLE_LIMIT and len(self.preamble.strip()) > PREAMBLE_LIMIT:
+                self.close()
+
+    def calls(self, pending):
+        """At the reply's end: (the held text before the calls, the calls), or None."""
+        found = find_text_tool_calls(self.preamble + pending, self.tools) if self.open else None
+        if not found or found[0] < len(self.preamble):
+            return None
+        start = found[0] - len(self.preamble)
+        return pending[:start], found[1]
+
+
+###############################################################################
+# Translation: Ollama's stream -> Anthropic events
+###############################################################################
 
 class StopSequenceMatcher:
     """Finds the first stop sequence to complete in streamed text, in one pass (Aho-Corasick).
@@ -1121,15 +1628,15 @@ class StreamTranslator:
         self.input_tokens = input_tokens
         self.stop_sequences = [s for s in stop_sequences if s]
         self.stop_matcher = StopSequenceMatcher(self.stop_sequences) if self.stop_sequences else None
-        self.tool_names = frozenset(tool_names)
+        self.tools = offered_tools(tool_names)  # names, or {name: input_schema} to type XML parameters
+        self.tool_names = frozenset(self.tools)
         self.show_thinking = show_thinking
-        self.recover = recover_tool_calls and bool(self.tool_names)
+        self.call_gate = TextCallGate(self.tools) if recover_tool_calls and self.tools else None
         self.blocks = []  # [kind, parts] for text and thinking, [kind, block] for tool_use
         self.open_kind = None
         self.had_tool = False
         self.pending = ""  # text not yet released
-        self.held_for_call = self.recover  # pending may be a tool call written as text
-        self.gated = bool(self.stop_sequences) or self.recover
+        self.gated = bool(self.stop_sequences) or self.call_gate is not None
         self.stop_reason = None
         self.stop_sequence = None
         self.output_tokens = 0
@@ -1193,20 +1700,17 @@ class StreamTranslator:
                 self.pending = self.pending[:len(self.pending) - len(piece) + end - len(self.stop_sequence)]
                 self.stop_reason = "stop_sequence"
                 return
-        if self.held_for_call:
-            if could_become_tool_call(self.pending):
+        keep = min(self.stop_matcher.held, len(self.pending)) if self.stop_matcher else 0
+        gate = self.call_gate
+        if gate is not None:
+            keep = max(keep, len(self.pending) - gate.hold_from(self.pending))
+            if keep == len(self.pending):
                 return
-            self.held_for_call = False
-        if self.recover and TOOL_CALL_OPEN in self.pending:
-            before, tag, after = self.pending.partition(TOOL_CALL_OPEN)
-            self._release(before, events)
-            self.pending = tag + after
-            self.held_for_call = True
-            return
-        keep = max(min(self.stop_matcher.held, len(self.pending)) if self.stop_matcher else 0,
-                   partial_suffix(self.pending, TOOL_CALL_OPEN) if self.recover else 0)
+            gate.released(self.pending[:len(self.pending) - keep])
         self._release(self.pending[:len(self.pending) - keep], events)
         self.pending = self.pending[len(self.pending) - keep:]
+        if gate is not None and not gate.open and not self.pending:
+            self.call_gate, self.gated = None, bool(self.stop_sequences)  # no call can come: stream freely
 
     def _release(self, text, events):
         if text:
@@ -1215,15 +1719,15 @@ class StreamTranslator:
     def _flush(self, events, *, before_tool=False):
         """Release held text: the reply ended, or a structured tool call came after it."""
         text, self.pending = self.pending, ""
-        if self.held_for_call and not before_tool:
-            parsed = parse_text_tool_calls(text, self.tool_names)
-            if parsed:
-                prefix, calls = parsed
-                self._release(prefix, events)
-                for call in calls:
-                    self._tool_use(call["name"], call["input"], events)
-                text = ""
-        self.held_for_call = False
+        found = self.call_gate.calls(text) if self.call_gate is not None and not before_tool else None
+        if found:
+            prefix, calls = found
+            self._release(prefix if prefix.strip() else "", events)
+            for call in calls:
+                self._tool_use(call["name"], call["input"], events)
+            text = ""
+        if self.call_gate is not None:
+            self.call_gate.close()  # a reply's calls come once, written as text or structured
         if before_tool and not text.strip():
             return
         self._release(text, events)
@@ -2791,7 +3295,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         tools = client_tools(request)
         translator = StreamTranslator(
             model, input_tokens, stop_sequences=request.get("stop_sequences") or (),
-            tool_names=[t["name"] for t in tools],
+            tool_names={t["name"]: t.get("input_schema") for t in tools},
             show_thinking=thinking_requested(request) and (request.get("thinking") or {}).get("display") != "omitted",
             recover_tool_calls=self.config.tool_call_recovery)
         if not self.server.slots.acquire(blocking=False):
