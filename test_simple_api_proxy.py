@@ -2257,8 +2257,7 @@ def test_claude_code_tool_call_written_as_text(claude_code, ollama):
 
 
 def test_claude_code_runs_a_call_written_as_qwen_xml(claude_code, ollama):
-    """qwen3-coder's own format, with a number parameter that Claude Code's schema check would
-    refuse as a string."""
+    """qwen3-coder's own format, after a preamble, streamed in small pieces."""
     call = ("Let me run that.\n<tool_call>\n<function=Bash>\n<parameter=command>\necho xml-call-$((3+4))\n"
             "</parameter>\n<parameter=timeout>\n60000\n</parameter>\n<parameter=description>\nEcho a number\n"
             "</parameter>\n</function>\n</tool_call>")
