@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import hmac
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -86,6 +87,8 @@ SETTINGS = (
     ("REDIS_TIMEOUT", float, 0.25, "seconds for any Redis operation before Redis is marked down"),
     ("TOOL_CALL_RECOVERY", str, "on", "turn tool calls a model writes as text into tool_use blocks: on or off"),
     ("PROXY_API_KEY", str, "", "when set, /v1/* requests need this key (x-api-key or Authorization: Bearer)"),
+    ("ALLOWED_ORIGINS", str, "",
+     "browser origins allowed besides loopback pages and desktop apps: comma list, * wildcards, * for any"),
     ("MAX_BODY_BYTES", int, 32 * 1024 * 1024, "largest request body accepted"),
     ("MAX_CONCURRENT", int, 256, "most generations in flight; past that: 529 overloaded_error"),
     ("MAX_CONNECTIONS", int, 1024, "most open client connections (a thread each); past that: 529"),
@@ -137,6 +140,7 @@ class Config:
     redis_timeout: float
     tool_call_recovery: bool
     proxy_api_key: str
+    allowed_origins: str
     max_body_bytes: int
     max_concurrent: int
     max_connections: int
@@ -308,6 +312,7 @@ def load_config(argv=None, environ=None):
             redis_timeout=values["REDIS_TIMEOUT"],
             tool_call_recovery=parse_switch("TOOL_CALL_RECOVERY", values["TOOL_CALL_RECOVERY"]),
             proxy_api_key=values["PROXY_API_KEY"],
+            allowed_origins=values["ALLOWED_ORIGINS"],
             max_body_bytes=values["MAX_BODY_BYTES"],
             max_concurrent=values["MAX_CONCURRENT"],
             max_connections=values["MAX_CONNECTIONS"],
@@ -317,6 +322,7 @@ def load_config(argv=None, environ=None):
             log_file=values["LOG_FILE"],
             log_bodies=parse_switch("LOG_BODIES", values["LOG_BODIES"]),
         )
+        parse_allowed_origins(config.allowed_origins)
     except ValueError as exc:
         parser.error(str(exc))
     if not 0 <= config.api_port <= 65535:
@@ -2785,6 +2791,409 @@ class ResponseCache:
 
 
 ###############################################################################
+# Request reader: request line, headers, body framing and limits
+###############################################################################
+
+# http.server's limits, kept: bytes of the request line or of one header line, header lines.
+MAX_LINE_BYTES = 65536
+MAX_HEADER_LINES = 100
+# Chunk extensions carry nothing the proxy uses but are legal: a chunk line may carry a long one,
+# and all of a body's extensions together are bounded. So is the number of chunks, because each
+# costs a few µs of CPU whatever its size.
+MAX_CHUNK_EXTENSION_BYTES = 16384
+MAX_CHUNKS = 1 << 20
+# A body nobody wants (a GET that has one, a request refused before its body) is read and dropped
+# up to this size so the connection stays usable; a larger one closes the connection instead.
+MAX_DISCARDED_BODY = 1 << 20
+
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+# Leniency of RFC 9112 §2.2 kept: a bare LF ends the request line and header lines (not chunk lines).
+REQUEST_LINE = re.compile(rb"(%s) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r?\n" % _TOKEN)
+# No whitespace before the colon (RFC 9112 §5.1), no obs-fold continuation lines, no CTLs but HTAB.
+HEADER_LINE = re.compile(rb"(%s):[\t ]*((?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)[\t ]*\r?\n" % _TOKEN)
+# chunk-size [ chunk-ext ] CRLF with chunk-size = 1*HEXDIG: no sign, no 0x, no underscores or spaces.
+CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)((?:[\t ]*;[\t ]*%s(?:[\t ]*=[\t ]*(?:%s|%s))?)*)\r\n"
+                        % (_TOKEN, _TOKEN, _QUOTED))
+# A whole header section at once, for the common case of a head that arrived in one piece.
+HEADER_BLOCK = re.compile(rb"(?:%s:[\t\x20-\x7e\x80-\xff]*\r\n)*" % _TOKEN)
+ABSOLUTE_TARGET = re.compile(r"https?://([^/?#]*)([^#]*)", re.IGNORECASE)
+
+
+def bad_request(message):
+    """A request whose framing cannot be trusted: answered, and the connection closed."""
+    return ProxyError(400, message, "invalid_request_error", retry=False)
+
+
+def body_too_large(limit, size=None):
+    what = f"request body of {size} bytes" if size is not None else "request body"
+    return ProxyError(413, f"{what} exceeds the {limit}-byte limit (MAX_BODY_BYTES)", "request_too_large",
+                      retry=False)
+
+
+class RequestHeaders:
+    """Header fields by lower-case name, as `self.headers` in the handler.
+
+    A repeated field's values are joined with ", " (RFC 9110 §5.3); `repeated` names those fields,
+    for the few (Host) that must appear once."""
+
+    __slots__ = ("fields", "repeated")
+
+    def __init__(self, fields=None):
+        self.fields = fields if fields is not None else {}
+        self.repeated = ()
+
+    def get(self, name, default=None):
+        return self.fields.get(name.lower(), default)
+
+    def __getitem__(self, name):
+        return self.fields.get(name.lower())
+
+    def __contains__(self, name):
+        return name.lower() in self.fields
+
+    def __iter__(self):
+        return iter(self.fields)
+
+    def __len__(self):
+        return len(self.fields)
+
+    def items(self):
+        return self.fields.items()
+
+
+class RequestHead:
+    """A request line and its headers, with the body framing they announce."""
+
+    __slots__ = ("method", "target", "version", "headers", "authority", "content_length", "chunked",
+                 "keep_alive", "expects_continue")
+
+    @property
+    def has_body(self):
+        return self.chunked or bool(self.content_length)
+
+
+class RequestReader:
+    """Reads requests from one client connection: strict framing (RFC 9112 §2-7), bounded everywhere.
+
+    `read_head()` returns the next RequestHead (None once the client has closed), after which the
+    caller reads the body with `read_body()` or drops it with `discard_body()`. Anything that makes
+    the framing untrustworthy raises a ProxyError; the connection must then be closed, since where
+    the next request starts is unknown."""
+
+    def __init__(self, rfile):
+        self.rfile = rfile
+
+    def read_head(self):
+        """The next request's line and headers; None if the client closed the connection first."""
+        buffered = self.rfile.peek(1)
+        end = buffered.find(b"\r\n\r\n")
+        if end > 0 and buffered[0] not in b"\r\n":  # all of it is here already: one read, one parse
+            block = self.rfile.read(end + 4)
+            line_end = block.index(b"\n") + 1
+            line, headers = block[:line_end], self._field_block(block, line_end)
+        else:
+            line = self._request_line()
+            if line is None:
+                return None
+            headers = self._fields(self.rfile.readline)
+        match = REQUEST_LINE.fullmatch(line)
+        if match is None:
+            raise bad_request(f"malformed request line {line[:100].decode('latin-1')!r}: "
+                              "expected METHOD /path HTTP/1.1")
+        method, target, major, minor = match.groups()
+        if major != b"1":
+            raise bad_request(f"HTTP/{major.decode()}.{minor.decode()} is not supported; use HTTP/1.1")
+        head = RequestHead()
+        head.method = method.decode("ascii")
+        head.target = target.decode("ascii")
+        head.version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
+        head.headers = headers
+        head.authority = headers.fields.get("host")
+        if head.target[0] != "/":
+            absolute = ABSOLUTE_TARGET.fullmatch(head.target)
+            if absolute:  # absolute-form: its authority replaces Host (RFC 9112 §3.2.2)
+                head.authority = absolute.group(1)
+                head.target = absolute.group(2) or "/"
+                if head.target[0] != "/":
+                    head.target = "/" + head.target
+            elif not (head.target == "*" and head.method == "OPTIONS"):
+                raise bad_request(f"request target {head.target[:100]!r} is not a path")
+        if "host" in headers.repeated:
+            raise bad_request("more than one Host header")
+        self._framing(head)
+        if head.version == "HTTP/1.1":
+            head.keep_alive = "close" not in headers.fields.get("connection", "").lower()
+            head.expects_continue = headers.fields.get("expect", "").lower() == "100-continue"
+        else:  # HTTP/1.0: one request per connection, and never a 100 (RFC 9110 §10.1.1)
+            head.keep_alive = head.expects_continue = False
+        return head
+
+    def _request_line(self):
+        readline = self.rfile.readline
+        line = readline(MAX_LINE_BYTES + 1)
+        for _ in range(4):  # empty lines before a request line are to be ignored (RFC 9112 §2.2)
+            if line not in (b"\r\n", b"\n"):
+                break
+            line = readline(MAX_LINE_BYTES + 1)
+        if not line.endswith(b"\n"):
+            if len(line) > MAX_LINE_BYTES:
+                raise ProxyError(414, f"request line longer than {MAX_LINE_BYTES} bytes", retry=False)
+            return None  # the client closed, or ReadDeadlines cut it off mid-line
+        return line
+
+    def _field_block(self, block, start):
+        """The header lines of `block` (a whole head) checked by one regex, split without one per line."""
+        lines = block[start:-2]
+        if lines.count(b"\n") > MAX_HEADER_LINES or HEADER_BLOCK.fullmatch(lines) is None:
+            return self._fields(io.BytesIO(block[start:]).readline)  # which names the fault
+        fields, repeated = {}, None
+        for line in lines.decode("latin-1").split("\r\n")[:-1]:
+            name, _, value = line.partition(":")
+            name, value = name.lower(), value.strip(" \t")
+            if name in fields:
+                fields[name] += ", " + value
+                repeated = (repeated or set()) | {name}
+            else:
+                fields[name] = value
+        headers = RequestHeaders(fields)
+        if repeated:
+            headers.repeated = repeated
+        return headers
+
+    @staticmethod
+    def _fields(readline):
+        fields, repeated = {}, None
+        for _ in range(MAX_HEADER_LINES + 1):
+            line = readline(MAX_LINE_BYTES + 1)
+            if line == b"\r\n" or line == b"\n":
+                headers = RequestHeaders(fields)
+                if repeated:
+                    headers.repeated = repeated
+                return headers
+            match = HEADER_LINE.fullmatch(line)
+            if match is None:
+                if len(line) > MAX_LINE_BYTES:
+                    raise ProxyError(431, f"a header line is longer than {MAX_LINE_BYTES} bytes", retry=False)
+                if not line.endswith(b"\n"):
+                    raise ClientGone()
+                raise bad_request(f"malformed header line {line[:100].decode('latin-1')!r}")
+            name, value = match.groups()
+            name = name.decode("latin-1").lower()
+            value = value.decode("latin-1")
+            if name in fields:
+                fields[name] += ", " + value
+                repeated = (repeated or set()) | {name}
+            else:
+                fields[name] = value
+        raise ProxyError(431, f"more than {MAX_HEADER_LINES} header lines", retry=False)
+
+    @staticmethod
+    def _framing(head):
+        """Where the body ends (RFC 9112 §6.3); anything ambiguous is refused, never guessed."""
+        fields = head.headers.fields
+        coding, length = fields.get("transfer-encoding"), fields.get("content-length")
+        head.chunked, head.content_length = False, None
+        if coding is not None:
+            if head.version == "HTTP/1.0":
+                raise bad_request("Transfer-Encoding in an HTTP/1.0 request: its framing cannot be trusted")
+            if length is not None:
+                raise bad_request("both Content-Length and Transfer-Encoding: the body's length is ambiguous")
+            codings = [part.strip().lower() for part in coding.split(",") if part.strip()]
+            unknown = [part for part in codings if part != "chunked"]
+            if unknown:
+                raise ProxyError(501, f"transfer coding {unknown[0][:40]!r} is not supported; send the body "
+                                      "with Content-Length or Transfer-Encoding: chunked", "invalid_request_error",
+                                 retry=False)
+            if len(codings) != 1:
+                raise bad_request("Transfer-Encoding must be chunked, once")
+            head.chunked = True
+        elif length is not None:
+            # A repeated identical value is one length (RFC 9110 §8.6); differing values are not.
+            values = {part.strip() for part in length.split(",")}
+            if len(values) != 1:
+                raise bad_request(f"differing Content-Length values {length[:100]!r}")
+            value = values.pop()
+            if not (value.isascii() and value.isdigit()):
+                raise bad_request(f"Content-Length {value[:40]!r} is not a number")
+            head.content_length = int(value)
+
+    def read_body(self, head, limit):
+        """The whole body, at most `limit` bytes; a ProxyError for a body over it or malformed."""
+        if head.chunked:
+            return self._chunked_body(limit)
+        size = head.content_length or 0
+        if size > limit:
+            raise body_too_large(limit, size)
+        return self._exactly(size)
+
+    @staticmethod
+    def can_discard(head):
+        """Whether an unwanted body is worth reading to keep the connection. Not when the client waits
+        for a 100 Continue: it may send the body after all, or may not, so no request boundary is known."""
+        return not head.expects_continue and (head.chunked or (head.content_length or 0) <= MAX_DISCARDED_BODY)
+
+    def discard_body(self, head):
+        """Read and drop an unwanted body; False when the connection cannot be kept for the next request."""
+        if not self.can_discard(head):
+            return False
+        try:
+            self.read_body(head, MAX_DISCARDED_BODY)
+        except ProxyError:
+            return False
+        return True
+
+    def _exactly(self, size):
+        data = self.rfile.read(size)
+        if len(data) != size:
+            raise bad_request(f"request body ended after {len(data)} of {size} bytes")
+        return data
+
+    def _chunked_body(self, limit):
+        readline, read = self.rfile.readline, self.rfile.read
+        parts, total, extensions = [], 0, 0
+        for _ in range(MAX_CHUNKS):
+            line = readline(MAX_CHUNK_EXTENSION_BYTES + 64)
+            match = CHUNK_LINE.fullmatch(line)
+            if match is None:
+                if not line.endswith(b"\n") and len(line) <= MAX_CHUNK_EXTENSION_BYTES:
+                    raise bad_request("request body ended inside a chunk size line")
+                raise bad_request(f"malformed chunk size line {line[:40].decode('latin-1')!r}: a chunk size "
+                                  "is hexadecimal digits, optionally followed by ;extensions, then CRLF")
+            size_text, extension = match.groups()
+            extensions += len(extension)
+            if extensions > MAX_CHUNK_EXTENSION_BYTES:
+                raise bad_request(f"chunk extensions exceed {MAX_CHUNK_EXTENSION_BYTES} bytes in all")
+            size = int(size_text, 16)
+            if size == 0:
+                self._trailer(readline)
+                return b"".join(parts)
+            total += size
+            if total > limit:
+                raise body_too_large(limit)
+            parts.append(self._exactly(size))
+            if read(2) != b"\r\n":
+                raise bad_request("chunk data is not followed by CRLF where its size says it ends")
+        raise bad_request(f"chunked body of more than {MAX_CHUNKS} chunks")
+
+    @staticmethod
+    def _trailer(readline):
+        for _ in range(MAX_HEADER_LINES + 1):
+            line = readline(MAX_LINE_BYTES + 1)
+            if line == b"\r\n" or line == b"\n":
+                return
+            if HEADER_LINE.fullmatch(line) is None:
+                raise bad_request("malformed trailer after the last chunk")
+        raise bad_request(f"more than {MAX_HEADER_LINES} trailer lines")
+
+
+###############################################################################
+# Origin and host checks
+###############################################################################
+
+# A web page in the user's browser can send requests to the proxy's loopback port (the SSH tunnel's
+# end), and with DNS rebinding read the answers. As Ollama does since CVE-2024-28224: bound to
+# loopback, the proxy serves only requests addressed to a loopback name; and it serves a browser
+# only for origins it trusts, answering CORS preflights for those.
+
+# Origins of local desktop apps, which no web page can claim (Ollama trusts the same).
+APP_ORIGIN_SCHEMES = ("app", "file", "tauri", "vscode-webview", "vscode-file")
+CORS_ALLOWED_HEADERS = ("content-type", "x-api-key", "authorization", "anthropic-version", "anthropic-beta",
+                        "anthropic-dangerous-direct-browser-access", "accept", "cache-control")
+# The SDKs add headers under these prefixes, more with each version (x-stainless-retry-count...).
+CORS_ALLOWED_HEADER_PREFIXES = ("x-stainless-", "anthropic-")
+CORS_EXPOSED_HEADERS = "request-id, x-cache, retry-after, x-should-retry"
+
+
+def split_authority(authority):
+    """'host', 'host:port', '[v6]' or '[v6]:port' -> the host (lower case), or None if malformed."""
+    if authority.startswith("["):
+        host, sep, rest = authority[1:].partition("]")
+        if not sep or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            return None
+        return host.lower()
+    host, sep, port = authority.partition(":")
+    if sep and not port.isdigit():
+        return None
+    return host.lower()
+
+
+def is_loopback_name(host):
+    """localhost, a name under .localhost (RFC 6761: always loopback), or a loopback address."""
+    host = host.rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def parse_allowed_origins(value):
+    """ALLOWED_ORIGINS: a comma list of origins, each may use * as a wildcard; a lone * allows any."""
+    patterns = []
+    for item in filter(None, (part.strip().lower().rstrip("/") for part in value.split(","))):
+        if "://" not in item and item != "*":
+            raise ValueError(f"ALLOWED_ORIGINS entry {item!r} is not an origin like https://app.example.com")
+        patterns.append(re.compile(".*".join(re.escape(piece) for piece in item.split("*"))))
+    return tuple(patterns)
+
+
+class OriginPolicy:
+    """Which Host and Origin values the proxy serves, and the CORS headers its answers carry."""
+
+    def __init__(self, config):
+        # Bound to a public address, clients reach it by names of their own: nothing to compare with.
+        self.check_host = is_loopback(config.api_host)
+        self.allowed = parse_allowed_origins(config.allowed_origins)
+
+    def refusal(self, authority, origin):
+        """A 403 ProxyError if the request must not be served, else None."""
+        if self.check_host and authority:
+            host = split_authority(authority)
+            if host is None or not is_loopback_name(host):
+                return ProxyError(403, f"Host {authority[:100]!r} is not a loopback name: the proxy is bound to "
+                                       "loopback and serves only requests addressed to localhost or 127.0.0.1 "
+                                       "(protection against DNS rebinding)", "permission_error", retry=False)
+        if origin is not None and not self.origin_allowed(origin):
+            return ProxyError(403, f"Origin {origin[:100]!r} is not allowed; add it to ALLOWED_ORIGINS to let "
+                                   "that web page use the proxy", "permission_error", retry=False)
+        return None
+
+    def origin_allowed(self, origin):
+        origin = origin.strip().lower()
+        scheme, sep, rest = origin.partition("://")
+        if not sep:
+            return any(pattern.fullmatch(origin) for pattern in self.allowed)  # "null" unless allowed
+        if scheme in APP_ORIGIN_SCHEMES:
+            return True
+        if scheme in ("http", "https"):
+            host = split_authority(rest)
+            if host is not None and (is_loopback_name(host) or host == "0.0.0.0"):
+                return True
+        return any(pattern.fullmatch(origin) for pattern in self.allowed)
+
+    @staticmethod
+    def response_headers(origin):
+        """Headers every answer to an allowed browser origin carries."""
+        return {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": CORS_EXPOSED_HEADERS,
+                "Vary": "Origin"}
+
+    @staticmethod
+    def preflight_headers(requested_headers):
+        """The answer to a CORS preflight: every method the proxy serves, the SDKs' headers."""
+        requested = [name.strip().lower() for name in requested_headers.split(",") if name.strip()]
+        extra = [name for name in requested
+                 if name.startswith(CORS_ALLOWED_HEADER_PREFIXES) and name not in CORS_ALLOWED_HEADERS
+                 and re.fullmatch(r"[-a-z0-9]+", name)]
+        return {"Access-Control-Allow-Methods": "GET, HEAD, POST, OPTIONS",
+                "Access-Control-Allow-Headers": ", ".join(CORS_ALLOWED_HEADERS + tuple(extra)),
+                "Access-Control-Max-Age": "600"}
+
+
+###############################################################################
 # HTTP handler
 ###############################################################################
 
@@ -2852,6 +3261,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.ollama = UpstreamPool(config)
         self.cache = ResponseCache(config)
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
+        self.origin_policy = OriginPolicy(config)
         self.read_deadlines = ReadDeadlines()
         self.counts_lock = threading.Lock()
         self.connections = 0
@@ -2898,9 +3308,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one client connection; requests are read by RequestReader, not by http.server."""
+
     protocol_version = "HTTP/1.1"
-    # A garbled request line still gets a status line and headers, not an HTTP/0.9 bare body.
-    default_request_version = "HTTP/1.1"
     server_version = f"simple_api_proxy/{__version__}"
 
     ROUTES = {
@@ -2927,6 +3337,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                                 struct.pack("ll", int(seconds), max(1, int(seconds % 1 * 1e6))))
         self.deadlines = self.server.read_deadlines
+        self.reader = RequestReader(self.rfile)
 
     def version_string(self):
         return self.server_version
@@ -2935,15 +3346,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         log.debug("http: " + format, *args)
 
     # -- dispatch ------------------------------------------------------------
-    def do_GET(self):
-        self.dispatch()
-
-    def do_HEAD(self):
-        self.dispatch()
-
-    def do_POST(self):
-        self.dispatch()
-
     def handle_one_request(self):
         self.request_id = new_id("req_")
         self.started = time.monotonic()
@@ -2955,14 +3357,30 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self._ended = False
         self._chunked = True
         self._head = b""
+        self.cors_headers = {}
+        self.body = b""
+        self.head = None
+        self.command, self.path, self.request_version = "-", "-", "HTTP/1.1"
+        self.close_connection = True
         # Idle keep-alive time, request line and headers: CLIENT_TIMEOUT in all.
         self.deadlines.arm(self.request, self.config.client_timeout)
         try:
-            super().handle_one_request()
-        except OSError:  # the client reset or dropped the connection between requests
-            self.close_connection = True
+            self.head = self.reader.read_head()
+        except ProxyError as error:  # no framing to trust: answer, and end the connection
+            self.deadlines.disarm(self.request)
+            self.send_error_envelope(error)
+            return
+        except (OSError, ClientGone):  # the client reset or dropped the connection between requests
+            return
         finally:
             self.deadlines.disarm(self.request)
+        if self.head is None:
+            return
+        head = self.head
+        self.command, self.path, self.request_version, self.headers = \
+            head.method, head.target, head.version, head.headers
+        self.close_connection = not head.keep_alive or self.server.stopping
+        self.dispatch()
         if self.server.stopping:
             self.close_connection = True
 
@@ -2971,24 +3389,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.deadlines.arm(self.request, self.config.client_timeout)
         self.server.count("active_requests", 1)
         path = self.path.split("?", 1)[0]
-        name = self.ROUTES.get((self.command, path))
-        if name is None and path.startswith(self.MODEL_ROUTE) and self.command in ("GET", "HEAD"):
-            name = "model"
         try:
-            if name is None or self.command != "POST":
-                self.discard_body()
-                self.deadlines.disarm(self.request)
-            if name is None:
-                known = {m for (m, p) in self.ROUTES if p == path}
-                if known:
-                    raise ProxyError(405, f"{self.command} is not allowed on {path}; use {', '.join(sorted(known))}",
-                                     "invalid_request_error")
-                raise ProxyError(404, f"Not found: {self.command} {path}", "not_found_error")
-            if path.startswith("/v1/"):
-                self.check_api_key()
+            name = self.admit(path)
             getattr(self, "route_" + name)()
         except ProxyError as error:
-            self.send_error_envelope(error)
+            self.refuse(error)
         except ClientGone:
             self.status = self.status or 499
             self.close_connection = True
@@ -3012,15 +3417,71 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         log.info("%s %s %s%s %s%s%s %.1fms", self.request_id, self.command, path, model, self.status,
                  flags, tokens, (time.monotonic() - self.started) * 1000)
 
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own failures (bad request line, oversized headers, unknown method) in the
-        Anthropic envelope, as the client's mistakes they are: 405 for a method, else a 4xx."""
-        self.close_connection = True
-        if code >= 500:
-            code = 405 if code == 501 else 400
-        reason = message or self.responses.get(code, ("bad request",))[0]
-        self.send_error_envelope(ProxyError(code, reason, ERROR_TYPES.get(code, "invalid_request_error"),
-                                            retry=False))
+    def admit(self, path):
+        """Every check that can refuse a request, in the order that reads nothing it need not:
+        Host and Origin, route, API key, body size; then `100 Continue` and the body. The route's name."""
+        head = self.head
+        self.body_settled = not head.has_body
+        policy = self.server.origin_policy
+        origin = head.headers.fields.get("origin")
+        refusal = policy.refusal(head.authority, origin)
+        if refusal is not None:
+            raise refusal
+        if origin is not None:
+            self.cors_headers = policy.response_headers(origin)
+        name = self.ROUTES.get((self.command, path))
+        if name is None and path.startswith(self.MODEL_ROUTE) and self.command in ("GET", "HEAD"):
+            name = "model"
+        if name is None and self.command == "OPTIONS" and (path == "*" or self.known_path(path)):
+            name = "preflight"
+        if name is None:
+            known = {m for (m, p) in self.ROUTES if p == path}
+            if known:
+                raise ProxyError(405, f"{self.command} is not allowed on {path}; use {', '.join(sorted(known))}",
+                                 "invalid_request_error")
+            raise ProxyError(404, f"Not found: {self.command} {path}", "not_found_error")
+        if path.startswith("/v1/") and name != "preflight":
+            self.check_api_key()
+        if self.command != "POST":
+            if head.has_body:
+                self.drop_body()
+            self.deadlines.disarm(self.request)
+            return name
+        if not head.chunked and head.content_length is None:
+            self.close_connection = True
+            raise ProxyError(411, "a request body needs a Content-Length header", retry=False)
+        if (head.content_length or 0) > self.config.max_body_bytes:
+            raise body_too_large(self.config.max_body_bytes, head.content_length)
+        if head.expects_continue:
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.body_settled = True
+        try:
+            self.body = self.reader.read_body(head, self.config.max_body_bytes)
+        except ProxyError:
+            self.close_connection = True
+            raise
+        self.deadlines.disarm(self.request)
+        return name
+
+    def known_path(self, path):
+        return any(p == path for (_, p) in self.ROUTES) or path.startswith(self.MODEL_ROUTE)
+
+    def refuse(self, error):
+        """Answer with an error at once, even when the client waits to send its body (Expect: 100-continue,
+        or a slow upload); then drop that body to keep the connection, if it can be done cheaply."""
+        unread = self.head.has_body and not self.body_settled
+        if unread and not self.reader.can_discard(self.head):
+            self.close_connection = True
+            unread = False
+        self.send_error_envelope(error)
+        if unread and not self.close_connection:
+            self.drop_body()
+
+    def drop_body(self):
+        """Read and drop a body nobody will use, or close the connection when that cannot be done."""
+        self.body_settled = True
+        if not self.reader.discard_body(self.head):
+            self.close_connection = True
 
     # -- responses -------------------------------------------------------------
     def response_head(self, status, headers):
@@ -3030,6 +3491,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         head = (f"HTTP/1.1 {status} {phrase}\r\nServer: {self.server_version}\r\n"
                 f"Date: {self.date_time_string()}\r\nrequest-id: {self.request_id}\r\n")
         head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        if self.cors_headers:
+            head += "".join(f"{name}: {value}\r\n" for name, value in self.cors_headers.items())
         if self.close_connection:
             head += "Connection: close\r\n"
         return (head + "\r\n").encode("latin-1")
@@ -3096,65 +3559,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send(self.framed(events) + (b"0\r\n\r\n" if self._chunked else b""))
 
     # -- request bodies --------------------------------------------------------
-    def discard_body(self):
-        length = self.headers.get("Content-Length")
-        if length and re.fullmatch(r"[0-9]+", length) and int(length) <= 1 << 20:
-            self.rfile.read(int(length))
-        elif length or self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-
-    def read_body(self):
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self.read_chunked_body()
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise ProxyError(411, "a request body needs a Content-Length header", retry=False)
-        if not re.fullmatch(r"[0-9]+", length.strip()):
-            self.close_connection = True
-            raise invalid(f"Content-Length {length!r} is not a number")
-        size = int(length)
-        if size > self.config.max_body_bytes:
-            self.close_connection = True
-            raise ProxyError(413, f"request body of {size} bytes exceeds the {self.config.max_body_bytes}-byte "
-                                  "limit (MAX_BODY_BYTES)", "request_too_large", retry=False)
-        return self.read_exactly(size)
-
-    def read_exactly(self, size):
-        try:
-            data = self.rfile.read(size)
-        except (TimeoutError, OSError) as exc:
-            self.close_connection = True
-            raise ProxyError(408, "the request body did not arrive in time", "timeout_error", retry=False) from exc
-        if len(data) != size:
-            self.close_connection = True
-            raise invalid(f"request body ended after {len(data)} of {size} bytes")
-        return data
-
-    def read_chunked_body(self):
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                raise invalid("malformed chunked request body") from None
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(parts)
-            total += size
-            if total > self.config.max_body_bytes:
-                self.close_connection = True
-                raise ProxyError(413, f"request body exceeds the {self.config.max_body_bytes}-byte limit "
-                                      "(MAX_BODY_BYTES)", "request_too_large", retry=False)
-            parts.append(self.read_exactly(size))
-            self.rfile.readline(8)
-
     def read_json(self):
-        body = self.read_body()
-        self.deadlines.disarm(self.request)
+        body = self.body
         if self.config.log_bodies:
             log.info("%s body: %s", self.request_id, body.decode("utf-8", "replace"))
         try:
@@ -3172,7 +3578,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def check_api_key(self):
         key = self.config.proxy_api_key
         if key and not self.has_api_key():
-            self.discard_body()
             raise ProxyError(401, "invalid x-api-key: this proxy needs PROXY_API_KEY in x-api-key or "
                                   "Authorization: Bearer", "authentication_error", retry=False)
 
@@ -3185,6 +3590,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return hmac.compare_digest(given.encode("utf-8", "replace"), key)
 
     # -- routes ----------------------------------------------------------------
+    def route_preflight(self):
+        """OPTIONS: a CORS preflight from an allowed origin (others got a 403), or a plain question."""
+        headers = {"Allow": "GET, HEAD, POST, OPTIONS", "Content-Length": 0}
+        if self.cors_headers:
+            headers.update(self.server.origin_policy.preflight_headers(
+                self.headers.get("Access-Control-Request-Headers", "")))
+        self.send(self.response_head(204, headers))
+
     def route_root(self):
         self.send_json(200, {"status": "ok", "service": "simple_api_proxy", "version": __version__,
                              "message": "Anthropic Messages API proxy for Ollama; see /health"})

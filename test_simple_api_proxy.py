@@ -1011,7 +1011,7 @@ def test_client_disconnect_closes_the_upstream_request(gateway, ollama):
     ollama.script(Reply([chunk(content="a")] + [("sleep", 0.05), chunk(content="b")] * 200 + [final_chunk()]))
     connection = socket.create_connection(("127.0.0.1", gateway.port))
     body = json.dumps(request_body(stream=True)).encode()
-    connection.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    connection.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     assert connection.recv(100).startswith(b"HTTP/1.1 200")
     connection.close()
@@ -1025,7 +1025,7 @@ def test_client_leaving_during_model_load_closes_upstream_within_a_second(gatewa
     ollama.script(text_reply(delay_before=10))
     connection = socket.create_connection(("127.0.0.1", gateway.port))
     body = json.dumps(request_body()).encode()
-    connection.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    connection.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     assert ollama.chat_started.wait(5)
     connection.close()
     left = time.monotonic()
@@ -1331,7 +1331,7 @@ def test_stream_whose_client_left_is_not_stored(ollama):
     with running_proxy(ollama.url, CACHE="on") as gateway:
         connection = socket.create_connection(("127.0.0.1", gateway.port))
         body = json.dumps(request_body(stream=True)).encode()
-        connection.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        connection.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         assert connection.recv(100).startswith(b"HTTP/1.1 200")
         connection.close()
         time.sleep(3)
@@ -2328,15 +2328,15 @@ def raw_exchange(port, data, read_timeout=5):
 
 
 def test_body_limits_and_framing(gateway):
-    big = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 40000000\r\n\r\n")
+    big = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 40000000\r\n\r\n")
     assert big.startswith(b"HTTP/1.1 413") and b"request_too_large" in big
-    missing = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n")
+    missing = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert missing.startswith(b"HTTP/1.1 411") and b"Content-Length" in missing
-    malformed = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+    malformed = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n")
     assert malformed.startswith(b"HTTP/1.1 400")
     body = json.dumps(request_body()).encode()
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 50]), body[i:i + 50]) for i in range(0, len(body), 50))
-    answer = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    answer = raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                                         b"Connection: close\r\n\r\n" + chunked + b"0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200") and b"stand-in model" in answer
     assert gateway.json("GET", "/")[0] == 200
@@ -2358,7 +2358,7 @@ def test_slow_and_idle_clients_are_cut_off(ollama):
         assert idle.recv(100) == b"" and time.monotonic() - started < 2.5
         idle.close()
         body = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
-        body.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
+        body.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n\r\n{")
         started = time.monotonic()
         answer = body.recv(1000)
         assert time.monotonic() - started < 2.5 and (answer == b"" or answer.startswith(b"HTTP/1.1 4"))
@@ -2383,7 +2383,7 @@ def test_connections_past_max_connections_get_529_without_a_thread(ollama):
     with running_proxy(ollama.url, MAX_CONNECTIONS=2) as gateway:
         held = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(2)]
         time.sleep(0.2)
-        answer = raw_exchange(gateway.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = raw_exchange(gateway.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 529") and b"MAX_CONNECTIONS" in answer
         for connection in held:
             connection.close()
@@ -2660,7 +2660,7 @@ if given:
     @given(line=st.binary(min_size=1, max_size=200))
     def test_fuzz_raw_request_lines(fuzz_target, line):
         gateway, client = fuzz_target
-        answer = raw_exchange(gateway.port, line.replace(b"\n", b" ") + b"\r\nHost: x\r\n\r\n", read_timeout=10)
+        answer = raw_exchange(gateway.port, line.replace(b"\n", b" ") + b"\r\nHost: 127.0.0.1\r\n\r\n", read_timeout=10)
         if answer:
             assert answer.startswith(b"HTTP/1.1 "), answer[:100]
             head, _, body = answer.partition(b"\r\n\r\n")
@@ -3589,8 +3589,8 @@ def test_a_get_with_a_body_does_not_poison_the_next_request(gateway):
     body = json.dumps(request_body("secret prompt")).encode()
     post = json.dumps(request_body()).encode()
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
-        connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                           b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        connection.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                           b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
                            b"Connection: close\r\n\r\n%s" % (len(body), body, len(post), post))
         answer = b""
         while part := connection.recv(65536):
@@ -3601,7 +3601,7 @@ def test_a_get_with_a_body_does_not_poison_the_next_request(gateway):
 
 
 def test_non_ascii_digits_in_content_length_are_a_400(gateway):
-    answer = raw_exchange(gateway.port, "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\n{}"
+    answer = raw_exchange(gateway.port, "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \u00b2\r\n\r\n{}"
                           .encode("latin-1"))
     assert answer.startswith(b"HTTP/1.1 400")
 
@@ -3652,7 +3652,7 @@ def test_a_client_resetting_an_idle_connection_is_not_an_error(ollama, tmp_path)
     running = ProxyProcess(tmp_path, OLLAMA_HOST=ollama.url)
     try:
         connection = socket.create_connection(("127.0.0.1", running.port))
-        connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        connection.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert connection.recv(1000).startswith(b"HTTP/1.1 200")
         connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         connection.close()
@@ -3682,3 +3682,141 @@ def test_soak_short_run_passes():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "answers lost: 0; corrupted: 0" in result.stdout and "soak: passed" in result.stdout
+
+
+###############################################################################
+# Request framing, Expect: 100-continue, Host and Origin checks
+###############################################################################
+
+def post_head(body_length=None, extra=b"", path=b"/v1/messages", host=b"127.0.0.1"):
+    length = b"Content-Length: %d\r\n" % body_length if body_length is not None else b""
+    return b"POST %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (path, host, length, extra)
+
+
+def chunked_request(body, extension=b""):
+    return (post_head(extra=b"Transfer-Encoding: chunked\r\nConnection: close\r\n")
+            + b"%x%s\r\n%s\r\n0\r\n\r\n" % (len(body), extension, body))
+
+
+def status_of(answer):
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else None
+
+
+def test_chunked_bodies_are_parsed_strictly(ollama):
+    body = json.dumps(request_body()).encode()
+    with running_proxy(ollama.url, MAX_BODY_BYTES=len(body) + 100) as gateway:
+        # Each refused at once: the proxy neither waits for more nor reads to the end of the stream.
+        for size in (b"-1", b"+5", b"0x5", b"_5", b"", b" 5", b"5 ", b"5;", b"1_0"):
+            answer = raw_exchange(gateway.port, post_head(extra=b"Transfer-Encoding: chunked\r\n")
+                                  + size + b"\r\nhello\r\n")
+            assert status_of(answer) == 400 and b"Connection: close" in answer, (size, answer[:200])
+        legal = b';name="' + b"v" * 2000 + b'";other=token'
+        assert status_of(raw_exchange(gateway.port, chunked_request(body, legal))) == 200
+        too_many = post_head(extra=b"Transfer-Encoding: chunked\r\n") + b"".join(
+            b"1;e=" + b"v" * 2000 + b"\r\n{\r\n" for _ in range(9))
+        answer = raw_exchange(gateway.port, too_many)
+        assert status_of(answer) == 400 and b"chunk extensions exceed" in answer
+        answer = raw_exchange(gateway.port, post_head(extra=b"Transfer-Encoding: chunked\r\n") + b"5\r\nhelloXX")
+        assert status_of(answer) == 400 and b"CRLF" in answer
+        over = post_head(extra=b"Transfer-Encoding: chunked\r\n") + b"%x\r\n%s\r\n" % (len(body), body) * 2
+        assert status_of(raw_exchange(gateway.port, over)) == 413
+        assert gateway.messages(request_body())[0] == 200
+    assert ollama.chats() == [] or len(ollama.chats()) == 2
+
+
+def test_ambiguous_framing_is_refused_and_closes(gateway):
+    body = json.dumps(request_body()).encode()
+    cases = {b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(body): 400,
+             b"Content-Length: %d\r\nContent-Length: %d\r\n" % (len(body), len(body) + 1): 400,
+             b"Content-Length: %d, %d\r\n" % (len(body), len(body) - 1): 400,
+             b"Transfer-Encoding: xchunkedx\r\n": 501, b"Transfer-Encoding: gzip, chunked\r\n": 501,
+             b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n": 400,
+             b"Host: 127.0.0.1\r\nContent-Length: 5\r\n": 400}
+    for headers, expected in cases.items():
+        answer = raw_exchange(gateway.port, post_head(extra=headers) + body)
+        assert status_of(answer) == expected and b"Connection: close" in answer, (headers, answer[:300])
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["type"] == "invalid_request_error"
+    same = raw_exchange(gateway.port, post_head(extra=b"Content-Length: %d\r\nContent-Length: %d\r\n"
+                                                % (len(body), len(body))) + body)
+    assert status_of(same) == 200
+    # A GET frames a chunked body as a POST does: the request after it is read where it starts.
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) + post_head(len(body), b"Connection: close\r\n")
+                           + body)
+        answer = b""
+        while True:
+            part = connection.recv(65536)
+            if not part:
+                break
+            answer += part
+    assert [r[:3] for r in answer.split(b"HTTP/1.1 ")[1:]] == [b"200", b"200"]
+
+
+def expect_continue(port, head):
+    """Send a head with Expect: 100-continue and no body; the proxy's first answer to it."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+    connection.sendall(head)
+    return connection, connection.recv(65536)
+
+
+def test_expect_100_continue_comes_after_every_check(ollama):
+    body = json.dumps(request_body()).encode()
+    expect = b"Expect: 100-continue\r\nx-api-key: k-1\r\n"
+    with running_proxy(ollama.url, PROXY_API_KEY="k-1", MAX_BODY_BYTES=10000) as gateway:
+        refusals = {401: post_head(len(body), b"Expect: 100-continue\r\n"),
+                    413: post_head(20000, expect),
+                    404: post_head(len(body), expect, path=b"/v1/nowhere"),
+                    403: post_head(len(body), expect + b"Origin: https://evil.example\r\n"),
+                    411: post_head(None, expect)}
+        for status, head in refusals.items():
+            connection, answer = expect_continue(gateway.port, head)
+            with connection:
+                assert status_of(answer) == status and b"Connection: close" in answer, answer[:200]
+        connection, answer = expect_continue(gateway.port, post_head(len(body), expect))
+        with connection:
+            assert answer == b"HTTP/1.1 100 Continue\r\n\r\n"
+            connection.sendall(body)
+            answer = connection.recv(65536)
+            assert status_of(answer) == 200 and b"stand-in model" in answer
+    assert len(ollama.chats()) == 1
+
+
+def test_web_pages_cannot_use_the_proxy(ollama):
+    with running_proxy(ollama.url, ALLOWED_ORIGINS="https://app.example.com, https://*.trusted.example") as gateway:
+        body = json.dumps(request_body()).encode()
+        for host in (b"evil.example", b"evil.example:8000", b"127.0.0.1.evil.example", b"localhost.evil.example",
+                     b"[::1]x", b"10.0.0.1:8000"):
+            answer = raw_exchange(gateway.port, post_head(len(body), host=host) + body)
+            assert status_of(answer) == 403 and b'"permission_error"' in answer, host
+        for host in (b"127.0.0.1:8001", b"localhost:8001", b"localhost", b"127.9.8.7", b"[::1]:8001",
+                     b"LocalHost", b"app.localhost:3000"):
+            assert status_of(raw_exchange(gateway.port, post_head(len(body), host=host) + body)) == 200, host
+        assert len(ollama.chats()) == 7
+        # Refused before the body is read: the answer comes without it.
+        for origin in ("https://evil.example", "null", "http://localhost.evil.example", "https://app.example.com.evil"):
+            connection = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+            with connection:
+                connection.sendall(post_head(len(body), b"Origin: %s\r\n" % origin.encode()))
+                answer = connection.recv(65536)
+            assert status_of(answer) == 403 and b"ALLOWED_ORIGINS" in answer, origin
+        assert len(ollama.chats()) == 7
+        for origin in ("http://localhost:5173", "https://127.0.0.1", "http://[::1]:3000", "app://obsidian.md",
+                       "https://app.example.com", "https://x.trusted.example"):
+            status, headers, _ = gateway.call("POST", "/v1/messages", request_body(), {"Origin": origin})
+            assert status == 200 and headers["access-control-allow-origin"] == origin, origin
+            assert headers["vary"] == "Origin" and "request-id" in headers["access-control-expose-headers"]
+        status, headers, _ = gateway.call("OPTIONS", "/v1/messages", headers={
+            "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,x-api-key,anthropic-version,x-stainless-retry-count,"
+                                              "anthropic-dangerous-direct-browser-access"})
+        allowed = {name.strip() for name in headers["access-control-allow-headers"].split(",")}
+        assert status == 204 and headers["access-control-allow-origin"] == "https://app.example.com"
+        assert {"content-type", "x-api-key", "anthropic-version", "x-stainless-retry-count", "authorization",
+                "anthropic-dangerous-direct-browser-access", "anthropic-beta"} <= allowed
+        assert "POST" in headers["access-control-allow-methods"]
+        status, _, error = gateway.json("OPTIONS", "/v1/messages", headers={"Origin": "https://evil.example"})
+        assert status == 403 and error["error"]["type"] == "permission_error"
+    public = proxy.OriginPolicy(config(API_HOST="0.0.0.0"))
+    assert public.refusal("gpu-box.example:8000", None) is None
+    assert public.refusal("gpu-box.example", "https://evil.example").status == 403
