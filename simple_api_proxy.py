@@ -615,40 +615,105 @@ def system_text(system):
     return "\n\n".join(parts)
 
 
+def system_reminder(text):
+    """A system note as user-role text, the way Claude Code itself writes its reminders."""
+    if text.startswith("<system-reminder>"):
+        return text
+    return f"<system-reminder>\n{text}\n</system-reminder>"
+
+
 def merge_consecutive_turns(messages):
     """The Messages API treats consecutive same-role turns as one turn; so do we.
+
+    A `system` entry inside messages becomes user-role text at its place: Ollama's templates
+    join every system message into the head of the prompt, so a nudge between turns would
+    change the prompt from the top (losing Ollama's prompt cache) and reach the model out of place.
 
     Each merged turn is (role, [(path, block)]): the path is where the block stood in the
     client's request, so an error names what the client sent."""
     merged = []
     for index, message in enumerate(messages):
         content = message["content"]
-        if isinstance(content, str):
+        role = message["role"]
+        if role == "system":
+            text = system_text(content)
+            if not text:
+                continue
+            role, blocks = "user", [(f"messages.{index}.content", {"type": "text", "text": system_reminder(text)})]
+        elif isinstance(content, str):
             blocks = [(f"messages.{index}.content", {"type": "text", "text": content})]
         else:
             blocks = [(f"messages.{index}.content.{n}", block) for n, block in enumerate(content)]
-        role = message["role"]
-        if merged and merged[-1][0] == role and role != "system":
+        if merged and merged[-1][0] == role:
             merged[-1][1].extend(blocks)
         else:
             merged.append((role, blocks))
     return merged
 
 
-def _image_data(block, path):
+class MessageConversion:
+    """What converting one request's messages carries from turn to turn."""
+
+    def __init__(self, can_see=True):
+        self.can_see = can_see
+        self.tool_names = {}  # tool_use id -> tool name, for Ollama's tool_name
+        self.call_positions = {}  # tool_use id -> place in the latest assistant turn
+        self.left_out = []  # notes for blocks the model can't read, logged once per request
+
+    def note(self, text):
+        self.left_out.append(text)
+        return text
+
+
+def human_size(size):
+    if size < 1024:
+        return f"{size} bytes"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f} KB"
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+def _base64_size(data):
+    return len(data) * 3 // 4 - data[-2:].count("=")
+
+
+def _one_line(value, limit=200):
+    """A client's string as it may appear in a note and the log: one line, bounded."""
+    text = re.sub(r"[\x00-\x1f\x7f]", " ", str(value))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _unreadable_note(kind, source, why):
+    """A one-line stand-in for content Ollama can't take: what it was, how big, and why it is left out."""
+    source_kind = source.get("type")
+    if source_kind == "base64" and isinstance(source.get("data"), str):
+        media = _one_line(source.get("media_type") or "unknown type", 80)
+        what = f"{kind} ({media}, {human_size(_base64_size(source['data']))})"
+    elif source_kind == "url":
+        what = f"{kind} at {_one_line(source.get('url'))}"
+    elif source_kind == "file":
+        what = f"{kind} file {_one_line(source.get('file_id'), 80)}"
+    else:
+        what = f"{kind} ({_one_line(source_kind, 40)} source)"
+    return f"[{what} left out: {why}]"
+
+
+def _image(block, path, conversion):
+    """An image -> ("image", base64 data) for Ollama, or ("text", note) when the model can't take it."""
     source = block.get("source")
     if not isinstance(source, dict):
         raise invalid(f"{path}.source: Field required")
-    if source.get("type") != "base64":
-        raise invalid(f"{path}.source.type: only base64 images are supported by this proxy "
-                      f"(got {source.get('type')!r}); send the image data inline")
-    data = source.get("data")
-    if not isinstance(data, str) or not data:
-        raise invalid(f"{path}.source.data: Field required")
-    return data
+    if source.get("type") == "base64":
+        data = source.get("data")
+        if not isinstance(data, str) or not data:
+            raise invalid(f"{path}.source.data: Field required")
+        if conversion.can_see:
+            return "image", data
+        return "text", conversion.note(_unreadable_note("image", source, "this model can't see images"))
+    return "text", conversion.note(_unreadable_note("image", source, "this proxy passes on only inline images"))
 
 
-def _document_text(block, path):
+def _document_text(block, path, conversion):
     source = block.get("source")
     if not isinstance(source, dict):
         raise invalid(f"{path}.source: Field required")
@@ -664,13 +729,14 @@ def _document_text(block, path):
         else:
             raise invalid(f"{path}.source.content: Input should be a valid string or list")
     else:
-        raise invalid(f"{path}.source.type: {kind!r} documents are not supported by this proxy "
-                      "(Ollama reads no PDF or file); send the document's text instead")
+        # Claude Code's Read of a PDF sends one; a 400 would end the session, as the block stays in history.
+        kind_name = "PDF document" if source.get("media_type") == "application/pdf" else "document"
+        return conversion.note(_unreadable_note(kind_name, source, f"this model can't read {kind_name}s"))
     title = block.get("title")
     return f"{title}\n\n{text}" if isinstance(title, str) and title else text
 
 
-def _tool_result_message(block, path, tool_names):
+def _tool_result_message(block, path, conversion):
     tool_use_id = block.get("tool_use_id")
     _require_type(tool_use_id, (str,), f"{path}.tool_use_id", "a valid string")
     content = block.get("content")
@@ -683,9 +749,10 @@ def _tool_result_message(block, path, tool_names):
             _require_type(inner, (dict,), inner_path, "a valid dictionary")
             kind = inner.get("type")
             if kind == "image":
-                images.append(_image_data(inner, inner_path))
+                shape, value = _image(inner, inner_path, conversion)
+                (images if shape == "image" else texts).append(value)
             elif kind == "document":
-                texts.append(_document_text(inner, inner_path))
+                texts.append(_document_text(inner, inner_path, conversion))
             elif kind == "tool_reference":
                 texts.append(f"Tool loaded: {inner.get('tool_name', '')}")
             elif isinstance(inner.get("text"), str):
@@ -699,7 +766,7 @@ def _tool_result_message(block, path, tool_names):
         # Ollama has no error flag on tool messages; the model still has to know.
         text = "Error: " + text
     message = {"role": "tool", "content": text, "tool_call_id": tool_use_id}
-    name = tool_names.get(tool_use_id)
+    name = conversion.tool_names.get(tool_use_id)
     if name:
         message["tool_name"] = name
     if images:
@@ -707,25 +774,29 @@ def _tool_result_message(block, path, tool_names):
     return message
 
 
-def _user_messages(blocks, tool_names):
+def _user_messages(blocks, conversion):
     tool_messages, texts, images = [], [], []
     for block_path, block in blocks:
         kind = block["type"]
         if kind == "text":
             texts.append(_require_type(block.get("text"), (str,), f"{block_path}.text", "a valid string"))
         elif kind == "tool_result":
-            tool_messages.append(_tool_result_message(block, block_path, tool_names))
+            tool_messages.append(_tool_result_message(block, block_path, conversion))
         elif kind == "image":
-            images.append(_image_data(block, block_path))
+            shape, value = _image(block, block_path, conversion)
+            (images if shape == "image" else texts).append(value)
         elif kind == "document":
-            texts.append(_document_text(block, block_path))
+            texts.append(_document_text(block, block_path, conversion))
         elif kind in ("thinking", "redacted_thinking"):
             continue
         elif isinstance(block.get("text"), str):
             texts.append(block["text"])
         else:
             raise invalid(f"{block_path}.type: content block {kind!r} is not supported by this proxy")
-    out = tool_messages
+    # Parallel calls finish in any order, but Ollama's templates pair results with calls by
+    # position: results go in the order of the calls they answer, unmatched ones after.
+    unmatched = len(conversion.call_positions)
+    out = sorted(tool_messages, key=lambda m: conversion.call_positions.get(m["tool_call_id"], unmatched))
     if texts or images:
         user = {"role": "user", "content": "\n\n".join(texts)}
         if images:
@@ -734,7 +805,7 @@ def _user_messages(blocks, tool_names):
     return out
 
 
-def _assistant_message(blocks, tool_names):
+def _assistant_message(blocks, conversion):
     texts, thinking, calls = [], [], []
     for block_path, block in blocks:
         kind = block["type"]
@@ -745,12 +816,13 @@ def _assistant_message(blocks, tool_names):
             name = _require_type(block.get("name"), (str,), f"{block_path}.name", "a valid string")
             arguments = block.get("input", {})
             _require_type(arguments, (dict,), f"{block_path}.input", "a valid dictionary")
-            tool_names[call_id] = name
+            conversion.tool_names[call_id] = name
             calls.append({"id": call_id, "function": {"name": name, "arguments": arguments}})
         elif kind == "thinking":
             if isinstance(block.get("thinking"), str) and block["thinking"]:
                 thinking.append(block["thinking"])
         # redacted thinking and server-tool blocks are the model's own artefacts: nothing to pass on.
+    conversion.call_positions = {call["id"]: position for position, call in enumerate(calls)}
     if not texts and not thinking and not calls:
         return None
     message = {"role": "assistant", "content": "\n\n".join(texts)}
@@ -761,44 +833,106 @@ def _assistant_message(blocks, tool_names):
     return message
 
 
-def ollama_messages(request):
+def ollama_messages(request, conversion=None):
     """Anthropic system + messages -> Ollama chat messages (PROTOCOL C.2)."""
+    conversion = conversion or MessageConversion()
     out = []
     system = system_text(request.get("system"))
     if system:
         out.append({"role": "system", "content": system})
-    tool_names = {}
     for role, blocks in merge_consecutive_turns(request["messages"]):
-        if role == "system":
-            text = system_text([block for _, block in blocks])
-            if text:
-                out.append({"role": "system", "content": text})
-        elif role == "user":
-            out.extend(_user_messages(blocks, tool_names))
+        if role == "user":
+            out.extend(_user_messages(blocks, conversion))
         else:
-            assistant = _assistant_message(blocks, tool_names)
+            assistant = _assistant_message(blocks, conversion)
             if assistant:
                 out.append(assistant)
     return out
 
 
+def carries_images(request):
+    """Whether any message holds an image block, at the top of a turn or inside a tool result."""
+    for message in request["messages"]:
+        content = message["content"]
+        if not isinstance(content, list):
+            continue
+        for block in content:
+            if block.get("type") == "image":
+                return True
+            inner = block.get("content") if block.get("type") == "tool_result" else None
+            if isinstance(inner, list) and any(isinstance(b, dict) and b.get("type") == "image" for b in inner):
+                return True
+    return False
+
+
+def loaded_tool_names(messages):
+    """Deferred tools the conversation has loaded: names in tool_reference blocks of tool results
+    (what ToolSearch returns), in the order they were first loaded."""
+    names = {}
+    for message in messages:
+        if message["role"] != "user" or not isinstance(message["content"], list):
+            continue
+        for block in message["content"]:
+            inner = block.get("content") if block.get("type") == "tool_result" else None
+            if not isinstance(inner, list):
+                continue
+            for reference in inner:
+                if isinstance(reference, dict) and reference.get("type") == "tool_reference" \
+                        and isinstance(reference.get("tool_name"), str):
+                    names.setdefault(reference["tool_name"], None)
+    return list(names)
+
+
 def client_tools(request):
-    """Tools the model may call: client tools, minus deferred ones and minus any tool_choice excludes."""
+    """Tools the model may call: client tools, plus deferred ones the conversation has loaded,
+    minus any tool_choice excludes.
+
+    Loaded deferred tools go last, in the order they were loaded: Ollama renders the tool list
+    near the head of the prompt, so appending keeps the longest prefix it has already processed."""
     tools = request.get("tools") or []
     choice = request.get("tool_choice") or {}
     if choice.get("type") == "none":
         return []
-    offered = [tool for tool in tools
-               if tool.get("type") in TOOL_SCHEMA_TYPES and not tool.get("defer_loading")]
+    client = [tool for tool in tools if tool.get("type") in TOOL_SCHEMA_TYPES]
+    offered = [tool for tool in client if not tool.get("defer_loading")]
+    deferred = {tool["name"]: tool for tool in client if tool.get("defer_loading")}
+    offered += [deferred[name] for name in loaded_tool_names(request["messages"]) if name in deferred]
     if choice.get("type") == "tool":
         offered = [tool for tool in offered if tool["name"] == choice["name"]]
     return offered
 
 
+# JSON-Schema keys that tell a validator about the schema itself, not the model about the
+# arguments; Ollama drops them before rendering anyway (PROTOCOL B.2), so sending them only
+# inflates the request and the token estimate. Constraints (enum, minimum, maxLength, default,
+# format, ...) stay: they say what a valid argument is.
+SCHEMA_METADATA_KEYS = frozenset(("$schema", "$id", "$comment", "title", "examples"))
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def lean_schema(schema):
+    """A tool's input schema without validator metadata; property names are kept whatever they are."""
+    if not isinstance(schema, dict):
+        return schema
+    lean = {}
+    for key, value in schema.items():
+        if key in SCHEMA_METADATA_KEYS or (key == "additionalProperties" and isinstance(value, bool)):
+            continue
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            value = {name: lean_schema(inner) for name, inner in value.items()}
+        elif key in SCHEMA_LISTS and isinstance(value, list):
+            value = [lean_schema(inner) for inner in value]
+        elif key in ("items", "not", "additionalProperties", "contains"):
+            value = [lean_schema(inner) for inner in value] if isinstance(value, list) else lean_schema(value)
+        lean[key] = value
+    return lean
+
+
 def ollama_tools(tools):
     return [{"type": "function",
              "function": {"name": tool["name"], "description": tool.get("description", ""),
-                          "parameters": tool["input_schema"]}}
+                          "parameters": lean_schema(tool["input_schema"])}}
             for tool in tools]
 
 
@@ -818,13 +952,17 @@ def ollama_think(request):
     return {"xhigh": "high", "max": "high"}.get(effort, effort)
 
 
-def anthropic_to_ollama(request, ollama_model, config, *, can_think=False):
-    """A validated Anthropic Messages request -> the body of Ollama's POST /api/chat."""
+def anthropic_to_ollama(request, ollama_model, config, *, can_think=False, can_see=True, notes=None):
+    """A validated Anthropic Messages request -> the body of Ollama's POST /api/chat.
+
+    can_see: the model takes images (else they become notes). notes, a list, gets one line per
+    thing the model will not see as sent (blocks it can't read, tool results cut to fit)."""
     options = {"num_ctx": config.ollama_num_ctx, "num_predict": request["max_tokens"]}
     for key in ("temperature", "top_p", "top_k"):
         if request.get(key) is not None:
             options[key] = request[key]
-    payload = {"model": ollama_model, "messages": ollama_messages(request), "stream": True,
+    conversion = MessageConversion(can_see=can_see)
+    payload = {"model": ollama_model, "messages": ollama_messages(request, conversion), "stream": True,
                "options": options}
     tools = client_tools(request)
     if tools:
@@ -836,6 +974,11 @@ def anthropic_to_ollama(request, ollama_model, config, *, can_think=False):
         payload["format"] = output_format["schema"]
     if config.ollama_keep_alive:
         payload["keep_alive"] = keep_alive_value(config.ollama_keep_alive)
+    cut = fit_to_window(payload, request["max_tokens"], config.ollama_num_ctx)
+    if notes is not None:
+        notes.extend(conversion.left_out)
+        if cut:
+            notes.append(cut)
     return payload
 
 
@@ -888,6 +1031,77 @@ def estimate_tokens(ollama_payload):
     if "tools" in ollama_payload:
         chars += len(json.dumps(ollama_payload["tools"], separators=(",", ":")))
     return math.ceil(chars / CHARS_PER_TOKEN) + extra
+
+
+# --- fitting the context window -----------------------------------------------
+# Claude Code caps one Read at 25,000 tokens on top of a ~14k-token base prompt: at a 32k
+# window a single full-size read would end the session with `prompt is too long`. Tool results
+# are what grows, so when the prompt would not leave room for an answer, the largest ones are
+# cut in the middle (start and end kept, one line saying what was cut). Cuts come from a fixed
+# ladder of sizes, so the same result is cut the same way turn after turn and Ollama's prompt
+# cache keeps its prefix; the ladder steps down only when the conversation outgrows a step.
+
+TRIM_LADDER = (65536, 49152, 32768, 24576, 16384, 12288, 8192, 6144, 4096, 3072, 2048)  # characters kept
+ANSWER_ROOM_FLOOR = 1024  # tokens
+
+
+def answer_room(max_tokens, num_ctx):
+    """Tokens kept free for the answer when results must be cut: an eighth of the window
+    (4096 at 32k), at least ANSWER_ROOM_FLOOR, never more than the client asked for."""
+    return min(max_tokens, max(num_ctx // 8, ANSWER_ROOM_FLOOR))
+
+
+def trimmed_tool_text(text, keep, num_ctx):
+    """text cut to about `keep` characters from the middle, at line ends where there are any."""
+    half = keep // 2
+    head, tail = text[:half], text[len(text) - half:]
+    newline = head.rfind("\n")
+    if newline >= half * 3 // 4:
+        head = head[:newline + 1]
+    newline = tail.find("\n")
+    if 0 <= newline < half // 4:
+        tail = tail[newline + 1:]
+    cut = len(text) - len(head) - len(tail)
+    separator = "" if head.endswith("\n") else "\n"
+    return (f"{head}{separator}[simple_api_proxy: {cut:,} characters cut from the middle of this tool result "
+            f"to fit the model's {num_ctx}-token window; read the rest in ranges (Read with offset/limit, "
+            f"or sed -n / head / tail) to see them]\n{tail}")
+
+
+def fit_to_window(payload, max_tokens, num_ctx):
+    """Cut the largest tool results when the prompt leaves less than answer_room() in the window,
+    then cap num_predict at what the window has left. Returns a note on what was cut, or None.
+
+    When even the smallest step cannot make the prompt fit the window, nothing is cut: the
+    caller answers `prompt is too long` with the size the client really sent."""
+    estimate = estimate_tokens(payload)
+    target = num_ctx - answer_room(max_tokens, num_ctx)
+    note = None
+    if estimate > target:
+        originals = [(message, message["content"]) for message in payload["messages"]
+                     if message["role"] == "tool" and len(message["content"]) > TRIM_LADDER[-1]]
+        fitted = None
+        for keep in TRIM_LADDER:
+            trimmed = [(message, text) for message, text in originals if len(text) > keep]
+            if not trimmed:
+                continue
+            for message, text in trimmed:
+                message["content"] = trimmed_tool_text(text, keep, num_ctx)
+            smaller = estimate_tokens(payload)
+            fitted = (keep, len(trimmed), smaller)
+            if smaller <= target:
+                break
+        if fitted and fitted[2] <= num_ctx:
+            keep, count, smaller = fitted
+            note = (f"{count} tool result(s) cut to about {keep:,} characters each to fit the "
+                    f"{num_ctx}-token window ({estimate} -> {smaller} tokens)")
+            estimate = smaller
+        else:
+            for message, text in originals:
+                message["content"] = text
+    if estimate <= num_ctx and max_tokens > 0:
+        payload["options"]["num_predict"] = max(1, min(max_tokens, num_ctx - estimate))
+    return note
 
 
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -3688,7 +3902,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         stream = bool(request.get("stream"))
         self.log_extra.update(model=model, ollama_model=ollama_model, stream=stream)
         ollama = self.server.ollama
-        payload = anthropic_to_ollama(request, ollama_model, self.config)
+        notes = []
+        payload = anthropic_to_ollama(request, ollama_model, self.config, notes=notes,
+                                      can_see=not carries_images(request) or self.model_can_see(ollama_model))
+        if notes:
+            log.info("%s changed for the model: %s", self.request_id, "; ".join(notes))
         cache, key, lookup, store = self.cache_policy(request, payload)
         if lookup:
             cached = cache.get(key)
@@ -3741,6 +3959,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 exchange.release()
             else:
                 exchange.close()  # which also stops a generation still running
+
+    def model_can_see(self, ollama_model):
+        """Whether the model takes images; when Ollama could not say, images go through as before."""
+        capabilities = self.server.ollama.capabilities(ollama_model)
+        return "vision" in capabilities or not capabilities
 
     def generation_over(self):
         self.server.count("in_flight", -1)

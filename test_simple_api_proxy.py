@@ -572,8 +572,8 @@ def test_messages_convert_with_tools_images_and_merging():
                                       "is_error": True}]},
     ])
     assert proxy.anthropic_to_ollama(body, MODEL, config())["messages"] == [
-        {"role": "system", "content": "Environment: linux"},
-        {"role": "user", "content": "List files\n\nin /tmp", "images": ["iVBORw0KGgo="]},
+        {"role": "user", "content": "<system-reminder>\nEnvironment: linux\n</system-reminder>\n\nList files\n\nin /tmp",
+         "images": ["iVBORw0KGgo="]},
         {"role": "assistant", "content": "Running ls.", "thinking": "use ls",
          "tool_calls": [{"id": "toolu_01", "function": {"name": "Bash", "arguments": {"command": "ls /tmp"}}}]},
         {"role": "tool", "content": "a.txt\nb.txt", "tool_call_id": "toolu_01", "tool_name": "Bash"},
@@ -584,17 +584,35 @@ def test_messages_convert_with_tools_images_and_merging():
     ]
 
 
-def test_documents_become_text_and_unsupported_sources_are_refused():
+def test_documents_become_text_and_unreadable_ones_become_notes():
     text_doc = {"type": "document", "title": "notes", "source": {"type": "text", "media_type": "text/plain",
                                                                  "data": "line one"}}
     payload = proxy.anthropic_to_ollama(request_body(messages=[{"role": "user", "content": [text_doc]}]),
                                         MODEL, config())
     assert payload["messages"] == [{"role": "user", "content": "notes\n\nline one"}]
-    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}
-    for block in (pdf, {"type": "image", "source": {"type": "url", "url": "http://x/y.png"}}):
-        with pytest.raises(proxy.ProxyError) as caught:
-            proxy.anthropic_to_ollama(request_body(messages=[{"role": "user", "content": [block]}]), MODEL, config())
-        assert caught.value.status == 400 and "messages.0.content.0" in caught.value.message
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "QUJDRA=="}}
+    url_doc = {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}}
+    url_image = {"type": "image", "source": {"type": "url", "url": "http://x/y.png\nforged log line"}}
+    file_image = {"type": "image", "source": {"type": "file", "file_id": "file_011"}}
+    png = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    body = request_body(messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Read it"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Read", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "text", "text": "PDF file read: a.pdf (4 bytes)"}, pdf, png]}, url_doc, url_image, file_image]}])
+    notes = []
+    blind = proxy.anthropic_to_ollama(body, MODEL, config(), can_see=False, notes=notes)
+    tool, user = blind["messages"][2:]
+    assert tool["content"] == ("PDF file read: a.pdf (4 bytes)\n"
+                               "[PDF document (application/pdf, 4 bytes) left out: this model can't read PDF documents]\n"
+                               "[image (image/png, 8 bytes) left out: this model can't see images]")
+    assert user["content"] == (
+        "[document at https://example.com/a.pdf left out: this model can't read documents]\n\n"
+        "[image at http://x/y.png forged log line left out: this proxy passes on only inline images]\n\n"
+        "[image file file_011 left out: this proxy passes on only inline images]")
+    assert "images" not in tool and "images" not in user and len(notes) == 5
+    seeing = proxy.anthropic_to_ollama(body, MODEL, config(), can_see=True)
+    assert seeing["messages"][2]["images"] == ["iVBORw0KGgo="]
 
 
 def test_tools_map_to_functions_minus_server_and_deferred_tools():
@@ -607,12 +625,141 @@ def test_tools_map_to_functions_minus_server_and_deferred_tools():
     payload = proxy.anthropic_to_ollama(request_body(tools=tools), MODEL, config())
     assert [t["function"]["name"] for t in payload["tools"]] == ["Bash", "Read"]
     assert payload["tools"][0] == {"type": "function", "function": {
-        "name": "Bash", "description": "Run a command", "parameters": tools[0]["input_schema"]}}
+        "name": "Bash", "description": "Run a command", "parameters": {"type": "object", "properties": {
+            "command": {"type": "string"}}, "required": ["command"]}}}
     none = proxy.anthropic_to_ollama(request_body(tools=tools, tool_choice={"type": "none"}), MODEL, config())
     assert "tools" not in none
     one = proxy.anthropic_to_ollama(request_body(tools=tools, tool_choice={"type": "tool", "name": "Read"}),
                                     MODEL, config())
     assert [t["function"]["name"] for t in one["tools"]] == ["Read"]
+
+
+def tool_search_turns(*names, call_id="toolu_search"):
+    """The assistant's ToolSearch call and Claude Code's result: one tool_reference per loaded tool."""
+    return [{"role": "assistant", "content": [{"type": "tool_use", "id": call_id, "name": "ToolSearch",
+                                               "input": {"query": "select:" + ",".join(names)}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": call_id,
+                 "content": [{"type": "tool_reference", "tool_name": name} for name in names]},
+                {"type": "text", "text": "Tool loaded."}]}]
+
+
+def test_deferred_tools_are_offered_once_a_tool_search_loads_them():
+    schema = {"type": "object", "properties": {"notebook_path": {"type": "string"}}}
+    tools = [{"name": "Bash", "input_schema": {"type": "object"}},
+             {"name": "NotebookEdit", "description": "Edit a cell", "input_schema": schema, "defer_loading": True},
+             {"name": "ToolSearch", "input_schema": {"type": "object"}},
+             {"name": "WebFetch", "input_schema": {"type": "object"}, "defer_loading": True},
+             {"name": "CronList", "input_schema": {"type": "object"}, "defer_loading": True}]
+    first = [{"role": "user", "content": "edit the notebook"}]
+    assert [t["name"] for t in proxy.client_tools(request_body(messages=first, tools=tools))] == ["Bash", "ToolSearch"]
+    loaded = first + tool_search_turns("NotebookEdit") + tool_search_turns("CronList", "Missing", call_id="t2")
+    payload = proxy.anthropic_to_ollama(request_body(messages=loaded, tools=tools), MODEL, config())
+    # Loaded tools go last, in load order, with their schema from the request; WebFetch stays out.
+    assert [t["function"]["name"] for t in payload["tools"]] == ["Bash", "ToolSearch", "NotebookEdit", "CronList"]
+    assert payload["tools"][2]["function"] == {"name": "NotebookEdit", "description": "Edit a cell",
+                                               "parameters": schema}
+    assert payload["messages"][2] == {"role": "tool", "content": "Tool loaded: NotebookEdit",
+                                      "tool_call_id": "toolu_search", "tool_name": "ToolSearch"}
+
+
+def test_system_entries_in_messages_become_reminders_at_their_place():
+    nudge = "The user hasn't heard from you in a while."
+    call = {"type": "tool_use", "id": "t1", "name": "Bash", "input": {"command": "ls"}}
+    body = request_body(system="You are Claude Code.", messages=[
+        {"role": "user", "content": "go"},
+        {"role": "system", "content": [{"type": "text", "text": "# Environment\nlinux"}]},
+        {"role": "assistant", "content": [call]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "a.txt"}]},
+        {"role": "system", "content": nudge},
+        {"role": "assistant", "content": [dict(call, id="t2")]},
+        {"role": "system", "content": "<system-reminder>\nalready wrapped\n</system-reminder>"},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t2", "content": "b.txt"},
+                                     {"type": "text", "text": "keep going"}]},
+    ])
+    messages = proxy.anthropic_to_ollama(body, MODEL, config())["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "user", "assistant", "tool", "user"]
+    assert messages[0] == {"role": "system", "content": "You are Claude Code."}
+    assert messages[1]["content"] == "go\n\n<system-reminder>\n# Environment\nlinux\n</system-reminder>"
+    assert messages[4]["content"] == f"<system-reminder>\n{nudge}\n</system-reminder>"
+    # A tool result still comes straight after its call, with the reminder after it.
+    assert messages[6]["content"] == "b.txt"
+    assert messages[7]["content"] == "<system-reminder>\nalready wrapped\n</system-reminder>\n\nkeep going"
+
+
+def test_parallel_tool_results_follow_the_order_of_their_calls():
+    calls = [{"type": "tool_use", "id": f"t{n}", "name": name, "input": {}}
+             for n, name in ((1, "Bash"), (2, "Read"), (3, "Glob"))]
+    results = [{"type": "tool_result", "tool_use_id": call_id, "content": call_id} for call_id in ("t3", "tx", "t1", "t2")]
+    body = request_body(messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": calls},
+                                  {"role": "user", "content": results + [{"type": "text", "text": "and?"}]}])
+    messages = proxy.anthropic_to_ollama(body, MODEL, config())["messages"]
+    assert [(m["role"], m.get("tool_call_id")) for m in messages[2:]] == [
+        ("tool", "t1"), ("tool", "t2"), ("tool", "t3"), ("tool", "tx"), ("user", None)]
+
+
+def test_tool_schemas_lose_validator_metadata_but_keep_constraints():
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "title": "Args",
+              "properties": {"title": {"type": "string", "title": "Title", "maxLength": 80},
+                             "mode": {"enum": ["a", "b"], "default": "a"},
+                             "items": {"type": "array", "items": {"type": "object", "additionalProperties": False,
+                                                                  "properties": {"n": {"type": "integer",
+                                                                                       "minimum": 1}}}},
+                             "either": {"anyOf": [{"type": "string", "$comment": "x"}, {"type": "null"}]}},
+              "required": ["title"], "additionalProperties": False}
+    assert proxy.lean_schema(schema) == {
+        "type": "object",
+        "properties": {"title": {"type": "string", "maxLength": 80}, "mode": {"enum": ["a", "b"], "default": "a"},
+                       "items": {"type": "array", "items": {"type": "object", "properties": {
+                           "n": {"type": "integer", "minimum": 1}}}},
+                       "either": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+        "required": ["title"]}
+    assert schema["$schema"] and schema["properties"]["title"]["title"] == "Title"  # the request is left alone
+
+
+def read_result_body(sizes, window=32768, max_tokens=32000, tail_text="final words"):
+    """A conversation of Reads whose results have the given sizes (characters), at a window."""
+    messages = [{"role": "user", "content": "read the files"}]
+    for n, size in enumerate(sizes):
+        line = f"{n}: " + "x" * 60 + "\n"
+        text = (line * (size // len(line) + 1))[:size - len(tail_text)] + tail_text
+        messages += [{"role": "assistant", "content": [{"type": "tool_use", "id": f"r{n}", "name": "Read",
+                                                        "input": {"file_path": f"/f{n}"}}]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"r{n}", "content": text}]}]
+    return request_body(messages=messages, max_tokens=max_tokens, system="base prompt " * 4000)
+
+
+def test_largest_tool_results_are_cut_middle_out_to_fit_the_window():
+    notes = []
+    body = read_result_body([80_000, 3_000])
+    payload = proxy.anthropic_to_ollama(body, MODEL, config(), notes=notes)
+    estimate = proxy.estimate_tokens(payload)
+    assert estimate <= 32768 - proxy.answer_room(32000, 32768) == 32768 - 4096
+    big, small = (m["content"] for m in payload["messages"] if m["role"] == "tool")
+    original = body["messages"][2]["content"][0]["content"]
+    assert small == body["messages"][4]["content"][0]["content"]  # under the cut size: untouched
+    head, tail = big.split("[simple_api_proxy: ")[0], big.rsplit("]\n", 1)[1]
+    assert original.startswith(head) and original.endswith(tail) and tail.endswith("final words")
+    cut = int(big.split("[simple_api_proxy: ")[1].split(" characters")[0].replace(",", ""))
+    assert cut == len(original) - len(head) - len(tail) and cut > 40_000
+    assert "to fit the model's 32768-token window; read the rest in ranges" in big
+    assert notes and "1 tool result(s) cut" in notes[0]
+    assert payload["options"]["num_predict"] == 32768 - estimate
+    # The next turn adds a small result: the cut result stays byte for byte the same.
+    grown = read_result_body([80_000, 3_000, 2_000])
+    assert proxy.anthropic_to_ollama(grown, MODEL, config())["messages"][:len(payload["messages"])] == payload["messages"]
+    # Nothing to cut that would make it fit: the request stays as sent, for `prompt is too long`.
+    hopeless = dict(read_result_body([80_000]), system="base prompt " * 12000)
+    payload = proxy.anthropic_to_ollama(hopeless, MODEL, config())
+    assert payload["messages"][3]["content"] == hopeless["messages"][2]["content"][0]["content"]
+    assert proxy.estimate_tokens(payload) > 32768 and payload["options"]["num_predict"] == 32000
+
+
+def test_num_predict_is_capped_at_what_the_window_has_left():
+    payload = proxy.anthropic_to_ollama(request_body("hi", max_tokens=128000), MODEL, config())
+    assert payload["options"]["num_predict"] == 32768 - proxy.estimate_tokens(payload)
+    assert proxy.anthropic_to_ollama(request_body("hi", max_tokens=500), MODEL, config())["options"]["num_predict"] == 500
+    assert proxy.anthropic_to_ollama(request_body("hi", max_tokens=0), MODEL, config())["options"]["num_predict"] == 0
 
 
 @pytest.mark.parametrize("body, message", [
@@ -927,6 +1074,32 @@ def test_prompt_too_long_uses_anthropics_wording(ollama):
     assert body["error"]["message"].startswith("prompt is too long: ")
     assert body["error"]["message"].endswith(" tokens > 1000 maximum")
     assert ollama.chats() == []
+
+
+def test_big_tool_results_are_cut_to_fit_and_num_predict_capped_through_the_proxy(gateway, ollama):
+    status, _, body = gateway.messages(read_result_body([100_000]))
+    assert status == 200, body
+    sent = ollama.chats()[-1]
+    assert "characters cut from the middle of this tool result" in sent["messages"][-1]["content"]
+    assert sent["options"]["num_predict"] == 32768 - proxy.estimate_tokens(sent) < 32000
+    status, _, body = gateway.messages(dict(read_result_body([100_000]), system="base prompt " * 12000))
+    assert status == 400 and body["error"]["message"].startswith("prompt is too long: ")
+    assert len(ollama.chats()) == 1
+
+
+def test_images_reach_only_models_that_can_see(gateway, ollama, caplog):
+    ollama.models["llava:7b"] = ["completion", "vision"]
+    png = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    content = [{"type": "text", "text": "What is this?"}, png]
+    caplog.set_level("INFO", logger="simple_api_proxy")
+    assert gateway.messages(request_body(model="llava:7b", messages=[{"role": "user", "content": content}]))[0] == 200
+    assert gateway.messages(request_body(messages=[{"role": "user", "content": content}]))[0] == 200
+    seeing, blind = ollama.chats()
+    assert seeing["messages"][-1]["images"] == ["iVBORw0KGgo="]
+    assert "images" not in blind["messages"][-1]
+    assert blind["messages"][-1]["content"] == ("What is this?\n\n[image (image/png, 8 bytes) left out: "
+                                                "this model can't see images]")
+    assert caplog.text.count("changed for the model: [image (image/png, 8 bytes)") == 1
 
 
 @pytest.mark.parametrize("reply, status, error_type", [
@@ -2186,10 +2359,34 @@ class ClaudeCodeScript:
         self.after_tool = after_tool
 
     def __call__(self, request):
-        last = request["messages"][-1]
-        if last["role"] == "tool" and self.after_tool:
-            return self.after_tool(last["content"])
+        results = latest_tool_results(request)
+        if results and self.after_tool:
+            return self.after_tool(results[-1]["content"])
         return self.first()
+
+
+def latest_tool_results(request):
+    """The tool messages after the model's latest turn (reminders may follow them as user text)."""
+    results = []
+    for message in reversed(request["messages"]):
+        if message["role"] == "assistant":
+            break
+        if message["role"] == "tool":
+            results.insert(0, message)
+    return results
+
+
+class ClaudeCodeSteps:
+    """The stand-in's answers for a longer Claude Code session: reply N answers the request that
+    holds N model turns, so a request Claude Code repeats gets the same answer."""
+
+    def __init__(self, *replies, last=lambda: text_reply("done")):
+        self.replies = replies
+        self.last = last
+
+    def __call__(self, request):
+        turns = sum(1 for message in request["messages"] if message["role"] == "assistant")
+        return self.replies[turns]() if turns < len(self.replies) else self.last()
 
 
 @pytest.fixture
@@ -2200,11 +2397,11 @@ def claude_code(ollama, tmp_path, caplog):
     workdir.mkdir()
     home.mkdir()
 
-    def run(*args, settings=None, timeout=120):
+    def run(*args, settings=None, timeout=120, env_extra=None):
         with running_proxy(ollama.url, **(settings or {})) as gateway:
             env = {"PATH": os.environ["PATH"], "HOME": str(home), "TERM": "dumb",
                    "ANTHROPIC_BASE_URL": gateway.url, "ANTHROPIC_AUTH_TOKEN": "dummy",
-                   "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1"}
+                   "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", **(env_extra or {})}
             result = subprocess.run([binary, "-p", *args], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
                                     capture_output=True, text=True, timeout=timeout)
         result.workdir = workdir
@@ -2278,6 +2475,117 @@ def test_claude_code_model_names_reach_the_configured_models(claude_code, ollama
     assert [request["model"] for request in ollama.chats()] == [MODEL, "llama3.2:3b"]
     assert "claude-opus-5-5->qwen2.5-coder:7b" in caplog.text
     assert "claude-haiku-4-5->llama3.2:3b" in caplog.text
+
+
+def text_call(name, arguments):
+    """A reply that writes the call as text, the way small models often do."""
+    return Reply([chunk(content=f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'),
+                  final_chunk()])
+
+
+def test_claude_code_loads_a_deferred_tool_then_calls_it_as_text_and_structured(claude_code, ollama, tmp_path):
+    notebook = tmp_path / "work" / "nb.ipynb"
+    cells = [{"cell_type": "code", "id": cell_id, "metadata": {}, "execution_count": None, "outputs": [],
+              "source": [source]} for cell_id, source in (("c1", "x = 1\n"), ("c2", "y = 2\n"))]
+    notebook.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    ollama.responder = ClaudeCodeSteps(
+        lambda: tool_reply(("ToolSearch", {"query": "select:NotebookEdit"})),
+        lambda: tool_reply(("Read", {"file_path": str(notebook)})),
+        lambda: text_call("NotebookEdit", {"notebook_path": str(notebook), "cell_id": "c1", "new_source": "x = 10"}),
+        lambda: tool_reply(("NotebookEdit", {"notebook_path": str(notebook), "cell_id": "c2", "new_source": "y = 20"})))
+    result = claude_code("edit the notebook", "--allowedTools", "ToolSearch,Read,NotebookEdit")
+    assert result.returncode == 0, result.stderr
+    assert [cell["source"] for cell in json.loads(notebook.read_text())["cells"]] == ["x = 10", "y = 20"]
+    offered = [[tool["function"]["name"] for tool in chat["tools"]] for chat in ollama.chats()]
+    assert "NotebookEdit" not in offered[0] and all(names[-1] == "NotebookEdit" for names in offered[1:])
+    assert "DeferredToolPlaceholder" not in offered[-1] and len(ollama.chats()) == 5
+    assert "$schema" not in json.dumps(ollama.chats()[-1]["tools"])
+
+
+def write_pdf(path, text):
+    """A one-page PDF with a line of text."""
+    stream = f"BT /F1 12 Tf 20 100 Td ({text}) Tj ET".encode()
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] /Contents 4 0 R "
+               b"/Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    data, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(data))
+        data += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(data)
+    data += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    data += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    data += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    path.write_bytes(bytes(data))
+
+
+def test_claude_code_reads_a_pdf_and_a_240kb_file_at_the_default_window(claude_code, ollama, tmp_path, caplog):
+    work = tmp_path / "work"
+    write_pdf(work / "invoice.pdf", "Invoice total 42")
+    big = work / "big.txt"
+    big.write_text("".join(f"line {n:05d}: " + "abcdefghij" * 7 + "\n" for n in range(3000)))
+    assert big.stat().st_size > 240_000
+    ollama.responder = ClaudeCodeSteps(
+        lambda: tool_reply(("Read", {"file_path": str(work / "invoice.pdf")})),
+        lambda: tool_reply(("Read", {"file_path": str(big)})),
+        lambda: tool_reply(("Edit", {"file_path": str(big), "old_string": "line 00005: abc",
+                                     "new_string": "line 00005: EDITED abc"})),
+        lambda: tool_reply(("Write", {"file_path": str(work / "summary.txt"), "content": "read both\n"})))
+    result = claude_code("read the files", "--allowedTools", "Read,Edit,Write")
+    assert result.returncode == 0, result.stderr
+    assert (work / "summary.txt").read_text() == "read both\n"
+    assert big.read_text().splitlines()[5].startswith("line 00005: EDITED abc")
+    chats = ollama.chats()
+    assert len(chats) == 5  # no request refused, none repeated
+    pdf_result = latest_tool_results(chats[1])[0]["content"]
+    assert "[PDF document (application/pdf, " in pdf_result and "this model can't read PDF documents" in pdf_result
+    read_result = latest_tool_results(chats[2])[0]["content"]
+    assert "characters cut from the middle of this tool result to fit the model's 32768-token window" in read_result
+    assert read_result.startswith("1\tline 00000") and "line 00895" in read_result
+    assert all(proxy.estimate_tokens(chat) <= 32768 for chat in chats)
+    assert "changed for the model: [PDF document" in caplog.text
+
+
+def test_claude_code_session_with_nudges_and_parallel_calls_keeps_the_prompt_prefix(claude_code, ollama, tmp_path,
+                                                                                   caplog):
+    work = tmp_path / "work"
+    (work / "notes.txt").write_text("note\n")
+    ollama.responder = ClaudeCodeSteps(
+        # Read answers at once, the sleep a second later: Claude Code sends the results in that order.
+        lambda: tool_reply(("Bash", {"command": "sleep 1", "description": "Wait"}),
+                           ("Read", {"file_path": str(work / "notes.txt")})),
+        lambda: tool_reply(("Bash", {"command": "echo one > one.txt", "description": "Write one"})),
+        lambda: tool_reply(("Write", {"file_path": str(work / "two.txt"), "content": "two\n"})),
+        lambda: tool_reply(("Bash", {"command": "cat one.txt two.txt > both.txt", "description": "Join"})))
+    result = claude_code("do the steps", "--allowedTools", "Bash,Read,Write", settings={"LOG_BODIES": "1"},
+                         env_extra={"CLAUDE_CODE_SILENT_TURN_REMINDER": "1",
+                                    "CLAUDE_CODE_SILENT_TURN_REMINDER_TURNS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert (work / "both.txt").read_text() == "one\ntwo\n"
+    bodies = [json.loads(r.getMessage().split(" body: ", 1)[1]) for r in caplog.records if " body: " in r.getMessage()]
+    sent = bodies[1]["messages"]
+    assert [b["tool_use_id"] for b in sent[-2]["content"] if b["type"] == "tool_result"] == \
+        [b["id"] for b in sent[-3]["content"]][::-1], "Claude Code sent the results in completion order"
+    assert sum(1 for body in bodies for m in body["messages"] if m["role"] == "system") > len(bodies)
+    chats = ollama.chats()
+    calls = [call["id"] for call in [m for m in chats[1]["messages"] if m["role"] == "assistant"][-1]["tool_calls"]]
+    assert [m["tool_call_id"] for m in latest_tool_results(chats[1])] == calls
+    assert [m["role"] for m in chats[-1]["messages"]].count("system") == 1
+    assert any(m["role"] == "user" and m["content"].startswith("<system-reminder>\nThe user hasn't heard from you")
+               for m in chats[-1]["messages"])
+    prompts = [ollama_prompt(chat) for chat in chats]
+    for earlier, later in zip(prompts, prompts[1:]):
+        assert later.startswith(earlier)
+
+
+def ollama_prompt(chat):
+    """An Ollama chat request laid out the way Ollama's template layer renders it: every system
+    message joined at the head (collate in template/template.go), then the tools, then the rest."""
+    head = "\n\n".join(m["content"] for m in chat["messages"] if m["role"] == "system")
+    rest = "".join(json.dumps(m, sort_keys=True) for m in chat["messages"] if m["role"] != "system")
+    return head + json.dumps(chat.get("tools"), sort_keys=True) + rest
 
 
 ###############################################################################
