@@ -1660,7 +1660,7 @@ def _literal_prospect(text, literal, then):
 def _tagged_prospect(opener, rest, tools):
     """The text after an opener so far."""
     stripped = rest.lstrip()
-    if opener in ("<function=", "<|tool_call>", "[TOOL_CALLS]", "<function_calls>") and not stripped:
+    if not stripped:
         return MAYBE
     if opener == "<function=":
         name, bracket, _ = rest.partition(">")
@@ -1671,8 +1671,6 @@ def _tagged_prospect(opener, rest, tools):
     if opener == "<function_calls>":
         return _literal_prospect(stripped, '<invoke name="', lambda after: _name_prospect(
             after.partition('"')[0], '"' in after, tools))
-    if not stripped:
-        return MAYBE
     if stripped[0] in "[{":
         return _json_prospect(stripped, tools)
     if opener == "<tool_call>":

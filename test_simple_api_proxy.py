@@ -2974,6 +2974,40 @@ if given:
             head, _, body = answer.partition(b"\r\n\r\n")
             check_answer(int(head.split(b" ", 2)[1]), body, "HEAD" if not body else "POST")
 
+    written_fragment = st.sampled_from(
+        list(proxy.TAGGED_OPENERS) + ["```", "```json", "```bash", "\n", " ", "\t", "{", "}", "[", "]", ":", ",",
+                                      '"name"', '"arguments"', '"args"', '"type"', '"function"', '"id"',
+                                      '"tool_calls"', '"object"', '"Bash"', '"Other"', "'name'", "'Bash'", "Bash",
+                                      "Other", "<parameter=command>", "</parameter>", "</function>", "</tool_call>",
+                                      '<invoke name="Bash">', '<parameter name="command">', "</invoke>",
+                                      "</function_calls>", "call:Bash{", 'command:<|"|>ls<|"|>', "[ARGS]", "<",
+                                      "<|", "[TOOL", "<func", "<|python_end|>", "<|eot_id|>", "<tool_call|>",
+                                      "ls -la", "Sure, I will", "for example", "\\", '{"command": "ls"}',
+                                      BASH_CALL, "<function=Bash>\n<parameter=command>\nls\n</parameter>\n</function>"])
+
+    @settings(max_examples=400, **FUZZ_SETTINGS)
+    @given(parts=st.lists(written_fragment, max_size=14), cuts=st.lists(st.integers(1, 9), min_size=1, max_size=5))
+    def test_fuzz_text_written_calls_stream_as_they_parse(parts, cuts):
+        """Whatever a model writes and however it arrives, the stream ends as the parser decides."""
+        text = "".join(parts)
+        parsed = proxy.parse_text_tool_calls(text, TOOLS)
+        pieces, at = [], 0
+        while at < len(text):
+            size = cuts[len(pieces) % len(cuts)]
+            pieces.append(text[at:at + size])
+            at += size
+        events, translator = translate([chunk(content=piece) for piece in pieces] + [final_chunk()],
+                                       tool_names=TOOLS)
+        assert_valid_stream(events)
+        message = translator.message
+        written = "".join(block["text"] for block in message["content"] if block["type"] == "text")
+        calls = [{"name": block["name"], "input": block["input"]} for block in message["content"]
+                 if block["type"] == "tool_use"]
+        if parsed:
+            assert (written.strip(), calls) == parsed
+        else:
+            assert (written, calls) == (text, [])
+
     def test_fuzzed_server_still_serves(fuzz_target):
         gateway, client = fuzz_target
         assert gateway.json("GET", "/")[0] == 200
