@@ -1112,7 +1112,35 @@ def json_bytes(value):
     return _compact_json(value).encode()
 
 
+# The JSON string encoder _compact_json itself uses (ensure_ascii), so a template filled with it
+# gives the very bytes json would.
+_json_string = json.encoder.encode_basestring_ascii
+# Per-token events from pre-encoded templates: only the index and the text vary.
+DELTA_EVENT = {"text_delta": ("text", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                                     b'"index":%d,"delta":{"type":"text_delta","text":%s}}\n\n'),
+               "thinking_delta": ("thinking", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                                              b'"index":%d,"delta":{"type":"thinking_delta","thinking":%s}}\n\n')}
+STOP_EVENT = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+FIXED_EVENTS = {"ping": ({"type": "ping"}, b'event: ping\ndata: {"type":"ping"}\n\n'),
+                "message_stop": ({"type": "message_stop"}, b'event: message_stop\ndata: {"type":"message_stop"}\n\n')}
+
+
 def sse_event(name, data):
+    """One event as SSE bytes: the same as the generic JSON encoding, faster for the events every
+    token and every block sends."""
+    if name == "content_block_delta" and len(data) == 3:
+        delta = data["delta"]
+        field, template = DELTA_EVENT.get(delta["type"], (None, None))
+        if field in delta and len(delta) == 2:
+            text = delta[field]
+            if text.__class__ is str and data["index"].__class__ is int:
+                return template % (data["index"], _json_string(text).encode())
+    elif name == "content_block_stop" and len(data) == 2 and data["index"].__class__ is int:
+        return STOP_EVENT % data["index"]
+    else:
+        fixed = FIXED_EVENTS.get(name)
+        if fixed is not None and data == fixed[0]:
+            return fixed[1]
     return b"event: " + name.encode() + b"\ndata: " + _compact_json(data).encode() + b"\n\n"
 
 
@@ -1852,6 +1880,7 @@ class StreamTranslator:
         self.call_gate = TextCallGate(self.tools) if recover_tool_calls and self.tools else None
         self.blocks = []  # [kind, parts] for text and thinking, [kind, block] for tool_use
         self.open_kind = None
+        self.open_parts = None  # the text parts of the open block
         self.had_tool = False
         self.pending = ""  # text not yet released
         self.gated = bool(self.stop_sequences) or self.call_gate is not None
@@ -1884,11 +1913,12 @@ class StreamTranslator:
             events.append(("content_block_start", {"type": "content_block_start", "index": len(self.blocks) - 1,
                                                    "content_block": opening}))
             self.open_kind = kind
-        self.blocks[-1][1].append(text)
-        delta = {"type": "text_delta", "text": text} if kind == "text" else \
-            {"type": "thinking_delta", "thinking": text}
-        events.append(("content_block_delta", {"type": "content_block_delta", "index": len(self.blocks) - 1,
-                                               "delta": delta}))
+            self.open_parts = self.blocks[-1][1]
+        self.open_parts.append(text)
+        events.append(("content_block_delta", {
+            "type": "content_block_delta", "index": len(self.blocks) - 1,
+            "delta": {"type": "text_delta", "text": text} if kind == "text" else
+                     {"type": "thinking_delta", "thinking": text}}))
 
     def _tool_use(self, name, arguments, events):
         self.close_block(events)
@@ -2016,6 +2046,11 @@ class StreamTranslator:
                           "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
 
 
+# Ollama's tool arguments may nest no deeper than this: the same arguments come back to us in the
+# next request's history, and no encoder or walker may recurse out of Python's stack on them.
+MAX_UPSTREAM_NESTING = 200
+
+
 def tool_arguments(arguments):
     """Ollama's arguments as the JSON object Anthropic's input must be."""
     if isinstance(arguments, str):
@@ -2023,9 +2058,32 @@ def tool_arguments(arguments):
             arguments = json.loads(arguments) if arguments.strip() else {}
         except ValueError:
             return {"arguments": arguments}
+        except RecursionError:
+            raise upstream_nested_too_deeply() from None
     if arguments is None:
         return {}
+    if nesting_exceeds(arguments, MAX_UPSTREAM_NESTING):
+        raise upstream_nested_too_deeply()
     return arguments if isinstance(arguments, dict) else {"value": arguments}
+
+
+def nesting_exceeds(value, limit):
+    """True if lists and objects in value nest deeper than limit; walked without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def upstream_nested_too_deeply():
+    """Ollama's reply, not the client's request, is too deep: a broken upstream answer."""
+    return ProxyError(502, f"Ollama sent a reply nested deeper than {MAX_UPSTREAM_NESTING} levels", "api_error")
 
 
 def prompt_too_long(tokens, maximum, detail=""):
@@ -2054,7 +2112,10 @@ def upstream_status_error(status, text, address, estimated_tokens, num_ctx):
         return ProxyError(429, f"Ollama rate limit: {text}", "rate_limit_error", retry_after=5)
     if status == 503:
         return ProxyError(529, f"Ollama is busy: {text}", "overloaded_error", retry_after=5)
-    return ProxyError(500, f"Ollama answered HTTP {status}: {text}", "api_error")
+    if status >= 500:
+        return ProxyError(500, f"Ollama answered HTTP {status}: {text}", "api_error")
+    # A redirect or any other status Ollama never answers /api/chat with: a broken upstream.
+    return ProxyError(502, f"Ollama answered HTTP {status}: {text}", "api_error")
 
 
 ###############################################################################
@@ -2062,6 +2123,10 @@ def upstream_status_error(status, text, address, estimated_tokens, num_ctx):
 ###############################################################################
 
 HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,16}")
+DECIMAL_DIGITS = re.compile(r"[0-9]{1,18}")
+# A bound on one NDJSON line (and on a whole reply that is not a stream): past it Ollama's answer
+# is broken, and buffering on would only cost memory.
+MAX_UPSTREAM_LINE_BYTES = 16 << 20
 
 
 class UpstreamExchange:
@@ -2069,7 +2134,10 @@ class UpstreamExchange:
 
     Reads go through the raw socket, so the caller can wait with poll() on Ollama and on its own
     client at once, send pings between reads and apply one deadline before the first token and
-    another between tokens; a socket timeout here never poisons the connection."""
+    another between tokens; a socket timeout here never poisons the connection.
+
+    The body is split into lines as it arrives, each byte looked at once: complete lines wait in
+    `_lines` for pop_lines(), the unterminated rest in `_tail`."""
 
     def __init__(self, sock, address, pool=None, request=b"", reused=False):
         self.sock = sock
@@ -2086,10 +2154,12 @@ class UpstreamExchange:
         self.status = None
         self.headers = {}
         self.finished = False  # the body is complete
-        self._raw = bytearray()
-        self._body = bytearray()
+        self.unusable = False  # the connection must not carry another request
+        self._raw = b""  # received, not yet parsed
+        self._lines = []
+        self._tail = bytearray()
         self._framing = None
-        self._left = 0
+        self._left = 0  # bytes of the current chunk's data (or of a Content-Length body) to come
         self._need_crlf = False
         self._in_trailer = False
 
@@ -2108,10 +2178,13 @@ class UpstreamExchange:
                         upstream_only = select.poll()
                         upstream_only.register(self.sock, select.POLLIN)
                     upstream_only.poll(remaining * 1000)
+            if self.finished and not self.unusable:
+                self.receive()  # anything already there after a complete answer makes it unusable
         except ProxyError:
-            pass
-        if (self.pool is not None and self.finished and self._framing != "close" and not self._raw
-                and not self._body and self.headers.get("connection", "").lower() != "close"):
+            self.unusable = True
+        if (self.pool is not None and self.finished and not self.unusable and self._framing != "close"
+                and not self._lines and not self._tail
+                and self.headers.get("connection", "").lower() != "close"):
             self.pool.keep(self.sock)
         else:
             self.close()
@@ -2166,123 +2239,213 @@ class UpstreamExchange:
         except OSError as exc:
             if self._resend_on_fresh_connection():
                 return True
+            self.unusable = True
             raise ProxyError(502, f"the connection to Ollama at {self.address} broke: {exc}") from exc
         if not data and self._resend_on_fresh_connection():
             return True
         if not data:
             self._at_eof()
+        elif self.finished:
+            self.unusable = True  # bytes after a complete answer: the connection is out of step
         else:
-            self._raw += data
+            self._raw = self._raw + data if self._raw else data
             self._parse()
         return True
 
     def _at_eof(self):
         if self.status is None:
-            raise ProxyError(502, f"Ollama at {self.address} closed the connection without answering")
+            raise self.broken("closed the connection without answering")
         if self._framing == "close":
-            self.finished = True
+            self._end_of_body()
         elif not self.finished:
-            raise ProxyError(502, f"Ollama at {self.address} closed the connection mid-reply")
+            raise self.broken("closed the connection mid-reply")
+        self.unusable = True
 
     def _parse(self):
-        if self.status is None:
-            end = self._raw.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._raw) > 65536:
-                    raise ProxyError(502, f"Ollama at {self.address} sent an oversized header")
-                return
-            head = bytes(self._raw[:end]).decode("latin-1").split("\r\n")
-            del self._raw[:end + 4]
-            parts = head[0].split(" ", 2)
-            if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-                raise ProxyError(502, f"Ollama at {self.address} sent no HTTP response: {head[0][:80]!r}")
-            for line in head[1:]:
-                name, _, value = line.partition(":")
-                self.headers[name.strip().lower()] = value.strip()
-            self.status = int(parts[1])
-            if "chunked" in self.headers.get("transfer-encoding", "").lower():
-                self._framing = "chunked"
-            elif "content-length" in self.headers:
-                self._framing = "length"
-                self._left = int(self.headers["content-length"])
-                self.finished = self._left == 0
-            else:
-                self._framing = "close"
+        if self.status is None and not self._parse_head():
+            return
         if self._framing == "chunked":
             self._parse_chunks()
         elif self._framing == "length":
-            take = self._raw[:self._left]
-            self._body += take
-            del self._raw[:len(take)]
-            self._left -= len(take)
-            self.finished = self._left == 0
+            raw = self._raw
+            take = min(self._left, len(raw))
+            self._take(raw[:take] if take < len(raw) else raw)
+            self._left -= take
+            self._raw = raw[take:]
+            if not self._left:
+                self._end_of_body()
         else:
-            self._body += self._raw
-            self._raw.clear()
+            self._take(self._raw)
+            self._raw = b""
+        if self.finished and self._raw:
+            self.unusable = True  # bytes after a complete answer: the connection is out of step
+            self._raw = b""
+
+    def _parse_head(self):
+        end = self._raw.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._raw) > 65536:
+                raise self.broken("sent an oversized header")
+            return False
+        head = self._raw[:end].decode("latin-1").split("\r\n")
+        self._raw = self._raw[end + 4:]
+        parts = head[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise self.broken(f"sent no HTTP response: {head[0][:80]!r}")
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self.status = int(parts[1])
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            self._framing = "chunked"
+        elif "content-length" in self.headers:
+            length = self.headers["content-length"]
+            if not DECIMAL_DIGITS.fullmatch(length):
+                raise self.broken(f"sent an unusable Content-Length: {length[:40]!r}")
+            self._framing = "length"
+            self._left = int(length)
+            if not self._left:
+                self._end_of_body()
+        else:
+            self._framing = "close"
+        return True
 
     def _parse_chunks(self):
-        """Decode every complete chunk in the buffer; what is consumed is dropped once, at the end."""
-        raw, body, pos = self._raw, self._body, 0
+        """Take every complete chunk in the buffer; a chunk that arrived whole (the usual case) is
+        checked and taken in one step, and nothing is looked at twice."""
+        raw, pos, size = self._raw, 0, len(self._raw)
         try:
             while not self.finished:
                 if self._in_trailer:  # after the last chunk: optional trailer lines, then an empty one
                     end = raw.find(b"\r\n", pos)
                     if end < 0:
+                        if size - pos > 4096:
+                            raise self.broken("sent a malformed chunked body")
                         return
-                    self.finished = end == pos
+                    if end == pos:
+                        self._end_of_body()
                     pos = end + 2
                     continue
-                if self._left:
-                    take = min(self._left, len(raw) - pos)
-                    body += raw[pos:pos + take]
+                if self._left:  # the rest of a chunk that arrived in parts
+                    take = min(self._left, size - pos)
+                    self._take(raw[pos:pos + take])
                     pos += take
                     self._left -= take
                     if self._left:
                         return
                     self._need_crlf = True
                 if self._need_crlf:
-                    if len(raw) - pos < 2:
+                    if size - pos < 2:
                         return
+                    if raw[pos:pos + 2] != b"\r\n":
+                        raise self.broken("sent a chunk without the CRLF after its data")
                     pos += 2
                     self._need_crlf = False
+                if not self._tail:
+                    pos = self._whole_line_chunks(raw, pos, size)
                 end = raw.find(b"\r\n", pos)
                 if end < 0:
-                    if len(raw) - pos > 4096:
-                        raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body")
+                    if size - pos > 4096:
+                        raise self.broken("sent a malformed chunked body")
                     return
-                if HEX_DIGITS.fullmatch(raw, pos, end):
-                    self._left = int(raw[pos:end], 16)
-                else:  # chunk extensions or spaces: rare, and checked the slow way
-                    size_field = bytes(raw[pos:end]).split(b";")[0].strip()
-                    if not HEX_DIGITS.fullmatch(size_field):
-                        raise ProxyError(502, f"Ollama at {self.address} sent a malformed chunked body")
-                    self._left = int(size_field, 16)
+                field = raw[pos:end]
+                # int(x, 16) alone would take "-1", "+5", "0x5", "5_0" and spaces: a chunk size is hex digits.
+                if field.isalnum() and field[1:2] not in (b"x", b"X") and len(field) <= 16:
+                    try:
+                        length = int(field, 16)
+                    except ValueError:
+                        raise self.broken("sent a malformed chunked body") from None
+                else:  # chunk extensions: rare, and checked the slow way
+                    field = field.split(b";")[0].strip()
+                    if not HEX_DIGITS.fullmatch(field):
+                        raise self.broken("sent a malformed chunked body")
+                    length = int(field, 16)
                 pos = end + 2
-                self._in_trailer = self._left == 0
+                if not length:
+                    self._in_trailer = True
+                    continue
+                after = pos + length
+                if after + 2 > size:
+                    self._left = length
+                    continue
+                if raw[after:after + 2] != b"\r\n":
+                    raise self.broken("sent a chunk without the CRLF after its data")
+                self._take(raw[pos:after])
+                pos = after + 2
         finally:
-            del raw[:pos]
+            self._raw = raw[pos:] if pos < size else b""
+
+    def _whole_line_chunks(self, raw, pos, size):
+        """Take the chunks from pos on that are whole and hold one whole non-blank line each, as
+        Ollama sends them, straight into the lines; where the first other one starts."""
+        lines = self._lines
+        find = raw.find
+        while True:
+            end = find(b"\r\n", pos)
+            if end < 0:
+                return pos
+            field = raw[pos:end]
+            if not field.isalnum() or field[1:2] in (b"x", b"X") or len(field) > 16:
+                return pos
+            try:
+                length = int(field, 16)
+            except ValueError:
+                return pos
+            start = end + 2
+            after = start + length
+            if (not length or after + 2 > size or raw[start] <= 32 or raw[after:after + 2] != b"\r\n"
+                    or find(b"\n", start, after) != after - 1):
+                return pos
+            lines.append(raw[start:after - 1])
+            pos = after + 2
+
+    def _take(self, data):
+        """Body bytes: complete non-blank lines to `_lines`, the rest to `_tail`."""
+        if b"\n" in data:
+            parts = data.split(b"\n")
+            self._tail += parts[0]
+            parts[0] = bytes(self._tail)
+            self._tail = bytearray(parts.pop())
+            self._lines.extend([line for line in parts if line.strip()])
+        else:
+            self._tail += data
+        if len(self._tail) > MAX_UPSTREAM_LINE_BYTES:
+            raise self.broken(f"sent a line longer than {MAX_UPSTREAM_LINE_BYTES >> 20} MiB")
+
+    def _end_of_body(self):
+        self.finished = True
+        if self._tail.strip():
+            self._lines.append(bytes(self._tail))
+        self._tail = bytearray()
+
+    def broken(self, what):
+        """The error for an answer that breaks HTTP: a 502, and a connection never used again."""
+        self.unusable = True
+        return ProxyError(502, f"Ollama at {self.address} {what}")
 
     def pop_lines(self):
         """The non-empty complete lines of the body so far, and the unterminated rest once the
         body is complete."""
-        end = len(self._body) if self.finished else self._body.rfind(b"\n")
-        if end < 0:
-            return []
-        data = bytes(self._body[:end])
-        del self._body[:end + 1]
-        return [line for line in data.split(b"\n") if line.strip()]
+        lines, self._lines = self._lines, []
+        return lines
 
     def read_body(self, timeout):
+        """The whole body of a short answer (JSON, not a stream); its lines joined by newlines."""
         deadline = time.monotonic() + timeout
+        lines, size = [], 0
         while self.status is None or not self.finished:
             if self.receive():
+                for line in self.pop_lines():
+                    lines.append(line)
+                    size += len(line)
+                if size > MAX_UPSTREAM_LINE_BYTES:
+                    raise self.broken(f"sent an answer longer than {MAX_UPSTREAM_LINE_BYTES >> 20} MiB")
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ProxyError(504, f"Ollama at {self.address} did not answer within {timeout:g} s")
             self.poller.poll(remaining * 1000)
-        body, self._body = bytes(self._body), bytearray()
-        return body
+        return b"\n".join(lines + self.pop_lines())
 
 
 def decode_ndjson(lines, address):
@@ -2290,9 +2453,13 @@ def decode_ndjson(lines, address):
     together; or (the objects before a bad line, the ProxyError naming it)."""
     try:
         chunks = _decode_json("[" + b",".join(lines).decode() + "]")
-        if len(chunks) == len(lines) and all(isinstance(chunk, dict) for chunk in chunks):
-            return chunks, None
-    except ValueError:
+        if len(chunks) == len(lines):
+            for chunk in chunks:
+                if chunk.__class__ is not dict:
+                    break
+            else:
+                return chunks, None
+    except (ValueError, RecursionError):
         pass
     chunks = []
     for line in lines:
@@ -2300,6 +2467,8 @@ def decode_ndjson(lines, address):
             chunk = _decode_json(line.decode())
         except ValueError:
             return chunks, ProxyError(502, f"Ollama at {address} sent a line that is not JSON: {line[:80]!r}")
+        except RecursionError:
+            return chunks, ProxyError(502, f"Ollama at {address} sent a line nested too deeply: {line[:80]!r}")
         if not isinstance(chunk, dict):
             return chunks, ProxyError(502, f"Ollama at {address} sent an unexpected line: {line[:80]!r}")
         chunks.append(chunk)
@@ -4086,11 +4255,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                      self.input_estimate, self.config.ollama_num_ctx)
 
     def collect_reply(self, exchange, translator, ollama_model):
-        for batch in self.upstream_batches(exchange, ollama_model):
-            for chunk in batch:
-                translator.feed(chunk)
-                if translator.done:
-                    return translator.message
+        try:
+            for batch in self.upstream_batches(exchange, ollama_model):
+                for chunk in batch:
+                    translator.feed(chunk)
+                    if translator.done:
+                        return translator.message
+        except RecursionError:
+            raise upstream_nested_too_deeply() from None
         raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
 
     def stream_reply(self, exchange, translator, ollama_model, cache_state):
@@ -4121,9 +4293,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 events = []
             else:
                 raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
-        except ProxyError as error:
+        except (ProxyError, RecursionError) as failure:
+            error = failure if isinstance(failure, ProxyError) else upstream_nested_too_deeply()
             if not self._committed:
-                raise
+                raise error from None
             self.log_extra["error"] = error.message
             log.warning("%s stream ended by %s: %s", self.request_id, error.error_type, error.message)
             # The error event and the closing chunk end the response cleanly: the connection,

@@ -335,7 +335,7 @@ class StandInOllama:
         """Sleep, but notice the proxy closing the connection (as Ollama's request context does)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([handler.connection], [], [], min(0.02, deadline - time.monotonic()))
+            ready, _, _ = select.select([handler.connection], [], [], max(0.0, min(0.02, deadline - time.monotonic())))
             if ready and not handler.connection.recv(1, socket.MSG_PEEK):
                 with self.lock:
                     self.disconnects += 1
@@ -3096,6 +3096,284 @@ def test_many_stop_sequences_match_in_one_pass_earliest_first():
     assert translator.message["content"] == [{"type": "text", "text": "STOP0x "}]
     text_deltas = [d["delta"]["text"] for n, d in events if n == "content_block_delta"]
     assert text_deltas == ["STOP0x "]
+
+
+###############################################################################
+# Upstream replies: the chunk parser, and broken answers from Ollama
+###############################################################################
+
+def ollama_wire(steps, status=200):
+    """A streamed /api/chat answer as Ollama puts it on the wire: every NDJSON line its own chunk,
+    the last line and the closing chunk in one write."""
+    head = b"HTTP/1.1 %d OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n" % status
+    lines = [json.dumps(step).encode() + b"\n" for step in steps]
+    return head + b"".join(b"%x\r\n%s\r\n" % (len(line), line) for line in lines) + b"0\r\n\r\n"
+
+
+def dechunked_lines(wire):
+    """The oracle: the body de-chunked in one go by RFC 9112's rules, split into its non-blank lines."""
+    body, rest = b"", wire.split(b"\r\n\r\n", 1)[1]
+    while True:
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line.split(b";")[0].strip(), 16)
+        if not size:
+            break
+        body, rest = body + rest[:size], rest[size + 2:]
+    return [line for line in body.split(b"\n") if line.strip()]
+
+
+class ScriptedSocket:
+    """What UpstreamExchange reads from, in pieces chosen by the test; fileno() is a real socket's for poll()."""
+
+    def __init__(self, pieces, fd):
+        self.pieces = list(pieces)
+        self.fd = fd
+
+    def setblocking(self, flag):
+        pass
+
+    def fileno(self):
+        return self.fd
+
+    def recv(self, size):
+        return self.pieces.pop(0) if self.pieces else b""
+
+    def close(self):
+        pass
+
+
+def read_in_pieces(wire, cuts, fd):
+    exchange = proxy.UpstreamExchange(ScriptedSocket([wire[a:b] for a, b in zip([0] + cuts, cuts + [len(wire)])],
+                                                     fd), "test")
+    lines = []
+    while not exchange.finished:
+        exchange.receive()
+        lines += exchange.pop_lines()
+    return lines, exchange
+
+
+def real_streams():
+    text = text_reply("Hello! Ünïcode ✓ \"quoted\" \\ back\\slash and a long tail " * 3)
+    thinking = Reply([chunk(thinking="let me think"), chunk(content="Answer")] + [final_chunk()])
+    tools = tool_reply(("get_weather", {"city": "Paris", "nested": {"list": [1, 2, {"deep": True}]}}),
+                       ("Bash", {"command": "ls -la\n"}), text="Checking.")
+    streams = [ollama_wire([dict(step, model=MODEL) for step in reply.steps]) for reply in (text, thinking, tools)]
+    # Legal shapes Ollama itself does not send: a chunk extension, lines split across chunks, several
+    # lines in one chunk, a blank line, and a trailer field.
+    lines = b"".join(json.dumps(chunk(content=str(n))).encode() + b"\n" for n in range(5)) + b"\n  \n"
+    odd = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"7;name=value\r\n" + lines[:7] + b"\r\n"
+           + b"%x\r\n" % (len(lines) - 7) + lines[7:] + b"\r\n" + b"0\r\nX-Trailer: 1\r\n\r\n")
+    return streams + [odd]
+
+
+def test_chunk_parser_matches_the_whole_body_on_random_splits_of_real_streams():
+    """2,400 random splits of real streams, each read piece by piece, give the lines the whole body has."""
+    import random
+    rng = random.Random(14)
+    streams = real_streams()
+    expected = [dechunked_lines(wire) for wire in streams]
+    assert all(expected)
+    with socket.socket() as fd_holder:
+        for _, wire in zip(range(4), streams):
+            assert read_in_pieces(wire, [], fd_holder.fileno())[0] == dechunked_lines(wire)
+        splits = 0
+        deadline = time.monotonic() + 8  # a bound on a machine under load; 2,400 take well under a second alone
+        while splits < 2400 and time.monotonic() < deadline:
+            number = splits % len(streams)
+            wire = streams[number]
+            cuts = sorted(rng.sample(range(1, len(wire)), rng.choice([1, 2, 5, 20, min(200, len(wire) - 1)])))
+            lines, exchange = read_in_pieces(wire, cuts, fd_holder.fileno())
+            assert lines == expected[number], cuts
+            assert exchange.finished and not exchange.unusable
+            splits += 1
+    assert splits >= 600
+
+
+class RawOllama:
+    """An Ollama whose /api/chat answers are raw bytes chosen by the test, to break HTTP on purpose.
+
+    Each scripted answer is (bytes, then): then is None (keep the connection), "close", or a pair
+    (seconds, more bytes) written after a pause. /api/show, /api/tags and /api/version answer as
+    Ollama does."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.answers = queue.Queue()
+        self.connections = 0
+        self.written = threading.Event()  # a delayed write has left
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def script(self, *answers):
+        for answer in answers:
+            self.answers.put(answer if isinstance(answer, tuple) else (answer, None))
+
+    def stop(self):
+        self.stopped = True
+        self.listener.close()
+
+    def _accept(self):
+        while not self.stopped:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    @staticmethod
+    def _json(value):
+        body = json.dumps(value).encode()
+        return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    def _serve(self, connection):
+        connection.settimeout(20)
+        buffer = b""
+        with connection:
+            try:
+                while True:
+                    while b"\r\n\r\n" not in buffer:
+                        data = connection.recv(65536)
+                        if not data:
+                            return
+                        buffer += data
+                    head, buffer = buffer.split(b"\r\n\r\n", 1)
+                    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length:")), 0)
+                    while len(buffer) < length:
+                        buffer += connection.recv(65536)
+                    buffer = buffer[length:]
+                    path = head.split(b" ")[1]
+                    if path == b"/api/show":
+                        connection.sendall(self._json({"capabilities": ["completion", "tools"]}))
+                    elif path == b"/api/tags":
+                        connection.sendall(self._json({"models": [{"name": MODEL}]}))
+                    elif path == b"/api/chat":
+                        answer, then = self.answers.get_nowait() if not self.answers.empty() else (
+                            ollama_wire(text_reply().steps), None)
+                        connection.sendall(answer)
+                        if then == "close":
+                            return
+                        if then is not None:
+                            time.sleep(then[0])
+                            connection.sendall(then[1])
+                            self.written.set()
+                    else:
+                        connection.sendall(self._json({"version": "0.33.0"}))
+            except OSError:
+                return
+
+
+@pytest.fixture
+def raw_ollama():
+    stand_in = RawOllama()
+    yield stand_in
+    stand_in.stop()
+
+
+def assert_upstream_failure(status, body, *, stream_raw=None):
+    """A 502 api_error envelope (or, for a stream, an api_error event), never 500, never the client's fault."""
+    if stream_raw is not None and status == 200:
+        events = parse_sse(stream_raw)
+        assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "api_error", events[-1]
+        return events[-1][1]["error"]["message"]
+    assert status == 502, (status, body)
+    assert body["error"]["type"] == "api_error"
+    return body["error"]["message"]
+
+
+@pytest.mark.parametrize("answer, wording", [
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12abc\r\n\r\n{}", "Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n{}", "Content-Length"),
+    (b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere/\r\nContent-Length: 0\r\n\r\n", "HTTP 302"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n", "malformed chunked"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{}\nXX", "CRLF"),
+])
+def test_broken_upstream_framing_is_a_502(raw_ollama, answer, wording):
+    raw_ollama.script(answer, answer)
+    with running_proxy(raw_ollama.url, OLLAMA_TIMEOUT=5, OLLAMA_FIRST_TOKEN_TIMEOUT=5) as gateway:
+        status, _, body = gateway.messages(request_body())
+        assert wording in assert_upstream_failure(status, body)
+        status, _, raw = gateway.stream(request_body())
+        assert wording in assert_upstream_failure(status, json.loads(raw) if status != 200 else None,
+                                                  stream_raw=raw)
+        assert gateway.messages(request_body())[0] == 200  # the proxy keeps serving, on a fresh connection
+
+
+def test_an_upstream_line_over_the_bound_is_a_502_not_a_buffer(raw_ollama):
+    size = (16 << 20) + (1 << 20)
+    endless = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (size, b"x" * size)
+    raw_ollama.script(endless)  # and then nothing: the line never ends
+    with running_proxy(raw_ollama.url, OLLAMA_TIMEOUT=5, OLLAMA_FIRST_TOKEN_TIMEOUT=5) as gateway:
+        status, _, body = gateway.messages(request_body())
+        assert "longer than" in assert_upstream_failure(status, body)
+
+
+@pytest.mark.parametrize("depth", [300, 5000])  # past MAX_UPSTREAM_NESTING; past Python's recursion limit
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_arguments_nested_too_deep_from_ollama_are_its_failure(raw_ollama, depth, stream):
+    arguments = '{"a":' * depth + "1" + "}" * depth
+    line = ('{"model":"%s","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"Bash",'
+            '"arguments":%s}}]},"done":false}\n' % (MODEL, arguments)).encode()
+    final = json.dumps(final_chunk()).encode() + b"\n"
+    raw_ollama.script(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
+                      % (len(line), line, len(final), final))
+    tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+    with running_proxy(raw_ollama.url) as gateway:
+        if stream:
+            status, _, raw = gateway.stream(request_body(tools=tools))
+            message = assert_upstream_failure(status, json.loads(raw) if status != 200 else None, stream_raw=raw)
+        else:
+            status, _, body = gateway.messages(request_body(tools=tools))
+            message = assert_upstream_failure(status, body)
+        assert "nested" in message and "request body" not in message
+        assert gateway.messages(request_body())[0] == 200
+
+
+class KeptConnections:
+    def __init__(self):
+        self.kept = []
+
+    def keep(self, sock):
+        self.kept.append(sock)
+
+
+@pytest.mark.parametrize("extra", [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", b"\r\n", b""])
+def test_an_upstream_connection_with_bytes_after_its_answer_is_not_kept(extra):
+    pool = KeptConnections()
+    ours, ollama = socket.socketpair()
+    with ours, ollama:
+        exchange = proxy.UpstreamExchange(ours, "test", pool)
+        ollama.sendall(ollama_wire(text_reply("done").steps))
+        lines = []
+        while not exchange.finished:
+            exchange.poller.poll(5000)
+            exchange.receive()
+            lines += exchange.pop_lines()
+        assert json.loads(lines[-1])["done"]
+        if extra:
+            ollama.sendall(extra)  # arrives after the answer was complete, before the connection is put back
+            select.select([ours], [], [], 5)
+        exchange.release()
+        assert pool.kept == ([] if extra else [ours])
+
+
+def test_bytes_after_a_complete_upstream_answer_close_that_connection(raw_ollama):
+    stray = ollama_wire(text_reply("STRAY answer for nobody").steps)
+    # The stray answer: in the same write as a complete one, then a moment after one.
+    raw_ollama.script(ollama_wire(text_reply("first").steps) + stray,
+                      (ollama_wire(text_reply("second").steps), (0.3, stray)))
+    with running_proxy(raw_ollama.url, CACHE="on") as gateway:
+        for expected in ("first", "second"):
+            status, _, body = gateway.messages(request_body(expected))
+            assert status == 200 and body["content"][0]["text"] == expected
+        assert raw_ollama.written.wait(10)
+        for attempt in range(3):
+            status, _, body = gateway.messages(request_body(f"next {attempt}"))
+            assert status == 200 and body["content"][0]["text"] == "Hello! I am the stand-in model."
+    assert raw_ollama.connections == 3  # the first two were closed, the third kept
 
 
 ###############################################################################
