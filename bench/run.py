@@ -119,6 +119,24 @@ class Process:
                 self.popen.wait()
 
 
+BASELINE_REVISION = "bcac229"  # simple_api_proxy 1.0.0, the release issue 14's targets are measured against
+
+
+def materialize_baseline(revision, directory):
+    """simple_api_proxy.py as it was at a git revision, written into directory; its path.
+    Needs a clone with that revision in its history."""
+    try:
+        source = subprocess.run(["git", "-C", str(BENCH.parent), "show", f"{revision}:simple_api_proxy.py"],
+                                check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", b"") or str(exc).encode()
+        raise RuntimeError(f"cannot read simple_api_proxy.py at revision {revision} with git (a clone with "
+                           f"history is needed; --no-baseline skips it): {detail.decode(errors='replace').strip()}")
+    path = Path(directory) / f"simple_api_proxy_{revision}.py"
+    path.write_bytes(source)
+    return path
+
+
 def http_get(port, path, timeout=2.0):
     """(status, body) of one GET; raises OSError while nothing listens."""
     connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
