@@ -2223,7 +2223,7 @@ class UpstreamExchange:
         self.poller.unregister(self.fd)
         self.close()
         self.sock, self.fd, self.address, self.pool = other.sock, other.fd, other.address, other.pool
-        self.request_bytes, self.reused = other.request_bytes, other.reused
+        self.request_bytes, self.reused, self.unusable = other.request_bytes, other.reused, other.unusable
         self.poller.register(self.sock, select.POLLIN)
 
     def tls_pending(self):
