@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import bisect
 import collections
 import dataclasses
 import hashlib
@@ -3575,6 +3576,129 @@ class OriginPolicy:
 
 
 ###############################################################################
+# Metrics
+###############################################################################
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Seconds; from a cache hit (sub-millisecond) to a long generation.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def label_value(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def labels(**pairs):
+    return "{" + ",".join(f'{name}="{label_value(value)}"' for name, value in pairs.items()) + "}"
+
+
+class Histogram:
+    """Observations counted per bucket (cumulated when written out), with their sum."""
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+
+    def observe(self, value):
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def lines(self, name, **pairs):
+        total = 0
+        for bound, count in zip(self.bounds + (math.inf,), self.counts):
+            total += count
+            yield f"{name}_bucket{labels(**pairs, le='+Inf' if bound == math.inf else repr(bound))} {total}"
+        yield f"{name}_sum{labels(**pairs) if pairs else ''} {self.sum!r}"
+        yield f"{name}_count{labels(**pairs) if pairs else ''} {total}"
+
+
+class Metrics:
+    """What GET /metrics reports, in Prometheus' text format 0.0.4. Each request costs one lock and
+    a few dictionary updates; gauges and the cache and upstream counts are read when scraped."""
+
+    def __init__(self, config):
+        self.lock = threading.Lock()
+        # A model label only for models this proxy serves: names clients make up would each
+        # become a series of their own.
+        self.known_models = {config.ollama_model, *config.model_map.values()}
+        self.requests = collections.Counter()  # (route, status, model) -> count
+        self.durations = {}  # route -> Histogram
+        self.first_token = Histogram(FIRST_TOKEN_BUCKETS)
+        self.tokens = {"input": 0, "output": 0}
+        self.overloaded = collections.Counter()  # which limit -> 529s sent
+
+    def request_done(self, route, status, model, seconds, first_token_seconds, input_tokens, output_tokens):
+        if model != "none" and status >= 400 and model not in self.known_models:
+            model = "other"
+        with self.lock:
+            self.requests[route, status, model] += 1
+            histogram = self.durations.get(route)
+            if histogram is None:
+                histogram = self.durations[route] = Histogram(DURATION_BUCKETS)
+            histogram.observe(seconds)
+            if first_token_seconds is not None:
+                self.first_token.observe(first_token_seconds)
+            self.tokens["input"] += input_tokens
+            self.tokens["output"] += output_tokens
+
+    def overloaded_by(self, limit):
+        with self.lock:
+            self.overloaded[limit] += 1
+
+    def render(self, server):
+        prefix = "simple_api_proxy_"
+        out = []
+
+        def family(name, kind, text, samples):
+            out.append(f"# HELP {prefix}{name} {text}")
+            out.append(f"# TYPE {prefix}{name} {kind}")
+            out.extend(samples)
+
+        with self.lock:
+            requests = sorted(self.requests.items())
+            durations = sorted((route, list(h.lines(prefix + "request_duration_seconds", route=route)))
+                               for route, h in self.durations.items())
+            first_token = list(self.first_token.lines(prefix + "time_to_first_token_seconds"))
+            tokens = dict(self.tokens)
+            overloaded = dict(self.overloaded)
+        family("info", "gauge", "This proxy's version.", [f"{prefix}info{labels(version=__version__)} 1"])
+        family("requests_total", "counter", "Requests answered, by route, HTTP status and Ollama model.",
+               [f"{prefix}requests_total{labels(route=route, status=status, model=model)} {count}"
+                for (route, status, model), count in requests])
+        family("request_duration_seconds", "histogram", "Seconds from a request's arrival to its last byte.",
+               [line for _, lines in durations for line in lines])
+        family("time_to_first_token_seconds", "histogram",
+               "Seconds from a request's arrival to Ollama's first output, streams and not.", first_token)
+        family("tokens_total", "counter", "Tokens Ollama read (input) and wrote (output); cache hits excluded.",
+               [f"{prefix}tokens_total{labels(direction=d)} {tokens[d]}" for d in ("input", "output")])
+        cache = server.cache
+        tiers = (("memory", cache.memory), ("redis", cache.redis))
+        family("cache_lookups_total", "counter", "Response cache lookups by tier and result.",
+               [f"{prefix}cache_lookups_total{labels(tier=name, result=result)} "
+                f"{0 if tier is None else tier.stats.hits if result == 'hit' else tier.stats.misses}"
+                for name, tier in tiers for result in ("hit", "miss")])
+        family("in_flight", "gauge", "Generations Ollama is working on for this proxy.",
+               [f"{prefix}in_flight {server.in_flight}"])
+        family("active_requests", "gauge", "Requests being answered.", [f"{prefix}active_requests {server.active_requests}"])
+        family("overloaded_total", "counter", "529 overloaded answers, by the limit reached "
+               "(MAX_CONCURRENT generations, MAX_CONNECTIONS connections).",
+               [f"{prefix}overloaded_total{labels(limit=limit)} {overloaded.get(limit, 0)}"
+                for limit in ("generations", "connections")])
+        hosts = server.ollama.hosts
+        family("upstream_up", "gauge", "1 while an Ollama host takes requests, 0 while it is marked down.",
+               [f"{prefix}upstream_up{labels(host=host.address)} {int(host.up)}" for host in hosts])
+        family("upstream_in_flight", "gauge", "Generations in flight per Ollama host.",
+               [f"{prefix}upstream_in_flight{labels(host=host.address)} {host.in_flight}" for host in hosts])
+        family("upstream_errors_total", "counter",
+               "Ollama hosts failing before their answer, by kind (refused, reset, closed, timeout, other).",
+               [f"{prefix}upstream_errors_total{labels(host=host.address, kind=kind)} {count}"
+                for host in hosts for kind, count in sorted(host.errors.items())])
+        return "\n".join(out) + "\n"
+
+
+###############################################################################
 # HTTP handler
 ###############################################################################
 
@@ -3641,6 +3765,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.config = config
         self.ollama = UpstreamPool(config)
         self.cache = ResponseCache(config)
+        self.metrics = Metrics(config)
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
         self.origin_policy = OriginPolicy(config)
         self.read_deadlines = ReadDeadlines()
@@ -3664,6 +3789,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                 self.connections += 1
         if admitted:
             return super().process_request(request, client_address)
+        self.metrics.overloaded_by("connections")
         try:
             request.setblocking(False)
             request.send(TOO_MANY_CONNECTIONS)
@@ -3699,6 +3825,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         ("HEAD", "/"): "root",
         ("GET", "/health"): "health",
         ("HEAD", "/health"): "health",
+        ("GET", "/metrics"): "metrics",
+        ("HEAD", "/metrics"): "metrics",
         ("GET", "/v1/models"): "models",
         ("POST", "/v1/messages"): "messages",
         ("POST", "/v1/messages/count_tokens"): "count_tokens",
@@ -3734,6 +3862,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.log_extra = {}
         self.input_estimate = 0  # tokens, for a context-length refusal from Ollama
         self.upstream_route = None  # the Ollama host(s) a generation may use
+        self.first_token_at = None  # when Ollama's first output arrived
         self._committed = False
         self._ended = False
         self._chunked = True
@@ -3770,6 +3899,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.deadlines.arm(self.request, self.config.client_timeout)
         self.server.count("active_requests", 1)
         path = self.path.split("?", 1)[0]
+        name = None
         try:
             name = self.admit(path)
             getattr(self, "route_" + name)()
@@ -3789,6 +3919,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.deadlines.disarm(self.request)
             self.server.count("active_requests", -1)
             self.log_request_line(path)
+            self.record_metrics(name or self.ROUTES.get((self.command, path)) or "unknown")
 
     def log_request_line(self, path):
         extra = self.log_extra
@@ -3797,6 +3928,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         flags = (" stream" if extra.get("stream") else "") + (f" cache={extra['cache']}" if "cache" in extra else "")
         log.info("%s %s %s%s %s%s%s %.1fms", self.request_id, self.command, path, model, self.status,
                  flags, tokens, (time.monotonic() - self.started) * 1000)
+
+    def record_metrics(self, route):
+        extra = self.log_extra
+        generated = extra.get("cache") != "HIT" and "output_tokens" in extra
+        now = time.monotonic()
+        self.server.metrics.request_done(
+            route, self.status or 499, extra.get("ollama_model", "none"), now - self.started,
+            None if self.first_token_at is None else self.first_token_at - self.started,
+            extra["input_tokens"] if generated else 0, extra["output_tokens"] if generated else 0)
 
     def admit(self, path):
         """Every check that can refuse a request, in the order that reads nothing it need not:
@@ -4007,6 +4147,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                        "instance_id": self.server.instance_id}
         self.send_json(200 if healthy else 503, payload)
 
+    def route_metrics(self):
+        self.check_api_key()  # Prometheus sends it with `authorization` in its scrape config
+        body = self.server.metrics.render(self.server).encode()
+        head = self.response_head(200, {"Content-Type": METRICS_CONTENT_TYPE, "Content-Length": len(body)})
+        self.send(head if self.command == "HEAD" else head + body)
+
     def route_models(self):
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
         try:
@@ -4097,6 +4243,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             show_thinking=thinking_requested(request) and (request.get("thinking") or {}).get("display") != "omitted",
             recover_tool_calls=self.config.tool_call_recovery)
         if not self.server.slots.acquire(blocking=False):
+            self.server.metrics.overloaded_by("generations")
             raise ProxyError(529, f"the proxy has {self.config.max_concurrent} generations in flight "
                                   "(MAX_CONCURRENT); try again shortly", "overloaded_error", retry_after=2)
         self.server.count("in_flight", 1)
@@ -4233,6 +4380,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.wait(exchange, deadline, silence)
                 continue
             batch, error = decode_ndjson(lines, exchange.address)
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
             deadline = time.monotonic() + config.ollama_timeout
             silence = f"Ollama went silent for {config.ollama_timeout:g} s mid-reply (OLLAMA_TIMEOUT)"
             yield batch
