@@ -2897,6 +2897,9 @@ class UpstreamRoute:
                 self.pool.mark_down(host, error)
                 self.failure = error
                 continue
+            except BaseException:  # not the host's fault: give its place back and let the error stand
+                self.pool.release(host)
+                raise
             self.host = host
             self.pool.remember(self, host)
             return exchange
@@ -2968,7 +2971,10 @@ class Warmup:
 # Cache
 ###############################################################################
 
-CACHE_KEY_PREFIX = "simple_api_proxy:v1:"
+CACHE_KEY_PREFIX = "simple_api_proxy:v2:"
+# Entries are {"v": CACHE_ENTRY_VERSION, "message": ...}; anything else found under a key is a miss.
+CACHE_ENTRY_VERSION = 2
+CACHED_STOP_REASONS = frozenset(("end_turn", "max_tokens", "stop_sequence", "tool_use"))
 CACHE_KEY_PAYLOAD_FIELDS = ("model", "messages", "tools", "options", "format")
 
 
@@ -2984,6 +2990,59 @@ def cache_key(ollama_payload, request, recover_tool_calls):
                 (request.get("output_config") or {}).get("effort"), recover_tool_calls]
     canonical = json.dumps(material, separators=(",", ":"))
     return CACHE_KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def encode_cache_entry(message):
+    return json_bytes({"v": CACHE_ENTRY_VERSION, "message": message})
+
+
+def decode_cache_entry(value):
+    """A stored entry -> the message to replay, or None when it is not an answer this proxy version
+    stored: Redis is shared, outlives proxy versions and can be written by anyone, so what comes
+    back is checked as fully as a request is before it is replayed."""
+    try:
+        entry = json.loads(value, parse_constant=reject_json_constant, parse_float=finite_float)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if not isinstance(entry, dict) or entry.get("v") != CACHE_ENTRY_VERSION:
+        return None
+    message = entry.get("message")
+    return message if is_replayable_message(message) else None
+
+
+def _is_count(value):
+    return type(value) is int and value >= 0
+
+
+def _is_replayable_block(block):
+    if not isinstance(block, dict):
+        return False
+    kind = block.get("type")
+    if kind == "text":
+        return isinstance(block.get("text"), str)
+    if kind == "thinking":
+        return isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str)
+    if kind == "tool_use":
+        return (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
+                and isinstance(block.get("input"), dict))
+    return False
+
+
+def is_replayable_message(message):
+    """Everything replay() and message_to_events() rely on, with the types the client expects."""
+    if not isinstance(message, dict) or message.get("type") != "message" or message.get("role") != "assistant":
+        return False
+    if message.get("stop_reason") not in CACHED_STOP_REASONS:
+        return False
+    if not (message.get("stop_sequence") is None or isinstance(message.get("stop_sequence"), str)):
+        return False
+    usage = message.get("usage")
+    if not isinstance(usage, dict) or not all(_is_count(usage.get(name)) for name in
+                                              ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                                               "cache_read_input_tokens")):
+        return False
+    content = message.get("content")
+    return isinstance(content, list) and all(_is_replayable_block(block) for block in content)
 
 
 class TierStats:
@@ -3038,6 +3097,14 @@ class MemoryTier:
     def _remove(self, key):
         value, _ = self.entries.pop(key)
         self.bytes -= len(value)
+
+    def discard(self, key):
+        """Drop an entry that turned out unusable; its lookup counts as a miss."""
+        with self.lock:
+            if key in self.entries:
+                self._remove(key)
+            self.stats.hits -= 1
+            self.stats.misses += 1
 
     def health(self):
         with self.lock:
@@ -3124,6 +3191,17 @@ class RedisTier:
         except Exception as exc:
             self._mark_down(exc)
 
+    def discard(self, key):
+        """Drop an entry that turned out unusable; its lookup counts as a miss."""
+        self.stats.hits -= 1
+        self.stats.misses += 1
+        if not self.up:
+            return
+        try:
+            self.client.delete(key)
+        except Exception as exc:
+            self._mark_down(exc)
+
     def health(self):
         if self.client is None:
             return {"state": "disabled", "reason": self.reason}
@@ -3148,15 +3226,26 @@ class ResponseCache:
             if self.enabled and config.redis_url else None
 
     def get(self, key):
-        value = self.memory.get(key)
-        if value is None and self.redis is not None:
-            value = self.redis.get(key)
-            if value is not None:
-                self.memory.put(key, value)
-        return value
+        """The cached message to replay, or None. An entry that is not a valid answer is a miss:
+        logged, dropped, and replaced when the fresh answer is stored."""
+        for tier in (self.memory, self.redis):
+            if tier is None:
+                continue
+            value = tier.get(key)
+            if value is None:
+                continue
+            message = decode_cache_entry(value)
+            if message is not None:
+                if tier is not self.memory:
+                    self.memory.put(key, value)
+                return message
+            log.warning("cache: the %s entry %s is not an answer this proxy stored (%d bytes); "
+                        "treated as a miss and replaced", tier.name, key, len(value))
+            tier.discard(key)
+        return None
 
     def put(self, key, message):
-        value = json_bytes(message)
+        value = encode_cache_entry(message)
         self.memory.put(key, value)
         if self.redis is not None:
             self.redis.put(key, value)
@@ -3710,6 +3799,22 @@ class ClientGone(Exception):
     """The client closed its connection; nothing more can be sent."""
 
 
+# A client that closes or resets is noticed while Ollama generates. POLLRDHUP (Linux) reports the
+# close even after the client sent bytes of its next request; elsewhere POLLIN and a peek must do.
+CLIENT_GONE_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR | select.POLLNVAL
+CLIENT_WATCH_EVENTS = getattr(select, "POLLRDHUP", select.POLLIN)
+
+
+def describe_failure(exc):
+    """An unexpected exception as one log line's worth: type, message and where it was raised."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = f" at {os.path.basename(frame.tb_frame.f_code.co_filename)}:{frame.tb_lineno} in " \
+            f"{frame.tb_frame.f_code.co_name}" if frame is not None else ""
+    return f"{type(exc).__name__}: {str(exc)[:300]}{where}"
+
+
 class ReadDeadlines:
     """Ends connections whose client takes too long to send its request.
 
@@ -3774,6 +3879,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.active_requests = 0
         self.in_flight = 0  # generations: requests Ollama is working on
         self.stopping = False
+        # Readable once SHUTDOWN_GRACE is over: every request waiting on Ollama polls it too.
+        self.grace_over_fd, self._grace_over_signal = os.pipe()
         self.started = time.time()
         # Tells one proxy run from another behind the same address: the launcher compares the id
         # seen through its tunnel with the one on the box, so it never talks to a stranger's proxy.
@@ -3807,8 +3914,14 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         with self.counts_lock:
             setattr(self, name, getattr(self, name) + delta)
 
+    def end_requests_in_flight(self):
+        """SHUTDOWN_GRACE is over: requests still waiting on Ollama end with an error now."""
+        os.write(self._grace_over_signal, b"x")
+
     def server_close(self):
         super().server_close()
+        os.close(self.grace_over_fd)
+        os.close(self._grace_over_signal)
         self.read_deadlines.stopped.set()
         self.cache.close()
         self.ollama.close()
@@ -3857,7 +3970,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # -- dispatch ------------------------------------------------------------
     def handle_one_request(self):
         self.request_id = new_id("req_")
-        self.started = time.monotonic()
+        self.started = self.answered = None
         self.status = None
         self.log_extra = {}
         self.input_estimate = 0  # tokens, for a context-length refusal from Ollama
@@ -3875,6 +3988,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         # Idle keep-alive time, request line and headers: CLIENT_TIMEOUT in all.
         self.deadlines.arm(self.request, self.config.client_timeout)
         try:
+            # The request's time starts when its first byte is there, not with keep-alive idle time.
+            self.rfile.peek(1)
+            self.started = time.monotonic()
             self.head = self.reader.read_head()
         except ProxyError as error:  # no framing to trust: answer, and end the connection
             self.deadlines.disarm(self.request)
@@ -3906,15 +4022,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except ProxyError as error:
             self.refuse(error)
         except ClientGone:
-            self.status = self.status or 499
+            self.status = 499  # nginx's convention: the client left before the answer was complete
             self.close_connection = True
         except RecursionError:
             self.close_connection = True
             self.send_error_envelope(invalid("request body is nested too deeply"))
-        except Exception:
-            log.exception("%s internal error on %s %s", self.request_id, self.command, path)
+        except Exception as exc:
+            log.error("%s internal error on %s %s: %s", self.request_id, self.command, path, describe_failure(exc))
+            log.debug("%s traceback", self.request_id, exc_info=True)
             self.close_connection = True
-            self.send_error_envelope(ProxyError(500, "internal proxy error; see the proxy's log", "api_error"))
+            self.send_error_envelope(ProxyError(500, "internal proxy error; see the proxy's log", "api_error"),
+                                     logged=True)
         finally:
             self.deadlines.disarm(self.request)
             self.server.count("active_requests", -1)
@@ -3927,7 +4045,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         tokens = f" tokens={extra['input_tokens']}/{extra['output_tokens']}" if "output_tokens" in extra else ""
         flags = (" stream" if extra.get("stream") else "") + (f" cache={extra['cache']}" if "cache" in extra else "")
         log.info("%s %s %s%s %s%s%s %.1fms", self.request_id, self.command, path, model, self.status,
-                 flags, tokens, (time.monotonic() - self.started) * 1000)
+                 flags, tokens, ((self.answered or time.monotonic()) - self.started) * 1000)
 
     def record_metrics(self, route):
         extra = self.log_extra
@@ -4023,6 +4141,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
         except OSError as exc:
             raise ClientGone() from exc
+        self.answered = time.monotonic()  # the answer's last byte, once no more follow
 
     def send_json(self, status, payload, headers=None):
         body = json_bytes(payload)
@@ -4031,13 +4150,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         head = self.response_head(status, all_headers)
         self.send(head if self.command == "HEAD" else head + body)
 
-    def send_error_envelope(self, error):
+    def send_error_envelope(self, error, logged=False):
         """Report a failure: as an error response, or as the last event of a stream already under way."""
         self.log_extra["error"] = error.message
-        if error.status >= 500:
+        if error.status >= 500 and not logged:
             log.warning("%s %s: %s", self.request_id, error.error_type, error.message)
         try:
-            if self._ended:
+            if self._ended or (self.status is not None and not self._committed):
+                # The answer has left already: nothing more can be said on this connection.
                 self.close_connection = True
             elif self._committed:
                 self.close_connection = True
@@ -4247,13 +4367,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ProxyError(529, f"the proxy has {self.config.max_concurrent} generations in flight "
                                   "(MAX_CONCURRENT); try again shortly", "overloaded_error", retry_after=2)
         self.server.count("in_flight", 1)
+        exchange = None
         try:
             self.upstream_route = ollama.route(ollama_model, payload)
             exchange = self.upstream_route.open("/api/chat", payload)
-        except ProxyError:
-            self.generation_over()
-            raise
-        try:
             if stream:
                 message = self.stream_reply(exchange, translator, ollama_model, cache_state)
             else:
@@ -4265,14 +4382,30 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     cache.put(key, message)
                 if not stream:
                     self.send_json(200, message, {"x-cache": cache_state})
+        except ClientGone:
+            self.log_extra.update(input_tokens=translator.input_tokens, output_tokens=translator.chunks)
+            raise
         finally:
+            # Whatever happened, the slot and Ollama's connection are given back; the connection
+            # only after the client has its answer, as keeping it may wait a moment.
             self.generation_over()
-            self.upstream_route.finish()
-            # Only after the client has its answer: keeping the connection may wait a moment.
-            if translator.upstream_done:
-                exchange.release()
-            else:
-                exchange.close()  # which also stops a generation still running
+            if self.upstream_route is not None:
+                self.upstream_route.finish()
+            if exchange is not None:
+                self.end_exchange(exchange, complete=translator.upstream_done)
+
+    @staticmethod
+    def end_exchange(exchange, complete):
+        """Keep Ollama's connection after a complete answer; else close it, which also stops a
+        generation still running."""
+        if not complete:
+            exchange.close()
+            return
+        try:
+            exchange.release()
+        except BaseException:
+            exchange.close()
+            raise
 
     def model_can_see(self, ollama_model):
         """Whether the model takes images; when Ollama could not say, images go through as before."""
@@ -4293,8 +4426,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         key = cache_key(payload, request, self.config.tool_call_recovery)
         return cache, key, not no_store and "no-cache" not in directives, not no_store
 
-    def replay(self, cached, model, stream):
-        message = json.loads(cached)
+    def replay(self, message, model, stream):
         message["id"] = new_id("msg_")
         message["model"] = model
         for block in message["content"]:
@@ -4325,16 +4457,21 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             step = max(0.0, min(step, until - now))
         if self._committed:
             step = max(0.0, min(step, self._next_ping - now))
-        for fd, _ in exchange.poller.poll(step * 1000):
+        for fd, event in exchange.poller.poll(step * 1000):
             if fd == exchange.fd:
                 exchange.receive()
+            elif fd == self.server.grace_over_fd:
+                raise ProxyError(529, "the proxy is shutting down", "overloaded_error")
             else:
-                self.check_client(exchange.poller)
+                self.check_client(exchange.poller, event)
         if self._committed and time.monotonic() >= self._next_ping:
             self.write_events([("ping", {"type": "ping"})])
             self._next_ping = time.monotonic() + self.config.ping_interval
 
-    def check_client(self, poller):
+    def check_client(self, poller, event):
+        if event & CLIENT_GONE_EVENTS:
+            raise ClientGone()
+        # Without POLLRDHUP only a read can tell a close from early bytes of the next request.
         try:
             peeked = self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -4343,7 +4480,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ClientGone() from exc
         if not peeked:
             raise ClientGone()
-        poller.unregister(self.connection)  # the client sent its next request early; stop watching
+        poller.unregister(self.connection)  # the client sent its next request early: reads cannot tell
 
     def upstream_batches(self, exchange, ollama_model, commit=None):
         """Ollama's NDJSON objects as they arrive, a list of those that came together at a time,
@@ -4353,7 +4490,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         started within FAIL_FAST_SECONDS (from then on pings keep the client waiting)."""
         config = self.config
         # Watch our client too: if it leaves, Ollama's request is closed, which stops the generation.
-        exchange.poller.register(self.connection, select.POLLIN)
+        exchange.poller.register(self.connection, CLIENT_WATCH_EVENTS)
+        exchange.poller.register(self.server.grace_over_fd, select.POLLIN)
         deadline = time.monotonic() + config.ollama_first_token_timeout
         commit_at = time.monotonic() + self.FAIL_FAST_SECONDS if commit else None
         first_wait = (f"Ollama sent nothing for {config.ollama_first_token_timeout:g} s "
@@ -4460,16 +4598,40 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 # main()
 ###############################################################################
 
+# C0 and C1 control characters (CR, LF, ESC among them), DEL, Unicode line and paragraph
+# separators, and lone surrogates, which no log file's encoding can write.
+UNLOGGABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _escaped_character(match):
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class EscapingFormatter(logging.Formatter):
+    """Every log line is one line, whatever a client or Ollama put into it.
+
+    Model names, paths, headers and upstream error text reach log messages; escaping the finished
+    message covers all of them at one point, and costs one regex search for a clean line."""
+
+    def formatMessage(self, record):
+        if UNLOGGABLE.search(record.message):
+            record.message = UNLOGGABLE.sub(_escaped_character, record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(config):
     handlers = [logging.StreamHandler()]
     problem = None
     if config.log_file:
         try:
-            handlers.append(logging.FileHandler(config.log_file))
+            handlers.append(logging.FileHandler(config.log_file, encoding="utf-8"))
         except OSError as exc:
             problem = f"cannot write LOG_FILE {config.log_file!r} ({exc.strerror}); logging to stderr only"
-    logging.basicConfig(level=config.log_level, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    formatter = EscapingFormatter("%(asctime)s %(levelname)s %(message)s")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=config.log_level, handlers=handlers, force=True)
     if problem:
         log.warning(problem)
 
@@ -4513,7 +4675,11 @@ def serve(config):
     while server.active_requests and time.monotonic() < deadline:
         time.sleep(0.05)
     if server.active_requests:
-        log.warning("shutdown grace over with %d request(s) still in flight", server.active_requests)
+        log.warning("shutdown grace over with %d request(s) still in flight; ending them", server.active_requests)
+        server.end_requests_in_flight()
+        deadline = time.monotonic() + 2.0  # enough to write an error event; a stuck client is not waited for
+        while server.active_requests and time.monotonic() < deadline:
+            time.sleep(0.02)
     server.server_close()
     log.info("stopped")
     return 0

@@ -1411,7 +1411,7 @@ def test_cache_key_changes_with_everything_that_changes_the_answer():
     keys = {name: key_of(body) for name, body in variations.items()}
     keys["base"] = key_of(base)
     assert len(set(keys.values())) == len(keys), keys
-    assert keys["base"].startswith("simple_api_proxy:v1:") and len(keys["base"]) == 20 + 64
+    assert keys["base"].startswith("simple_api_proxy:v2:") and len(keys["base"]) == 20 + 64
     assert key_of(base, MODEL_MAP="sonnet=llama3.2:3b") != keys["base"]
 
 
@@ -1570,10 +1570,11 @@ def test_redis_tier_is_shared_between_proxies_and_sets_the_ttl(ollama, shared_re
     with running_proxy(ollama.url, CACHE="on", REDIS_URL=url, CACHE_TTL=600) as first, \
             running_proxy(ollama.url, CACHE="on", REDIS_URL=url) as second:
         assert first.messages(request_body())[1]["x-cache"] == "MISS"
-        keys = client.keys("simple_api_proxy:v1:*")
+        keys = client.keys("simple_api_proxy:v2:*")
         assert len(keys) == 1 and 590 <= client.ttl(keys[0]) <= 600
         stored = json.loads(client.get(keys[0]))
-        assert stored["content"][0]["text"] == "Hello! I am the stand-in model."
+        assert stored["v"] == proxy.CACHE_ENTRY_VERSION
+        assert stored["message"]["content"][0]["text"] == "Hello! I am the stand-in model."
         status, headers, raw = second.stream(request_body())
         assert headers["x-cache"] == "HIT" and len(ollama.chats()) == 1
         assert_valid_stream(parse_sse(raw))
@@ -1624,7 +1625,7 @@ def test_redis_killed_mid_traffic_costs_nothing_and_comes_back(ollama, private_r
             time.sleep(0.2)
         gateway.messages(request_body("after the restart"))
         client = redis_module().Redis(host="127.0.0.1", port=private_redis.port)
-        assert len(client.keys("simple_api_proxy:v1:*")) == 1
+        assert len(client.keys("simple_api_proxy:v2:*")) == 1
 
 
 def test_proxy_runs_without_redis_py(ollama, tmp_path):
@@ -3183,6 +3184,212 @@ def test_many_stop_sequences_match_in_one_pass_earliest_first():
     assert translator.message["content"] == [{"type": "text", "text": "STOP0x "}]
     text_deltas = [d["delta"]["text"] for n, d in events if n == "content_block_delta"]
     assert text_deltas == ["STOP0x "]
+
+
+def inject_failure(monkeypatch, owner, name):
+    original = getattr(owner, name)
+
+    def broken(*args, **kwargs):
+        if name == "open" and "/api/chat" not in args:  # the generation's request, no other
+            return original(*args, **kwargs)
+        raise RuntimeError("injected failure\nsecond line")
+    monkeypatch.setattr(owner, name, broken)
+
+
+@pytest.mark.parametrize("stage", ["open", "decode", "feed", "cache", "release"])
+def test_any_failure_frees_the_slot_and_the_upstream_connection(ollama, monkeypatch, caplog, stage):
+    caplog.set_level("INFO", logger="simple_api_proxy")
+    with running_proxy(ollama.url, MAX_CONCURRENT=1, CACHE="on") as gateway:
+        owner, name = {"open": (proxy.OllamaClient, "open"), "decode": (proxy, "decode_ndjson"),
+                       "feed": (proxy.StreamTranslator, "feed"), "cache": (proxy.ResponseCache, "put"),
+                       "release": (proxy.UpstreamExchange, "release")}[stage]
+        assert gateway.messages(request_body("warm-up"))[0] == 200  # the model's capabilities are known
+        wait_until(lambda: gateway.server.active_requests == 0, what="the warm-up to end")
+        for stream in (False, True):
+            with monkeypatch.context() as patch:
+                inject_failure(patch, owner, name)
+                status, headers, raw = gateway.call("POST", "/v1/messages",
+                                                    request_body(f"{stage} {stream}", stream=stream))
+                wait_until(lambda: gateway.server.active_requests == 0, what="the failed request to end")
+            assert gateway.server.in_flight == 0
+            assert gateway.server.slots._value == gateway.server.config.max_concurrent
+            if stage == "release" or (stage == "cache" and stream):
+                assert status == 200  # the answer had left before the failure
+            elif status == 200:
+                assert parse_sse(raw)[-1][1]["error"]["type"] == "api_error"
+            else:
+                assert status == 500 and json.loads(raw)["error"]["type"] == "api_error"
+            failures = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()
+                        and headers["request-id"] in r.getMessage()]
+            assert len(failures) == 1 and "RuntimeError: injected failure" in failures[0]
+            caplog.clear()
+            status, _, raw = gateway.call("POST", "/v1/messages", request_body(f"after {stage}", stream=stream),
+                                          headers={"Cache-Control": "no-cache"})
+            assert status == 200 and b"stand-in" in raw
+            wait_until(lambda: gateway.server.active_requests == 0, what="the next request to end")
+
+
+TAMPERED_CACHE_VALUES = [b"garbage{{", b"[1,2,3]", b'{"id":"x"}', b"\xff\xfe",
+                         json.dumps({"v": proxy.CACHE_ENTRY_VERSION, "message": {"type": "message"}}).encode(),
+                         None]  # None: an answer in the format before entries were versioned
+
+
+def tampered_values(valid_entry):
+    message = json.loads(valid_entry)["message"]
+    values = [value if value is not None else json.dumps(message).encode() for value in TAMPERED_CACHE_VALUES]
+    bad_usage = json.loads(valid_entry)
+    bad_usage["message"]["usage"]["output_tokens"] = "7"
+    bad_block = json.loads(valid_entry)
+    bad_block["message"]["content"] = [{"type": "tool_use", "name": "Bash"}]
+    return values + [json.dumps(bad_usage).encode(), json.dumps(bad_block).encode(),
+                     valid_entry.replace(b'"v":2', b'"v":2,"x":1e400')]
+
+
+def assert_tampered_entries_are_misses(gateway, tier_name, tamper, read, caplog):
+    caplog.set_level("WARNING", logger="simple_api_proxy")
+    assert gateway.messages(request_body("cached"))[1]["x-cache"] == "MISS"
+    (key,) = gateway.server.cache.memory.entries
+    valid = read(key)
+    for number, value in enumerate(tampered_values(valid)):
+        stream = bool(number % 2)
+        caplog.clear()
+        tamper(key, value)
+        status, headers, raw = gateway.call("POST", "/v1/messages", request_body("cached", stream=stream))
+        assert status == 200 and headers["x-cache"] == "MISS", (value, raw)
+        assert b"stand-in" in raw
+        if stream:
+            assert_valid_stream(parse_sse(raw))
+        warned = [r for r in caplog.records if key in r.getMessage() and tier_name in r.getMessage()]
+        assert len(warned) == 1, value
+        assert proxy.decode_cache_entry(read(key)) is not None  # replaced by the fresh answer
+        assert gateway.messages(request_body("cached"))[1]["x-cache"] == "HIT"
+
+
+def test_tampered_memory_entries_are_misses_and_replaced(ollama, caplog):
+    with running_proxy(ollama.url, CACHE="on") as gateway:
+        memory = gateway.server.cache.memory
+        assert_tampered_entries_are_misses(gateway, "memory", lambda key, value: memory.put(key, value),
+                                           lambda key: memory.entries[key][0], caplog)
+
+
+def test_tampered_redis_entries_are_misses_never_copied_to_memory(ollama, shared_redis, caplog):
+    client, url = shared_redis
+    with running_proxy(ollama.url, CACHE="on", REDIS_URL=url) as gateway:
+        memory = gateway.server.cache.memory
+
+        def tamper(key, value):
+            memory.entries.clear()
+            memory.bytes = 0
+            client.set(key, value)
+
+        assert_tampered_entries_are_misses(gateway, "redis", tamper, client.get, caplog)
+
+
+def test_logs_cannot_be_forged_and_odd_model_names_still_reach_the_log_file(ollama, tmp_path):
+    ollama.script(Reply(status=500, error="boom\r\n2026-01-01 00:00:00,000 INFO forged by ollama"))
+    running = ProxyProcess(tmp_path, OLLAMA_HOST=ollama.url)
+    try:
+        model = "evil\r\n2026-01-01 00:00:00,000 INFO forged by model\x1b[2J\u2028\ud800"
+        body = json.dumps(request_body(model=model)).encode()  # json.dumps writes the surrogate as \ud800
+        assert running.gateway.call("POST", "/v1/messages", body)[0] == 404
+        assert running.gateway.call("POST", "/v1/messages", request_body())[0] == 500
+        path_answer = raw_exchange(running.port, b"GET /\x1b[31mforged\x7f HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert path_answer.startswith(b"HTTP/1.1 404")
+        running.process.send_signal(15)
+        assert running.finish() == 0
+    finally:
+        running.kill()
+    logged = running.log_file.read_text(encoding="utf-8")
+    assert "Logging error" not in running.output and "UnicodeEncodeError" not in running.output
+    lines = logged.splitlines()
+    assert all(line[:4].isdigit() and line[4] == "-" for line in lines), logged
+    assert not any("\x1b" in line or "\x7f" in line for line in lines)
+    assert "evil\\x0d\\x0a2026-01-01 00:00:00,000 INFO forged by model\\x1b[2J\\u2028\\ud800" in logged
+    assert "boom\\x0d\\x0a2026-01-01" in logged and "GET /\\x1b[31mforged\\x7f 404" in logged
+    assert "\\x0a" in running.output  # stderr is escaped the same way
+
+
+def logged_request(caplog, request_id, timeout=10):
+    wait_until(lambda: any(r.getMessage().startswith(request_id + " ") for r in caplog.records),
+               timeout, f"the log line of {request_id}")
+    return next(r.getMessage() for r in caplog.records if r.getMessage().startswith(request_id + " "))
+
+
+def test_access_log_times_one_request_and_carries_its_id_and_499(gateway, ollama, caplog):
+    caplog.set_level("INFO", logger="simple_api_proxy")
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    connection.request("GET", "/")
+    connection.getresponse().read()
+    idle_over = threading.Event()
+    threading.Timer(1.0, idle_over.set).start()
+    idle_over.wait()  # the connection sits idle: that time is no part of the next request
+    sent = time.monotonic()
+    connection.request("GET", "/missing")
+    response = connection.getresponse()
+    response.read()
+    window_ms = (time.monotonic() - sent) * 1000
+    line = logged_request(caplog, response.getheader("request-id"))
+    assert " GET /missing 404 " in line and float(line.rsplit(" ", 1)[1].rstrip("ms")) <= window_ms
+    connection.close()
+    status, headers, raw = gateway.stream(request_body())
+    assert "claude-sonnet-4-5->qwen2.5-coder:7b 200 stream" in logged_request(caplog, headers["request-id"])
+    ollama.script(Reply([chunk(content="one"), chunk(content=" two")] + [("sleep", 0.05), chunk(content=" more")] * 200
+                        + [final_chunk()]))
+    client = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    body = json.dumps(request_body(stream=True)).encode()
+    client.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while received.count(b"text_delta") < 3:
+        received += client.recv(65536)
+    request_id = received.split(b"request-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
+    client.close()
+    line = logged_request(caplog, request_id)
+    assert " 499 stream" in line
+    sent_so_far = int(line.split(" tokens=", 1)[1].split("/", 1)[1].split(" ", 1)[0])
+    assert sent_so_far >= 3
+
+
+def test_a_client_that_pipelined_bytes_and_left_is_still_noticed(gateway, ollama):
+    ollama.script(Reply([chunk(content="a"), ("sleep", 20), final_chunk()]))
+    connection = socket.create_connection(("127.0.0.1", gateway.port))
+    body = json.dumps(request_body()).encode()
+    connection.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert ollama.chat_started.wait(5)
+    connection.sendall(b"GET / HTTP/1.1\r\n")  # the start of the next request, sent early
+    connection.close()
+    wait_until(lambda: ollama.disconnects == 1, timeout=10, what="the proxy to close Ollama's request")
+    wait_until(lambda: gateway.server.in_flight == 0, what="the generation slot to be freed")
+
+
+def test_shutdown_ends_streams_and_requests_still_running_with_an_error(ollama, tmp_path):
+    def slow(request):
+        if request.get("stream") is not None and request["messages"][-1]["content"] == "stream me":
+            return Reply([chunk(content="Hello")] + [("sleep", 0.05), chunk(content=" and")] * 600 + [final_chunk()])
+        return text_reply(delay_before=30)
+
+    ollama.responder = slow
+    running = ProxyProcess(tmp_path, OLLAMA_HOST=ollama.url, SHUTDOWN_GRACE=0.5)
+    try:
+        answers = {}
+        streaming = threading.Thread(target=lambda: answers.update(
+            stream=running.gateway.stream(request_body("stream me"))))
+        waiting = threading.Thread(target=lambda: answers.update(plain=running.gateway.messages(request_body())))
+        streaming.start()
+        waiting.start()
+        wait_until(lambda: len(ollama.chats()) == 2, what="both requests to reach Ollama")
+        running.process.send_signal(15)
+        streaming.join(15)
+        waiting.join(15)
+        assert running.finish() == 0
+    finally:
+        running.kill()
+    status, _, raw = answers["stream"]  # http.client read it to the terminating chunk
+    events = parse_sse(raw)
+    assert status == 200 and events[0][0] == "message_start" and events[-1][0] == "error"
+    assert events[-1][1]["error"] == {"type": "overloaded_error", "message": "the proxy is shutting down"}
+    status, _, error = answers["plain"]
+    assert status == 529 and error["error"]["message"] == "the proxy is shutting down"
+    assert "grace over with 2 request(s) still in flight" in running.output
 
 
 ###############################################################################

@@ -15,6 +15,8 @@ Faults, by the clock (fractions of the run):
           byte or mid-stream, 503 queue full; a few requests ask for a model that is not
           installed (404); and Ollama is down altogether for a while (connection refused).
   Redis   killed at 30%, started again at 50%: it must cost no request anything.
+  Cache   between 12% and 28%, some requests find a tampered value (garbage, a wrong shape, an
+          old format) planted in Redis under their own cache key: it must be a miss, never replayed.
 
 The summary lists requests sent, answers by status, client-visible failures by cause, and
 answers lost or corrupted. It exits 1 if any answer was lost or corrupted, if a request failed
@@ -49,6 +51,10 @@ FAULT_WINDOWS = ((0.10, 0.25), (0.55, 0.65), (0.85, 0.95))
 FAULT_SHARE = 0.5  # of the requests that reach Ollama inside a fault window
 MISSING_MODEL_SHARE = 0.02
 REPEAT_SHARE = 0.3  # prompts drawn from a small set, so the cache hits
+TAMPER_WINDOW = (0.12, 0.28)  # Redis is up; fractions of the run
+TAMPER_SHARE = 0.3
+TAMPERED_VALUES = (b"garbage{{", b"[1,2,3]", b'{"id":"x"}', b'{"v":2,"message":{"type":"message"}}',
+                   b'{"type":"message","role":"assistant","content":[{"type":"text","text":"stale"}]}')
 
 
 def free_port():
@@ -87,6 +93,8 @@ class Soak:
         self.sent = 0
         self.fault_list = faults()
         self.random = random.Random(7)
+        self.tampered = 0
+        self.redis = None  # (redis-py client, the proxy's Config) when cache values can be tampered with
 
     def phase(self):
         return (time.monotonic() - self.started) / self.seconds
@@ -125,6 +133,8 @@ class Soak:
                     "messages": [{"role": "user", "content": f"Please answer {nonce}"}]}
             with self.lock:
                 self.sent += 1
+            if self.redis and TAMPER_WINDOW[0] <= self.phase() < TAMPER_WINDOW[1] and rng.random() < TAMPER_SHARE:
+                self.tamper(body, rng.choice(TAMPERED_VALUES))
             if connection is None:
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
             try:
@@ -143,6 +153,17 @@ class Soak:
             self.judge(nonce, stream, status, raw, model)
         if connection:
             connection.close()
+
+    def tamper(self, body, value):
+        """Plant a bad value under the cache key this request will look up."""
+        client, config = self.redis
+        model = standin.proxy.resolve_model(body["model"], config)
+        payload = standin.proxy.anthropic_to_ollama(body, model, config)
+        key = standin.proxy.cache_key(payload, body, config.tool_call_recovery)
+        with contextlib.suppress(Exception):  # Redis may be restarting: then nothing was planted
+            client.set(key, value)
+            with self.lock:
+                self.tampered += 1
 
     def judge(self, nonce, stream, status, raw, model):
         expected = answer_for(nonce)
@@ -220,6 +241,10 @@ def main():
                LOG_LEVEL="ERROR", OLLAMA_TIMEOUT="1.5", OLLAMA_FIRST_TOKEN_TIMEOUT="2", CACHE_TTL="600")
     if redis_port:
         env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+        with contextlib.suppress(ImportError):
+            import redis as redis_py
+            soak.redis = (redis_py.Redis(host="127.0.0.1", port=redis_port, socket_timeout=1),
+                          standin.proxy.load_config([], env))
     proxy = subprocess.Popen([sys.executable, str(ROOT / "simple_api_proxy.py")], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     redis_back = None
@@ -309,6 +334,7 @@ def report(soak, redis_back, proxy_exit):
     for cause, n in causes.most_common():
         print(f"  {cause}: {n}")
     print(f"faults injected into Ollama replies: {len(soak.injected)}")
+    print(f"tampered cache values planted in Redis: {soak.tampered if soak.redis else 'not run (no redis-py)'}")
     print(f"answers lost: {lost}; corrupted: {corrupted}")
     print(f"Redis back after its restart: {'yes' if redis_back else 'no' if redis_back is False else 'not run'}")
     print(f"proxy exit status after SIGTERM: {proxy_exit}")
