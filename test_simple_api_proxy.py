@@ -3255,6 +3255,7 @@ def assert_tampered_entries_are_misses(gateway, tier_name, tamper, read, caplog)
         caplog.clear()
         tamper(key, value)
         status, headers, raw = gateway.call("POST", "/v1/messages", request_body("cached", stream=stream))
+        wait_until(lambda: gateway.server.active_requests == 0, what="the answer to be stored")
         assert status == 200 and headers["x-cache"] == "MISS", (value, raw)
         assert b"stand-in" in raw
         if stream:
