@@ -1641,7 +1641,7 @@ def _json_prospect(text, tools):
         return MAYBE if any(first.startswith(key) for first in FIRST_KEYS) else NOT_A_CALL
     if key not in FIRST_KEYS:
         return NOT_A_CALL
-    if key not in ("name", "type", "id"):
+    if key not in ("name", "type", "id", "tool_calls", "function"):
         return CALL
     position = _skip_space(text, position)
     if position < len(text) and text[position] != ":":
@@ -1649,6 +1649,9 @@ def _json_prospect(text, tools):
     position = _skip_space(text, position + 1)
     if position >= len(text):
         return MAYBE
+    if key in ("tool_calls", "function"):  # the calls, or the call, inside
+        return _json_prospect(text[position:], tools) if text[position] in ("[{" if key == "tool_calls" else "{") \
+            else NOT_A_CALL
     quoted = _quoted(text, position)
     if quoted is None:
         return CALL if key == "id" else NOT_A_CALL

@@ -2248,6 +2248,9 @@ CORPUS = [
     Written("ollama/ollama#11381", "qwen3:14b", tools(getApiFunctions={}, selectFunctions={"names": "array"}),
             '<tool_call>\n{"name": "create", "arguments": {"title": "test1", "content": "hello world!"}}\n</tool_call>',
             TEXT),  # names a tool the request did not offer
+    Written("ggml-org/llama.cpp#15012", "Qwen3-Coder-30B-A3B", tools(get_current_weather={"location": "string"}),
+            '{\n  "tool_calls": []\n}',
+            TEXT),  # a wrapper with no call in it
     Written("ggml-org/llama.cpp#16710", "Qwen3-30B-A3B-Thinking", tools(read_file={"path": "string"}),
             '{\n    "name": "Bingo",\n    "age": 30\n}',
             TEXT),
@@ -2339,6 +2342,8 @@ def test_corpus_replies_become_what_they_are(written):
     "[1, 2, 3] are the first three numbers.",
     "I would call Bash to list the files, but I cannot run commands here.",
     '<tool_call>\n{"name": "create", "arguments": {"title": "test1"}}\n</tool_call>',
+    '{\n  "tool_calls": []\n}',
+    '{"tool_calls": [{"name": "Deploy", "arguments": {"env": "prod"}}]}',
 ])
 def test_near_misses_stream_before_the_reply_ends(text):
     """Text is held only while it can still become a call: these show themselves early."""
