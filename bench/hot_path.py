@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import itertools
 import json
+import logging
 import os
 import statistics
 import sys
@@ -59,8 +61,8 @@ def load_module(path, name):
 
 
 class ReplayedSocket:
-    """What UpstreamExchange reads from: the reply in the given pieces, then EOF. fileno() is a real
-    descriptor (a pipe's) only so that poll() accepts it."""
+    """What UpstreamExchange reads from: the reply in the given pieces, then EOF. Its descriptor
+    is /dev/null's, which poll() always finds readable, so a wait for Ollama returns at once."""
 
     def __init__(self, pieces, fd):
         self.pieces = list(pieces)
@@ -82,33 +84,70 @@ class ReplayedSocket:
         pass
 
 
-class StubDeadlines:
-    def arm(self, sock, seconds):
+class ClientConnection:
+    """The client's side as the handler sees it: the request's bytes to read, a sink for the
+    answer, and a descriptor (a pipe's quiet end) that poll() never finds readable."""
+
+    def __init__(self, request_bytes, fd):
+        self.request_bytes = request_bytes
+        self.fd = fd
+        self.sent = 0
+
+    def setsockopt(self, *args):
         pass
 
-    def disarm(self, sock):
+    def settimeout(self, value):
         pass
 
+    def makefile(self, mode, buffering=None):
+        return io.BufferedReader(io.BytesIO(self.request_bytes)) if "r" in mode else io.BytesIO()
 
-class StubServer:
-    def __init__(self, module, config):
-        self.config = config
-        self.read_deadlines = StubDeadlines()
-        self.stopping = False
-        self.cache = module.ResponseCache(config)
+    def sendall(self, data):
+        self.sent += len(data)
 
-    def count(self, name, delta):
+    def recv(self, size, flags=0):
+        raise BlockingIOError()
+
+    def fileno(self):
+        return self.fd
+
+    def getpeername(self):
+        return ("127.0.0.1", 1)
+
+
+class ReplayingOllama:
+    """Stands in for the proxy's Ollama client (1.0.0's OllamaClient or the upstream pool): every
+    chat answer is the stand-in's reply, read through a real UpstreamExchange."""
+
+    def __init__(self, module, pieces, fd):
+        self.module = module
+        self.pieces = pieces
+        self.fd = fd
+
+    def capabilities(self, model):
+        return frozenset({"completion", "tools"})
+
+    def route(self, model, payload):
+        return self
+
+    def open(self, *args):
+        return self.module.UpstreamExchange(ReplayedSocket(self.pieces, self.fd), "stand-in")
+
+    def finish(self):
+        pass
+
+    def close(self):
         pass
 
 
 class Profile:
-    """The components of one proxy module."""
+    """The components and the whole requests of one proxy module."""
 
     def __init__(self, module, per_token):
         self.proxy = module
-        env = {"OLLAMA_HOST": "127.0.0.1:9", "LOG_FILE": "", "CACHE": "on", "LOG_LEVEL": "WARNING"}
+        env = {"OLLAMA_HOST": "127.0.0.1:9", "API_HOST": "127.0.0.1", "API_PORT": "0", "LOG_FILE": "",
+               "CACHE": "on", "LOG_LEVEL": "WARNING"}
         self.config = module.load_config([], env)
-        self.server = StubServer(module, self.config)
         replies = EncodedReplies(MODEL, TOKENS)
         reply = replies.stream[True]
         if per_token:  # the head and each chunk in its own read, as tokens arriving apart do
@@ -117,42 +156,51 @@ class Profile:
             self.pieces = [reply[:head_end]] + [chunk] * TOKENS + [replies.end_of_stream]
         else:
             self.pieces = [reply]
-        self.read_fd, self.write_fd = os.pipe()
-        self.requests = {stream: http_request("POST", "/v1/messages", "127.0.0.1:8000",
-                                              json.dumps(messages_request("Say hello", stream=stream)).encode(),
-                                              JSON_HEADERS) for stream in (False, True)}
-        # The line batches, decoded chunks and events one reply makes, for the later components.
+        self.always_readable = os.open(os.devnull, os.O_RDONLY)
+        self.quiet, self.quiet_writer = os.pipe()
+        # A real server object (it binds a loopback port, which nothing uses) with the replaying Ollama.
+        self.server = module.ProxyServer(self.config)
+        self.server.ollama = ReplayingOllama(module, self.pieces, self.always_readable)
+        self.numbers = itertools.count()
+        self.fixed = {stream: self.request_bytes("Say hello", stream) for stream in (False, True)}
+        # The line batches, decoded chunks and events one reply makes, for the components.
         self.batches = self.parse()
         self.decoded = [self.proxy.decode_ndjson(lines, "x")[0] for lines in self.batches]
         self.event_groups = self.feed()
-        # A handler whose stream has begun and whose head has left (that is "everything else").
-        self.streaming = self.handler(self.requests[True])
+        self.streaming = self.handler(self.fixed[True], stop_before_dispatch=True)
         self.streaming.begin_stream("MISS")
-        self.streaming.framed([])
+        self.streaming.framed([])  # its head has left: encoding it is "everything else"
 
-    def handler(self, request_bytes):
-        """A handler that has read the request's line and headers from request_bytes, through its own
-        handle_one_request(), and stopped before dispatch()."""
+    def close(self):
+        self.server.server_close()
+        for fd in (self.always_readable, self.quiet, self.quiet_writer):
+            os.close(fd)
+
+    @staticmethod
+    def request_bytes(prompt, stream):
+        return http_request("POST", "/v1/messages", "127.0.0.1:8000",
+                            json.dumps(messages_request(prompt, stream=stream)).encode(), JSON_HEADERS)
+
+    def unique(self, stream):
+        return self.request_bytes(f"Say hello {next(self.numbers)}", stream)
+
+    def handler(self, request_bytes, stop_before_dispatch=False):
+        """A handler set up by its own setup() on a connection holding request_bytes; with
+        stop_before_dispatch, it has read the request's line and headers and stopped there."""
         handler = self.proxy.ProxyHandler.__new__(self.proxy.ProxyHandler)
-        handler.server = self.server
-        handler.config = self.config
-        handler.deadlines = self.server.read_deadlines
-        handler.request = handler.connection = None
+        handler.request = ClientConnection(request_bytes, self.quiet)
         handler.client_address = ("127.0.0.1", 1)
-        handler.rfile = io.BytesIO(request_bytes)
-        handler.wfile = io.BytesIO()
-        handler.close_connection = False
-        handler.dispatch = int  # stop where the request's head has been read and parsed
-        handler.handle_one_request()
-        del handler.dispatch
+        handler.server = self.server
+        handler.setup()
+        if stop_before_dispatch:
+            handler.dispatch = int
+            handler.handle_one_request()
+            del handler.dispatch
         return handler
 
-    # -- components ------------------------------------------------------------------------
-    def headers(self, stream):
-        self.handler(self.requests[stream])
-
+    # -- what is timed ------------------------------------------------------------------------
     def parse(self):
-        exchange = self.proxy.UpstreamExchange(ReplayedSocket(self.pieces, self.read_fd), "x")
+        exchange = self.proxy.UpstreamExchange(ReplayedSocket(self.pieces, self.always_readable), "x")
         batches = []
         while not exchange.finished:
             exchange.receive()
@@ -181,88 +229,59 @@ class Profile:
         for events in self.event_groups:
             self.streaming.framed(events)
 
-    def miss_outside_components(self, stream):
-        """A miss without the upstream components: request bytes to stored answer. Less the request
-        line and headers, that is "everything else"."""
-        handler = self.handler(self.requests[stream])
-        request = self.proxy.validate_messages_request(handler.read_json())
-        ollama_model = self.proxy.resolve_model(request["model"], self.config)
-        payload = self.proxy.anthropic_to_ollama(request, ollama_model, self.config)
-        cache, key, lookup, store = handler.cache_policy(request, payload)
-        cache.get(key)
-        input_tokens = self.proxy.estimate_tokens(payload)
-        translator = self.proxy.StreamTranslator(request["model"], input_tokens, tool_names=[])
-        self.proxy.json_bytes(payload)  # the body sent to Ollama
-        translator.feed({"message": {"role": "assistant", "content": " tok"}, "done": True})
-        message = translator.message
-        if stream:
-            handler.begin_stream("MISS")
-            handler.framed(translator.start())
-        else:
-            handler.send_json(200, message, {"x-cache": "MISS"})
-        cache.put(key, message)
-
-    def hit(self):
-        """A memory-tier hit: request bytes, lookup and replay."""
-        handler = self.handler(self.requests[False])
-        request = self.proxy.validate_messages_request(handler.read_json())
-        ollama_model = self.proxy.resolve_model(request["model"], self.config)
-        payload = self.proxy.anthropic_to_ollama(request, ollama_model, self.config)
-        cache, key, lookup, store = handler.cache_policy(request, payload)
-        handler.replay(cache.get(key), request["model"], False)
-
-    def prime_hit(self):
-        handler = self.handler(self.requests[False])
-        request = self.proxy.validate_messages_request(handler.read_json())
-        payload = self.proxy.anthropic_to_ollama(request, self.proxy.resolve_model(request["model"], self.config),
-                                                 self.config)
-        cache, key, _, _ = handler.cache_policy(request, payload)
-        translator = self.proxy.StreamTranslator(request["model"], 10)
-        for chunks in self.decoded:
-            for chunk in chunks:
-                translator.feed(chunk)
-        cache.put(key, translator.message)
-
     def table(self, loops, repeat):
-        """{scenario: {component: µs or None}}"""
-        self.prime_hit()
-        timed = {
-            ("headers", False): lambda: self.headers(False), ("headers", True): lambda: self.headers(True),
-            "parse": self.parse, "decode": self.decode, "feed": self.feed, "encode": self.encode,
-            ("else", False): lambda: self.miss_outside_components(False),
-            ("else", True): lambda: self.miss_outside_components(True),
-            "hit": self.hit,
-        }
-        figures = {name: measure(function, loops, repeat) for name, function in timed.items()}
-        for stream in (False, True):
-            figures[("else", stream)] -= figures[("headers", stream)]
-        figures["hit"] -= figures[("headers", False)]
+        """{scenario: {component: µs or None}}: the components measured alone, "everything else"
+        as a whole request's CPU less its components."""
+        def handlers(make_request, stop_before_dispatch=False):
+            return lambda: self.handler(make_request(), stop_before_dispatch)
+
+        def answer(handler):
+            handler.handle_one_request()
+            if not handler.request.sent:
+                raise RuntimeError("the profiled request got no answer")
+
+        self.handler(self.fixed[False]).handle_one_request()  # the memory hit's entry
+        headers = {stream: measure(lambda handler: handler.handle_one_request(), loops, repeat,
+                                   handlers(lambda: self.unique(stream), stop_before_dispatch=False),
+                                   patch_dispatch=True) for stream in (False, True)}
+        parse, decode, feed, encode = (measure(function, loops, repeat) for function in
+                                       (self.parse, self.decode, self.feed, self.encode))
+        totals = {"miss": measure(answer, loops, repeat, handlers(lambda: self.unique(False))),
+                  "stream": measure(answer, loops, repeat, handlers(lambda: self.unique(True))),
+                  "hit": measure(answer, loops, repeat, handlers(lambda: self.fixed[False]))}
         table = {}
-        for scenario, stream in (("miss (non-stream)", False), ("stream (100 tokens)", True)):
-            table[scenario] = {
-                "request line and headers": figures[("headers", stream)],
-                "upstream chunked parse and line split": figures["parse"],
-                "NDJSON decode": figures["decode"],
-                "StreamTranslator feeds": figures["feed"],
-                "SSE encode": figures["encode"] if stream else None,
-                "everything else": figures[("else", stream)],
-            }
+        for scenario, stream, total in (("miss (non-stream)", False, totals["miss"]),
+                                        ("stream (100 tokens)", True, totals["stream"])):
+            parts = {"request line and headers": headers[stream], "upstream chunked parse and line split": parse,
+                     "NDJSON decode": decode, "StreamTranslator feeds": feed, "SSE encode": encode if stream else None}
+            parts["everything else"] = total - sum(v for v in parts.values() if v is not None)
+            table[scenario] = parts
         table["memory hit"] = dict.fromkeys(COMPONENTS)
-        table["memory hit"].update({"request line and headers": figures[("headers", False)],
-                                    "everything else": figures["hit"]})
+        table["memory hit"].update({"request line and headers": headers[False],
+                                    "everything else": totals["hit"] - headers[False]})
         events = sum(len(group) for group in self.event_groups)
         return table, events
 
 
-def measure(function, loops, repeat):
-    """Median over `repeat` rounds of the mean thread CPU µs per call."""
-    function()  # warm
+def measure(function, loops, repeat, prepare=None, patch_dispatch=False):
+    """Median over `repeat` rounds of the mean thread CPU µs per call; with prepare, each call gets
+    its own object made beforehand, outside the time. patch_dispatch stops each handler after the
+    request's line and headers."""
     rounds = []
-    for _ in range(repeat):
+    for number in range(repeat + 1):  # the first round warms up
+        items = [prepare() for _ in range(loops)] if prepare else [None] * loops
+        if patch_dispatch:
+            for handler in items:
+                handler.dispatch = int
         began = time.thread_time()
-        for _ in range(loops):
-            function()
-        rounds.append((time.thread_time() - began) / loops * 1e6)
+        if prepare:
+            for item in items:
+                function(item)
+        else:
+            for _ in items:
+                function()
+        if number:
+            rounds.append((time.thread_time() - began) / loops * 1e6)
     return statistics.median(rounds)
 
 
@@ -298,6 +317,7 @@ def main(argv=None):
     parser.add_argument("--loops", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
+    logging.disable(logging.CRITICAL)  # the profiled server's complaints about its absent Ollama
     sources = [("current", args.proxy)]
     with tempfile.TemporaryDirectory(prefix="simple_api_proxy_profile_") as scratch:
         if args.against:
@@ -308,7 +328,10 @@ def main(argv=None):
         tables, events = [], []
         for number, (label, path) in enumerate(sources):
             profile = Profile(load_module(path, f"profiled_proxy_{number}"), args.per_token)
-            table, count = profile.table(args.loops, args.repeat)
+            try:
+                table, count = profile.table(args.loops, args.repeat)
+            finally:
+                profile.close()
             tables.append(table)
             events.append(count)
     arrival = "one read per token" if args.per_token else "the whole reply in one read"
