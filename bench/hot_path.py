@@ -5,19 +5,21 @@
     python3 bench/hot_path.py --against bcac229    # and 1.0.0 next to it, measured the same way
     python3 bench/hot_path.py --proxy /path/to/simple_api_proxy.py --repeat 9
 
-Each component runs through the proxy's own entry points, without sockets, on the bytes the
-benchmark's stand-in Ollama sends (bench/standin_ollama.py, 100 tokens):
+Everything runs in this process through the proxy's own entry points: a real ProxyServer object
+(its port bound, unused) whose Ollama client is replaced by one replaying the benchmark stand-in's
+100-token reply (bench/standin_ollama.py) through a real UpstreamExchange, and handlers set up by
+their own setup() on a connection object holding the request's bytes. No socket carries data, so
+system calls for the client and Ollama are not in the figures.
 
-- request line and headers: the handler's handle_one_request() on a request in a byte buffer,
-  with dispatch() (everything after the headers) left out;
+- request line and headers: handle_one_request() up to dispatch();
 - upstream chunked parse and line split: UpstreamExchange.receive() and pop_lines() on the reply
-  as it arrives, either in one read (the 0 ms stream) or one read per token (--per-token);
+  as it arrives, in one read (the 0 ms stream) or one read per token (--per-token);
 - NDJSON decode: decode_ndjson() on the lines of each read;
 - StreamTranslator feeds: feed() per decoded line;
 - SSE encode: the handler's framed() on the events, EVENTS_PER_WRITE at a time, as stream_reply sends them;
-- everything else: reading the request's JSON, validation, the Ollama payload, the cache key, token
-  estimate, ids, the translator's set-up, the response head and the store (miss), or the lookup and
-  the replay (hit).
+- everything else: a whole request (handle_one_request() of a unique request: a miss; of a cached
+  one: a memory hit) less the components above, that is validation, the Ollama payload, the cache
+  key and store, ids, the translator's set-up, the response head and sending.
 
 Each figure is the median over --repeat rounds of the mean over --loops calls (µs per request).
 """
