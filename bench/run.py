@@ -122,6 +122,10 @@ class Process:
 BASELINE_REVISION = "bcac229"  # simple_api_proxy 1.0.0, the release issue 14's targets are measured against
 
 
+class BaselineUnavailable(RuntimeError):
+    pass
+
+
 def materialize_baseline(revision, directory):
     """simple_api_proxy.py as it was at a git revision, written into directory; its path.
     Needs a clone with that revision in its history."""
@@ -130,7 +134,7 @@ def materialize_baseline(revision, directory):
                                 check=True, capture_output=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", b"") or str(exc).encode()
-        raise RuntimeError(f"cannot read simple_api_proxy.py at revision {revision} with git (a clone with "
+        raise BaselineUnavailable(f"cannot read simple_api_proxy.py at revision {revision} with git (a clone with "
                            f"history is needed; --no-baseline skips it): {detail.decode(errors='replace').strip()}")
     path = Path(directory) / f"simple_api_proxy_{revision}.py"
     path.write_bytes(source)
@@ -210,6 +214,27 @@ def start_redis(log_dir):
         except OSError:
             time.sleep(0.01)
     raise RuntimeError("the private redis-server did not answer PING")
+
+
+def start_do_nothing_server(proxy_port, log_dir, started):
+    """bench/do_nothing_server.py answering with the bytes of the memory proxy's cache hit."""
+    connection = http.client.HTTPConnection(HOST, proxy_port, timeout=5)
+    try:
+        connection.request("POST", "/v1/messages", json.dumps(messages_request("Say hello", stream=False)),
+                           dict(payloads.JSON_HEADERS))
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    answer, headers = Path(log_dir) / "do_nothing_answer.json", Path(log_dir) / "do_nothing_headers.json"
+    answer.write_bytes(body)
+    headers.write_text(json.dumps({"Content-Type": "application/json", "x-cache": "HIT"}))
+    port = free_port()
+    process = started(Process("do-nothing", [sys.executable, str(BENCH / "do_nothing_server.py"), "--port",
+                                             str(port), "--answer", str(answer), "--headers", str(headers)],
+                              log_dir))
+    wait_until_ready(process, port, "/")
+    return process, port
 
 
 # --- meters: bracket the measured part of a run --------------------------------------
@@ -293,7 +318,7 @@ class Side:
 @dataclasses.dataclass(frozen=True)
 class Target:
     text: str
-    met: Callable[[dict, dict], bool]  # (floor figures, proxy figures) -> met?
+    met: Callable[[dict, dict, dict | None], bool]  # (floor, proxy, baseline figures) -> met?
 
 
 @dataclasses.dataclass
@@ -307,25 +332,45 @@ class Scenario:
     lines: list  # (metric, Target or None): one table line each
     warmup: int = 3
     watch_rss: bool = False
+    baseline: Side | None = None  # the same requests to the baseline release's proxy
+    do_nothing: Side | None = None  # the same requests to a ThreadingHTTPServer that does nothing
 
 
 def added(metric, limit_ms):
     return Target(f"adds ≤ {limit_ms:g} ms",
-                  lambda floor, proxy: proxy[metric]["median"] - floor[metric]["median"] <= limit_ms)
+                  lambda floor, proxy, baseline: proxy[metric]["median"] - floor[metric]["median"] <= limit_ms)
 
 
 def rps_share(share):
-    return Target(f"≥ {share:.0%} of floor rps", lambda floor, proxy: proxy["rps"] >= share * floor["rps"])
+    return Target(f"≥ {share:.0%} of floor rps", lambda floor, proxy, baseline: proxy["rps"] >= share * floor["rps"])
 
 
 def cpu_per_request(limit_ms):
-    return Target(f"≤ {limit_ms:g} ms CPU/stream", lambda floor, proxy: proxy["cpu_ms_per_request"] <= limit_ms)
+    return Target(f"≤ {limit_ms:g} ms CPU/stream",
+                  lambda floor, proxy, baseline: proxy["cpu_ms_per_request"] <= limit_ms)
 
 
 def no_errors_and_p99_within(share):
     return Target(f"0 errors, p99 ≤ floor +{share:.0%}",
-                  lambda floor, proxy: proxy["errors"] == 0
+                  lambda floor, proxy, baseline: proxy["errors"] == 0
                   and proxy["total_ms"]["p99"] <= (1 + share) * floor["total_ms"]["p99"])
+
+
+def rps_over_baseline(factor):
+    return Target(f"≥ {factor:g}× baseline rps",
+                  lambda floor, proxy, baseline: proxy["rps"] >= factor * baseline["rps"])
+
+
+def cpu_under_baseline(share):
+    return Target(f"CPU/req ≥ {share:.0%} under baseline",
+                  lambda floor, proxy, baseline: proxy["cpu_ms_per_request"]
+                  <= (1 - share) * baseline["cpu_ms_per_request"])
+
+
+def added_under_baseline(metric, share):
+    return Target(f"added ≥ {share:.0%} under baseline's",
+                  lambda floor, proxy, baseline: proxy[metric]["median"] - floor[metric]["median"]
+                  <= (1 - share) * (baseline[metric]["median"] - floor[metric]["median"]))
 
 
 def build_scenarios(standin, standin_port, proxies, redis_reason):
@@ -359,28 +404,45 @@ def build_scenarios(standin, standin_port, proxies, redis_reason):
     unique_stream_floor = floor_side(ollama_chat_request(f"Say hello {NUMBER}", stream=True), stream, unique=True)
     unique_stream_hello = messages_request(f"Say hello {NUMBER}", stream=True)
 
+    def baseline_side(body, expect, **options):
+        """The same requests to the baseline release's proxy, when this run has one."""
+        return proxy_side("baseline", body, expect, **options) if "baseline" in proxies else None
+
+    def with_baseline(lines, *baseline_lines):
+        return lines + list(baseline_lines) if "baseline" in proxies else lines
+
     rows = []
-    for connections, target in ((1, added("total_ms", 0.15)), (16, rps_share(0.5))):
+    for connections, target, over_baseline in ((1, added("total_ms", 0.15), None),
+                                               (16, rps_share(0.5), rps_over_baseline(1.3))):
+        do_nothing = proxy_side("do_nothing", hello, hit) if "do_nothing" in proxies else None
         rows.append(Scenario(f"hit_memory_{connections}", "cache hit, memory tier", connections, plain,
                              small_floor, proxy_side("memory", hello, hit, hits_tier="memory"),
-                             [("total_ms", target)]))
+                             with_baseline([("total_ms", target)], *[("total_ms", over_baseline)] * bool(over_baseline)),
+                             baseline=baseline_side(hello, hit), do_nothing=do_nothing))
     if redis_reason is None:
         for connections, target in ((1, added("total_ms", 0.3)), (16, rps_share(0.5))):
             rows.append(Scenario(f"hit_redis_{connections}", "cache hit, Redis tier", connections, plain,
                                  small_floor, proxy_side("redis", hello, hit, hits_tier="redis"),
                                  [("total_ms", target)]))
-    for connections, target in ((1, added("total_ms", 1.0)), (16, rps_share(0.2))):
+    for connections, target, over_baseline in ((1, added("total_ms", 1.0), None),
+                                               (16, rps_share(0.2), rps_over_baseline(1.4))):
         rows.append(Scenario(f"miss_{connections}", "cache miss, 100 tokens", connections, plain, unique_floor,
-                             proxy_side("memory", unique_hello, miss, unique=True), [("total_ms", target)]))
+                             proxy_side("memory", unique_hello, miss, unique=True),
+                             with_baseline([("total_ms", target)], *[("total_ms", over_baseline)] * bool(over_baseline)),
+                             baseline=baseline_side(unique_hello, miss, unique=True)))
     stream_lines = [("first_byte_ms", None), ("first_text_ms", added("first_text_ms", 1.0)),
                     ("total_ms", cpu_per_request(10.0))]
     rows.append(Scenario("stream_0ms", "stream, 100 tokens at 0 ms", 1, plain, unique_stream_floor,
-                         proxy_side("memory", unique_stream_hello, stream_miss, unique=True), stream_lines))
+                         proxy_side("memory", unique_stream_hello, stream_miss, unique=True),
+                         with_baseline(stream_lines, ("first_text_ms", added_under_baseline("first_text_ms", 0.25)),
+                                       ("total_ms", cpu_under_baseline(0.35))),
+                         baseline=baseline_side(unique_stream_hello, stream_miss, unique=True)))
     rows.append(Scenario("stream_5ms", "stream, 100 tokens at 5 ms", 1, stamped,
                          floor_side(ollama_chat_request(f"Say hello {NUMBER}", stream=True), stream_stamped,
                                     unique=True),
                          proxy_side("memory", unique_stream_hello, stream_miss_stamped, unique=True),
-                         stream_lines + [("chunk_delay_ms", added("chunk_delay_ms", 1.0))], warmup=1))
+                         stream_lines + [("chunk_delay_ms", added("chunk_delay_ms", 1.0))], warmup=1,
+                         baseline=baseline_side(unique_stream_hello, stream_miss_stamped, unique=True)))
     claude_code = claude_code_request()
     rows.append(Scenario("claude_code_47kb", "Claude Code request, 47 KB, streamed", 1, plain,
                          floor_side(claude_code, stream, unique=True, headers=payloads.CLAUDE_CODE_HEADERS),
@@ -418,7 +480,7 @@ def run_side(side, scenario, seconds, standin):
 def measure(scenario, seconds, rounds, standin, standin_port):
     """Both sides of a scenario, alternating for `rounds` rounds; the figures of each side."""
     http_post_json(standin_port, "/bench/config", scenario.reply)
-    runs = {"floor": [], "proxy": []}
+    runs = {name: [] for name in ("floor", "proxy", "baseline", "do_nothing") if getattr(scenario, name)}
     for _ in range(rounds):
         for name, side_runs in runs.items():
             side_runs.append(run_side(getattr(scenario, name), scenario, seconds / rounds, standin))
@@ -506,6 +568,7 @@ METRIC_NAMES = {"total_ms": "total", "first_byte_ms": "first byte", "first_text_
                 "chunk_delay_ms": "chunk delay"}
 COLUMNS = ("scenario", "conns", "metric", "floor median ms", "proxy median ms", "added ms", "floor p99 ms",
            "proxy p99 ms", "floor rps", "proxy rps", "proxy/floor rps", "floor CPU ms/req", "proxy CPU ms/req",
+           "baseline median ms", "baseline added ms", "baseline rps", "baseline CPU ms/req", "do-nothing rps",
            "errors floor/proxy", "target", "met?")
 
 
@@ -518,10 +581,12 @@ def met_cell(met):
 
 
 def latency_line(scenario, figures, metric, target):
-    floor, proxy = figures["floor"], figures["proxy"]
+    floor, proxy, baseline = figures["floor"], figures["proxy"], figures.get("baseline")
     floor_median, proxy_median = floor[metric]["median"], proxy[metric]["median"]
     have_both = floor_median is not None and proxy_median is not None
-    met = target.met(floor, proxy) if target and have_both else (False if target else None)
+    met = target.met(floor, proxy, baseline) if target and have_both else (False if target else None)
+    baseline_median = baseline[metric]["median"] if baseline else None
+    do_nothing = figures.get("do_nothing")
     return {
         "scenario": scenario.title, "conns": str(scenario.connections), "metric": METRIC_NAMES[metric],
         "floor median ms": ms(floor_median), "proxy median ms": ms(proxy_median),
@@ -530,7 +595,13 @@ def latency_line(scenario, figures, metric, target):
         "floor rps": f"{floor['rps']:.0f}", "proxy rps": f"{proxy['rps']:.0f}",
         "proxy/floor rps": f"{proxy['rps'] / floor['rps']:.2f}" if floor["rps"] else "—",
         "floor CPU ms/req": ms(floor["cpu_ms_per_request"]), "proxy CPU ms/req": ms(proxy["cpu_ms_per_request"]),
-        "errors floor/proxy": f"{floor['errors']}/{proxy['errors']}",
+        "baseline median ms": ms(baseline_median),
+        "baseline added ms": ms(baseline_median - floor_median) if baseline_median is not None and have_both else "—",
+        "baseline rps": f"{baseline['rps']:.0f}" if baseline else "—",
+        "baseline CPU ms/req": ms(baseline["cpu_ms_per_request"]) if baseline else "—",
+        "do-nothing rps": f"{do_nothing['rps']:.0f}" if do_nothing else "—",
+        "errors floor/proxy": f"{floor['errors']}/{proxy['errors']}"
+                              + (f" (baseline {baseline['errors']})" if baseline and baseline["errors"] else ""),
         "target": target.text if target else "", "met?": met_cell(met),
     }
 
@@ -572,13 +643,18 @@ def run(args, log_dir):
             redis, redis_port = start_redis(log_dir)
             started(redis)
             proxy_settings["redis"] = {"REDIS_URL": f"redis://{HOST}:{redis_port}/0", "CACHE_MAX_ENTRIES": "0"}
+        scripts = {name: PROXY_SCRIPT for name in proxy_settings}
+        if args.baseline:
+            proxy_settings["baseline"] = {}
+            scripts["baseline"] = materialize_baseline(args.baseline, log_dir)
         proxies = {}
         for name, settings in proxy_settings.items():
             port = free_port()
-            proxies[name] = (started(Process(f"proxy-{name}", [sys.executable, str(PROXY_SCRIPT)], log_dir,
+            proxies[name] = (started(Process(f"proxy-{name}", [sys.executable, str(scripts[name])], log_dir,
                                              env=proxy_env(port, standin_port, **settings))), port)
         for process, port in proxies.values():
             wait_until_ready(process, port, "/health")
+        proxies["do_nothing"] = start_do_nothing_server(proxies["memory"][1], log_dir, started)
         if redis_reason is None:
             redis_state = json.loads(http_get(proxies["redis"][1], "/health")[1])["cache"]["redis"]["state"]
             if redis_state != "up":
@@ -587,6 +663,8 @@ def run(args, log_dir):
 
         results, lines, failures, notes = {}, [], [], []
         for scenario in build_scenarios(standin, standin_port, proxies, redis_reason):
+            if args.only and not any(scenario.key.startswith(prefix) for prefix in args.only.split(",")):
+                continue
             print(f"… {scenario.title}, {scenario.connections} conn(s)", file=sys.stderr, flush=True)
             try:
                 figures = measure(scenario, seconds, rounds, standin, standin_port)
@@ -594,7 +672,7 @@ def run(args, log_dir):
                 failures.append(f"{scenario.key}: {type(exc).__name__}: {exc}")
                 continue
             results[scenario.key] = figures
-            for side in ("floor", "proxy"):
+            for side in figures:
                 if figures[side]["errors"]:
                     failures.append(f"{scenario.key} {side}: {figures[side]['error_kinds']}")
                 if figures[side]["requests"] == 0:
@@ -629,6 +707,13 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, help="measured seconds per side of each row (default 4, smoke 0.25)")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     parser.add_argument("--keep-logs", action="store_true", help="keep the subprocesses' logs and print where")
+    parser.add_argument("--baseline", default=BASELINE_REVISION, metavar="REV",
+                        help=f"also measure simple_api_proxy.py of this git revision (default {BASELINE_REVISION}, "
+                             "1.0.0) on the rows issue 14's targets compare")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_const", const=None,
+                        help="skip the baseline release")
+    parser.add_argument("--only", metavar="KEYS", help="comma list of scenario key prefixes to run (hit_memory, "
+                                                       "miss, stream_0ms, ...); the footprint rows always run")
     args = parser.parse_args(argv)
     if args.seconds is None:
         args.seconds = 0.25 if args.smoke else 4.0
@@ -639,6 +724,9 @@ def main(argv=None):
     log_dir = tempfile.mkdtemp(prefix="simple_api_proxy_bench_")
     try:
         lines, results, footprint, failures, notes = run(args, log_dir)
+    except BaselineUnavailable as exc:
+        print(f"bench/run.py: {exc}", file=sys.stderr)
+        return 2
     finally:
         if args.keep_logs:
             print(f"logs: {log_dir}", file=sys.stderr)
@@ -651,6 +739,10 @@ def main(argv=None):
           f"Python {platform.python_version()}, {os.cpu_count()} cores, load average before the run "
           f"{load_before:.2f}, proxy LOG_LEVEL=WARNING\n")
     print(markdown(lines))
+    if args.baseline:
+        print(f"\nbaseline: simple_api_proxy.py at revision {args.baseline}, run the same way as the proxy "
+              "(memory cache) in the same rounds. do-nothing: a ThreadingHTTPServer answering every request with "
+              "the bytes of a cache hit (bench/do_nothing_server.py), what http.server alone costs.")
     print("\nfloor: the same client straight to the stand-in Ollama with the same reply settings; for cache hits "
           "its cheapest answer, a small non-streamed reply. CPU ms/req: the serving process's CPU (the stand-in "
           "for the floor, the proxy alone for the proxy). Footprint floors: `python3 -m http.server` for start-up "
