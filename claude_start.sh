@@ -8,6 +8,10 @@
 #                     through it, and close that tunnel (and only it) on exit.
 #   --local           the proxy runs on this machine: use the one that answers, or
 #                     start simple_api_proxy.py and stop it again on exit.
+#   --deploy          (with remote) first set the box up: copy simple_api_proxy.py to
+#                     ~/.simple_api_proxy/, start or install Ollama, pull the models,
+#                     start the proxy detached; a repeat leaves a running proxy alone.
+#   --stop [--all]    stop the box's proxy (--all: also the ollama serve it started).
 #   --check           report each hop as ok/failed and exit.
 # Settings: flag > environment > config file (KEY=VALUE lines) > default.
 # Run `claude_start.sh --help` for every flag and variable.
@@ -31,37 +35,57 @@ readonly DEFAULT_HEALTH_WAIT=30
 # checks it when PROXY_API_KEY is set on its side.
 readonly DUMMY_AUTH_TOKEN=simple-api-proxy
 readonly PORT_TRIES=20
-readonly SSH_ALIVE_INTERVAL=30
+readonly SSH_ALIVE_INTERVAL=15
 readonly SSH_CONNECT_TIMEOUT=10
+readonly DEFAULT_OLLAMA_INSTALL='curl -fsSL https://ollama.com/install.sh | sh'
+readonly DEFAULT_INSTALL_TIMEOUT=900
+readonly DEFAULT_OLLAMA_WAIT=60
+readonly DEFAULT_PULL_TIMEOUT=3600
+# Seconds for box calls that only look or stop (the deploy call gets the sum of its steps').
+readonly BOX_CALL_TIMEOUT=60
+readonly TUNNEL_TRIES=5
+# The proxy's own settings: taken from the environment or the config file and written, by
+# --deploy, to a mode-0600 env file on the box (a command line would show them in ps).
+readonly PROXY_SETTINGS="OLLAMA_HOST OLLAMA_MODEL MODEL_MAP OLLAMA_TIMEOUT OLLAMA_FIRST_TOKEN_TIMEOUT \
+OLLAMA_NUM_CTX OLLAMA_KEEP_ALIVE PING_INTERVAL CACHE CACHE_TTL CACHE_MAX_ENTRIES CACHE_MAX_BYTES \
+REDIS_URL REDIS_HOST REDIS_PORT REDIS_PASSWORD REDIS_SSL REDIS_DB REDIS_TIMEOUT TOOL_CALL_RECOVERY \
+PROXY_API_KEY MAX_BODY_BYTES MAX_CONCURRENT MAX_CONNECTIONS CLIENT_TIMEOUT SHUTDOWN_GRACE LOG_LEVEL \
+LOG_BODIES"
 readonly CONFIG_KEYS=" CLAUDE_START_SSH CLAUDE_START_SSH_PORT CLAUDE_START_REMOTE_PORT \
 CLAUDE_START_LOCAL_PORT CLAUDE_START_MODEL CLAUDE_START_CONTEXT_TOKENS \
-CLAUDE_START_MAX_OUTPUT_TOKENS API_TIMEOUT_MS PROXY_API_KEY CLAUDE_START_PROXY_SCRIPT \
-CLAUDE_START_HEALTH_WAIT "
+CLAUDE_START_MAX_OUTPUT_TOKENS API_TIMEOUT_MS CLAUDE_START_PROXY_SCRIPT \
+CLAUDE_START_HEALTH_WAIT CLAUDE_START_OLLAMA_INSTALL CLAUDE_START_INSTALL_TIMEOUT \
+CLAUDE_START_OLLAMA_WAIT CLAUDE_START_PULL_TIMEOUT $PROXY_SETTINGS "
 
-# Health probe used both here and, as a fallback for curl, on the GPU box.
-# It prints the HTTP status, or 000 when nothing answers. No single quotes in
-# it: it travels inside a single-quoted word of the remote command.
+# Health probe for a laptop without curl: prints the body of /health, then the
+# HTTP status on a line of its own (000 when nothing answers).
 # The empty ProxyHandler ignores http_proxy: these URLs are always loopback.
 readonly PY_HEALTH='import sys, urllib.request, urllib.error
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 try:
-    print(opener.open(sys.argv[1], timeout=float(sys.argv[2])).getcode())
+    r = opener.open(sys.argv[1], timeout=float(sys.argv[2]))
+    print(r.read().decode("utf-8", "replace")); print(r.getcode())
 except urllib.error.HTTPError as e:
-    print(e.code)
+    print(e.read().decode("utf-8", "replace")); print(e.code)
 except Exception:
-    print("000")'
+    print(); print("000")'
 
 # Filled by parse_args / resolve_settings.
 MODE=remote
-CHECK=0
+CHECK=0 DEPLOY=0 STOP=0 STOP_ALL=0
+LAUNCH_ARGS=()
 OPT_SSH='' OPT_SSH_PORT='' OPT_REMOTE_PORT='' OPT_LOCAL_PORT='' OPT_MODEL='' OPT_CONFIG=''
 CLAUDE_ARGS=()
 SSH_HOST='' SSH_PORT='' REMOTE_PORT='' LOCAL_PORT='' MODEL='' CONTEXT_TOKENS=''
 MAX_OUTPUT_TOKENS='' TIMEOUT_MS='' PROXY_SCRIPT='' HEALTH_WAIT='' CONFIG_FILE=''
+OLLAMA_INSTALL='' INSTALL_TIMEOUT='' OLLAMA_WAIT='' PULL_TIMEOUT=''
 # What this run started, so that the exit trap stops exactly that and nothing else.
-TUNNEL_PID='' PROXY_PID=''
+TUNNEL_PID='' PROXY_PID='' KEEPER_PID='' CLAUDE_PID='' RUN_DIR='' CONTROL=''
 # Set by the step functions for their callers.
-PORT='' HEALTH_CODE='' FAIL_REASON='' NOTE='' OLLAMA_WARNED=0
+PORT='' HEALTH_CODE='' HEALTH_INSTANCE='' FAIL_REASON='' NOTE='' OLLAMA_WARNED=0
+# What the box said in its last call (see box_call).
+BOX_STATUS=0 BOX_FAIL='' BOX_NEED='' BOX_READY='' BOX_HEALTH='' BOX_INSTANCE=''
+BOX_HOPS=()
 
 say() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 die() {
@@ -87,14 +111,24 @@ usage() {
     cat <<EOF
 Usage: claude_start.sh [--ssh USER@HOST] [--ssh-port P] [--remote-port 8000]
                        [--local-port 8001] [--model NAME] [--config FILE]
-                       [--local] [--check] [-- CLAUDE_ARGS...]
+                       [--deploy | --stop [--all] | --local | --check]
+                       [-- CLAUDE_ARGS...]
 
 Start Claude Code against simple_api_proxy.py (Anthropic Messages API -> Ollama).
 
 Modes:
   (default)           remote: check the proxy on the GPU box over ssh, open
                       ssh -N -L LOCAL:127.0.0.1:REMOTE, wait for /health through
-                      it, run claude, close that tunnel on exit
+                      it (the same proxy instance as on the box), run claude,
+                      reopen the tunnel if it drops, close it on exit
+  --deploy            remote, after setting the box up over one ssh connection:
+                      copy simple_api_proxy.py to ~/.simple_api_proxy/ (if it
+                      changed), start Ollama (install it if missing), pull the
+                      models it lacks, start the proxy detached with the proxy
+                      settings below in a mode-0600 env file, wait for /health.
+                      Same file and settings: the running proxy is left alone.
+  --stop              stop the proxy on the box (--stop --all: also the
+                      ollama serve that --deploy started)
   --local             no ssh: use the proxy on 127.0.0.1:LOCAL, or start
                       simple_api_proxy.py in the background (stopped on exit)
   --check             print each hop (ssh reachable, remote proxy health, tunnel,
@@ -121,6 +155,15 @@ Variables (environment or config file):
   PROXY_API_KEY                   sent as ANTHROPIC_AUTH_TOKEN (default: a dummy token)
   CLAUDE_START_PROXY_SCRIPT       simple_api_proxy.py for --local (default: next to this script)
   CLAUDE_START_HEALTH_WAIT        seconds to wait for /health ($DEFAULT_HEALTH_WAIT)
+  CLAUDE_START_OLLAMA_INSTALL     command --deploy runs on a box without Ollama
+                                  ($DEFAULT_OLLAMA_INSTALL)
+  CLAUDE_START_INSTALL_TIMEOUT    seconds for that install ($DEFAULT_INSTALL_TIMEOUT)
+  CLAUDE_START_OLLAMA_WAIT        seconds for a started Ollama to answer ($DEFAULT_OLLAMA_WAIT)
+  CLAUDE_START_PULL_TIMEOUT       seconds for pulling one model ($DEFAULT_PULL_TIMEOUT)
+
+Proxy settings that --deploy writes to ~/.simple_api_proxy/proxy.env on the box
+(see python3 simple_api_proxy.py --help; OLLAMA_MODEL defaults to --model):
+  $PROXY_SETTINGS
 
 The config file holds KEY=VALUE lines with the variable names above
 (blank lines, # comments and a leading "export " are allowed).
@@ -135,7 +178,9 @@ Its exit status is returned.
 
 Examples:
   claude_start.sh --ssh me@gpu-box
+  claude_start.sh --ssh root@ssh4.vast.ai --ssh-port 31234 --deploy
   claude_start.sh --ssh me@gpu-box --ssh-port 2222 -- --continue
+  claude_start.sh --ssh me@gpu-box --stop --all
   claude_start.sh --local --model qwen2.5-coder:14b
   claude_start.sh --check --ssh me@gpu-box
 EOF
@@ -155,6 +200,9 @@ parse_args() {
                 exit 0 ;;
             --local) MODE=local ;;
             --check) CHECK=1 ;;
+            --deploy) DEPLOY=1 ;;
+            --stop) STOP=1 ;;
+            --all) STOP_ALL=1 ;;
             --ssh | --ssh-port | --remote-port | --local-port | --model | --config | \
                 --ssh=* | --ssh-port=* | --remote-port=* | --local-port=* | --model=* | --config=*)
                 if [[ $flag == *=* ]]; then
@@ -163,6 +211,7 @@ parse_args() {
                 else
                     (($# >= 2)) || usage_error "$flag needs a value"
                     value=$2
+                    LAUNCH_ARGS+=("$flag")
                     shift
                 fi
                 [[ -n $value ]] || usage_error "$flag needs a non-empty value"
@@ -176,8 +225,17 @@ parse_args() {
                 esac ;;
             *) usage_error "unknown option '$flag' (arguments for claude go after --)" ;;
         esac
+        [[ $flag == --deploy ]] || LAUNCH_ARGS+=("$1")
         shift
     done
+}
+
+# Flags that cannot go together are refused before anything runs.
+check_modes() {
+    local modes=$((DEPLOY + STOP + CHECK))
+    [[ $MODE == local ]] && modes=$((modes + 1 - CHECK))
+    ((modes <= 1)) || usage_error "--deploy, --stop, --check and --local go one at a time (--check --local is the one pair)"
+    ((STOP_ALL == 0 || STOP == 1)) || usage_error "--all goes with --stop"
 }
 
 trim() {
@@ -264,6 +322,10 @@ resolve_settings() {
     TIMEOUT_MS=${API_TIMEOUT_MS:-$DEFAULT_API_TIMEOUT_MS}
     HEALTH_WAIT=${CLAUDE_START_HEALTH_WAIT:-$DEFAULT_HEALTH_WAIT}
     PROXY_SCRIPT=${CLAUDE_START_PROXY_SCRIPT:-}
+    OLLAMA_INSTALL=${CLAUDE_START_OLLAMA_INSTALL:-$DEFAULT_OLLAMA_INSTALL}
+    INSTALL_TIMEOUT=${CLAUDE_START_INSTALL_TIMEOUT:-$DEFAULT_INSTALL_TIMEOUT}
+    OLLAMA_WAIT=${CLAUDE_START_OLLAMA_WAIT:-$DEFAULT_OLLAMA_WAIT}
+    PULL_TIMEOUT=${CLAUDE_START_PULL_TIMEOUT:-$DEFAULT_PULL_TIMEOUT}
     if [[ -z $PROXY_SCRIPT ]]; then
         PROXY_SCRIPT=$(script_dir)/simple_api_proxy.py
     fi
@@ -275,6 +337,9 @@ resolve_settings() {
     require_uint CLAUDE_START_MAX_OUTPUT_TOKENS "$MAX_OUTPUT_TOKENS" 1
     require_uint API_TIMEOUT_MS "$TIMEOUT_MS" 1
     require_uint CLAUDE_START_HEALTH_WAIT "$HEALTH_WAIT" 1
+    require_uint CLAUDE_START_INSTALL_TIMEOUT "$INSTALL_TIMEOUT" 1
+    require_uint CLAUDE_START_OLLAMA_WAIT "$OLLAMA_WAIT" 1
+    require_uint CLAUDE_START_PULL_TIMEOUT "$PULL_TIMEOUT" 1
     if [[ $SSH_HOST == -* ]]; then
         usage_error "ssh destination '$SSH_HOST' must not start with '-'"
     fi
@@ -287,16 +352,23 @@ no_host_message() {
 
 # ---------------------------------------------------------------- probes
 
-# probe_health URL MAX_SECONDS: prints the HTTP status of URL, 000 if nothing answers.
-probe_health() {
-    local url=$1 max=$2
+# fetch_health URL MAX_SECONDS: sets HEALTH_CODE (000 if nothing answers) and
+# HEALTH_INSTANCE (the proxy's instance_id, empty if it gave none).
+fetch_health() {
+    local url=$1 max=$2 out body
     if have curl; then
         # --noproxy: an http_proxy setting must not catch loopback URLs.
-        curl -s -o /dev/null -w '%{http_code}' --noproxy '*' --max-time "$max" "$url" \
-            2>/dev/null || true
+        out=$(curl -s -w '\n%{http_code}' --noproxy '*' --max-time "$max" "$url" 2>/dev/null) || true
     else
         # main() made sure that python3 is there when curl is not.
-        python3 -c "$PY_HEALTH" "$url" "$max" 2>/dev/null || echo 000
+        out=$(python3 -c "$PY_HEALTH" "$url" "$max" 2>/dev/null) || out=$'\n000'
+    fi
+    HEALTH_CODE=${out##*$'\n'}
+    [[ $HEALTH_CODE =~ ^[0-9]{3}$ ]] || HEALTH_CODE=000
+    body=${out%$'\n'*}
+    HEALTH_INSTANCE=''
+    if [[ $body =~ \"instance_id\":\ *\"([0-9A-Za-z]+)\" ]]; then
+        HEALTH_INSTANCE=${BASH_REMATCH[1]}
     fi
 }
 
@@ -319,16 +391,20 @@ warn_status() {
     esac
 }
 
-# wait_for_health URL SECONDS [PID]: polls until the proxy is up (HEALTH_CODE set,
-# status 0), SECONDS pass (status 1) or PID exits (status 2).
+# wait_for_health URL SECONDS [PID [INSTANCE]]: polls until the proxy is up
+# (HEALTH_CODE set, status 0), SECONDS pass (status 1), PID exits (status 2), or
+# a proxy answers whose instance_id is not INSTANCE (status 3: someone else's).
 wait_for_health() {
-    local url=$1 wait_s=$2 pid=${3:-} start=$SECONDS
+    local url=$1 wait_s=$2 pid=${3:-} instance=${4:-} start=$SECONDS
     while :; do
         if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
             return 2
         fi
-        HEALTH_CODE=$(probe_health "$url" 2)
-        is_up_status "$HEALTH_CODE" && return 0
+        fetch_health "$url" 2
+        if is_up_status "$HEALTH_CODE"; then
+            [[ -z $instance || $HEALTH_INSTANCE == "$instance" ]] || return 3
+            return 0
+        fi
         # ">": SECONDS ticks in whole seconds, so wait at least wait_s.
         ((SECONDS - start > wait_s)) && return 1
         sleep 0.2
@@ -377,11 +453,13 @@ PY
     return 1
 }
 
-# Sets PORT to a free local port, telling the user when it is not the asked one.
+# pick_local_port [FROM]: sets PORT to a free local port from FROM (default: the
+# asked one) upward, telling the user when it is not the asked one.
 pick_local_port() {
-    PORT=$(find_free_port "$LOCAL_PORT") || PORT=''
+    local from=${1:-$LOCAL_PORT}
+    PORT=$(find_free_port "$from") || PORT=''
     if [[ -z $PORT ]]; then
-        FAIL_REASON="no free local port in $LOCAL_PORT-$((LOCAL_PORT + PORT_TRIES - 1)): free one or pass --local-port"
+        FAIL_REASON="no free local port in $from-$((from + PORT_TRIES - 1)): free one or pass --local-port"
         return 1
     fi
     if [[ $PORT != "$LOCAL_PORT" ]]; then
@@ -389,10 +467,12 @@ pick_local_port() {
     fi
 }
 
-# ---------------------------------------------------------------- remote side
+# ---------------------------------------------------------------- ssh connection
 
 ssh_common_opts() {
-    SSH_OPTS=(-o StrictHostKeyChecking=accept-new -o "ConnectTimeout=$SSH_CONNECT_TIMEOUT")
+    # ServerAlive*: notice a dead link within ~45 s instead of hanging.
+    SSH_OPTS=(-o StrictHostKeyChecking=accept-new -o "ConnectTimeout=$SSH_CONNECT_TIMEOUT"
+        -o "ServerAliveInterval=$SSH_ALIVE_INTERVAL" -o ServerAliveCountMax=3)
     if [[ -n $SSH_PORT ]]; then
         SSH_OPTS+=(-p "$SSH_PORT")
     fi
@@ -400,79 +480,937 @@ ssh_common_opts() {
 
 ssh_target() { printf '%s' "$SSH_HOST${SSH_PORT:+ (port $SSH_PORT)}"; }
 
-# The command run on the GPU box (any POSIX sh): print the /health status,
-# 000 when nothing answers. curl is tried first; a fresh box may only have python3,
-# which the proxy needs anyway.
-remote_health_command() {
-    local url="http://127.0.0.1:$REMOTE_PORT/health"
-    printf '%s' "if command -v curl >/dev/null 2>&1; then" \
-        " curl -s -o /dev/null -w '%{http_code}' --noproxy '*' --max-time 5 $url || true;" \
-        " else python3 -c '$PY_HEALTH' $url 5; fi"
+# A private folder for this run: the ssh control socket, logs of box calls. Kept
+# short (a control socket path must fit in ~100 bytes), so /tmp when TMPDIR is long.
+make_run_dir() {
+    local base=${TMPDIR:-/tmp}
+    ((${#base} <= 60)) || base=/tmp
+    RUN_DIR=$(mktemp -d "${base%/}/claude_start.XXXXXX") || die "cannot create a folder in $base: check TMPDIR"
+    CONTROL=$RUN_DIR/ssh
 }
 
-# Runs the health command over ssh. Sets HEALTH_CODE and FAIL_REASON;
-# status 0 = proxy up, 1 = ssh failed, 2 = proxy down or not the proxy.
-check_remote() {
-    local out rc=0 last
-    ssh_common_opts
-    # stderr is merged so that ssh's own complaint can be quoted in one line;
-    # the status code is always the last line of a successful run.
-    out=$(ssh "${SSH_OPTS[@]}" -- "$SSH_HOST" "$(remote_health_command)" 2>&1 </dev/null) || rc=$?
-    last=$(last_line "$out")
-    if ((rc == 255)); then
+# with_timeout SECONDS COMMAND...: runs COMMAND; status 124 if SECONDS pass first
+# (it is then stopped). Written out because macOS has no timeout(1).
+with_timeout() {
+    local seconds=$1 pid watchdog rc=0 fired
+    shift
+    fired=$(mktemp -u "$RUN_DIR/timeout.XXXXXX")
+    "$@" &
+    pid=$!
+    # The watchdog's own sleep is killed with it, and it holds no output pipe open.
+    (
+        trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+        sleep "$seconds" &
+        nap=$!
+        wait "$nap"
+        : >"$fired"
+        kill -TERM "$pid" 2>/dev/null
+        sleep 2
+        kill -KILL "$pid" 2>/dev/null
+    ) </dev/null >/dev/null 2>&1 &
+    watchdog=$!
+    wait "$pid" || rc=$?
+    kill "$watchdog" 2>/dev/null || true
+    wait "$watchdog" 2>/dev/null || true
+    if [[ -e $fired ]]; then
+        rm -f "$fired"
+        return 124
+    fi
+    return "$rc"
+}
+
+# The name ssh-keygen -R wants for this box: HOST, or [HOST]:PORT off port 22.
+known_hosts_name() {
+    local key value host='' port=22
+    while IFS=' ' read -r key value; do
+        case $key in hostname) host=$value ;; port) port=$value ;; esac
+    done < <(ssh -G "${SSH_OPTS[@]}" -- "$SSH_HOST" 2>/dev/null || true)
+    [[ -n $host ]] || host=${SSH_HOST#*@}
+    if [[ $port == 22 ]]; then
+        printf '%s' "$host"
+    else
+        printf '[%s]:%s' "$host" "$port"
+    fi
+}
+
+# ssh_failure ERROR_FILE: FAIL_REASON for an ssh that exited 255.
+ssh_failure() {
+    local text='' last
+    [[ -r $1 ]] && text=$(<"$1")
+    last=$(last_line "$text")
+    if [[ $text == *"IDENTIFICATION HAS CHANGED"* || $text == *"Host key verification failed"* ]]; then
+        FAIL_REASON="the host key of $(ssh_target) has changed (a rebuilt or new box behind the same address, or someone in between): if you expect that, run: ssh-keygen -R '$(known_hosts_name)' and try again"
+    else
         FAIL_REASON="cannot reach $(ssh_target) over ssh${last:+ ($last)}: check the host, port and your ssh key (try: ssh ${SSH_PORT:+-p $SSH_PORT }$SSH_HOST true)"
-        return 1
     fi
-    HEALTH_CODE=$last
-    if is_up_status "$HEALTH_CODE"; then
-        return 0
-    fi
-    case $HEALTH_CODE in
-        000) FAIL_REASON="remote proxy down: nothing answers on 127.0.0.1:$REMOTE_PORT on $SSH_HOST; start it with \`python3 simple_api_proxy.py\` on the GPU box (API_PORT=$REMOTE_PORT)" ;;
-        [0-9][0-9][0-9]) FAIL_REASON="127.0.0.1:$REMOTE_PORT on $SSH_HOST answered /health with HTTP $HEALTH_CODE, so it is not simple_api_proxy.py: check --remote-port" ;;
-        *) FAIL_REASON="remote health check on $SSH_HOST failed (exit $rc${last:+: $last}): it needs curl or python3 on the GPU box" ;;
+}
+
+# One authenticated connection that every box call of this run reuses
+# (ControlMaster); a passphrase or host key question comes up once, here.
+open_master() {
+    local rc=0
+    ssh_common_opts
+    with_timeout $((SSH_CONNECT_TIMEOUT + 20)) ssh "${SSH_OPTS[@]}" -M -S "$CONTROL" \
+        -o ControlPersist=300 -f -N -- "$SSH_HOST" </dev/null >/dev/null 2>"$RUN_DIR/master.err" || rc=$?
+    case $rc in
+        0) return 0 ;;
+        124) FAIL_REASON="ssh to $(ssh_target) did not finish connecting within $((SSH_CONNECT_TIMEOUT + 20)) s: check the host and port" ;;
+        *) ssh_failure "$RUN_DIR/master.err" ;;
     esac
+    return 1
+}
+
+close_master() {
+    if [[ -n $CONTROL && -S $CONTROL ]]; then
+        with_timeout 5 ssh -S "$CONTROL" -O exit -- "$SSH_HOST" </dev/null >/dev/null 2>&1 || true
+    fi
+}
+
+# ---------------------------------------------------------------- box side
+#
+# Everything that runs on the GPU box is this Python program (python3 >= 3.8 is
+# there for the proxy anyway): one function per step, each with its own time
+# limit. It travels over ssh on stdin with each call; only the short loader below
+# is on the box's command line, and it parses in a login shell of bash or sh.
+
+BOX_PY=$(cat <<'PY'
+# The GPU box side of claude_start.sh (python3 >= 3.8, standard library only). The launcher
+# sends it over ssh on every call, followed by one JSON request line and the files it uploads;
+# `up` also keeps a copy as ~/.simple_api_proxy/box.py, so that `python3 box.py up` brings
+# Ollama and the proxy back after a reboot with the settings of the last deploy.
+# Lines starting with "@" are for the launcher; every other line is shown to the user.
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+
+FOLDER = os.path.join(os.path.expanduser("~"), ".simple_api_proxy")
+PROXY_SCRIPT = "simple_api_proxy.py"
+PROXY_ENV = "proxy.env"
+PROXY_PID = "proxy.pid"
+PROXY_LOG = "proxy.log"
+PROXY_STAMP = "proxy.stamp"
+PROXY_INSTANCE = "proxy.instance"
+OLLAMA_PID = "ollama.pid"
+OLLAMA_LOG = "ollama.log"
+INSTALL_LOG = "ollama-install.log"
+LAST_DEPLOY = "deploy.json"
+UPLOADS = (PROXY_SCRIPT, PROXY_ENV)
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class Failed(Exception):
+    """A step that cannot go on; its message says what to do."""
+
+
+def path(name):
+    return os.path.join(FOLDER, name)
+
+
+def show(text):
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def tell(tag, *words):
+    show("@" + tag + " " + " ".join(str(w) for w in words))
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def read(name, default=""):
+    try:
+        with open(path(name)) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
+def write(name, data, mode=0o600):
+    """Atomically, so that a dropped connection never leaves half a file."""
+    temporary = path(name + ".part")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+    os.chmod(temporary, mode)
+    os.replace(temporary, path(name))
+
+
+def last_lines(name, count=10):
+    try:
+        with open(path(name), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return "  (no log)"
+    return "\n".join("  | " + line for line in lines[-count:]) or "  (log is empty)"
+
+
+def env_settings():
+    """proxy.env: KEY=VALUE lines the launcher wrote (never run by a shell)."""
+    settings = {}
+    for line in read(PROXY_ENV).splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            settings[key] = value
+    return settings
+
+
+def ollama_url(settings):
+    host = settings.get("OLLAMA_HOST") or os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434"
+    if "://" not in host:
+        host = "http://" + host
+    scheme, rest = host.split("://", 1)
+    rest = rest.rstrip("/")
+    if rest.startswith("0.0.0.0"):
+        rest = "127.0.0.1" + rest[len("0.0.0.0"):]
+    if ":" not in rest.rsplit("]", 1)[-1]:
+        rest += ":11434" if scheme == "http" else ":443"
+    return scheme + "://" + rest
+
+
+def http_json(url, timeout, headers=None):
+    """(status, parsed body or None); status 0 when nothing answers."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with NO_PROXY.open(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    except (OSError, ValueError):
+        return 0, None
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, None
+
+
+def process_command(pid):
+    """The command line of a live process, "" when it is gone (a zombie counts as gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return ""
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return ""
+    except PermissionError:
+        pass
+    return "pid %d" % pid
+
+
+def pid_from(name, marker):
+    """The pid in a pidfile, if that process still runs `marker`."""
+    try:
+        pid = int(read(name) or 0)
+    except ValueError:
+        return 0
+    return pid if pid > 0 and marker in process_command(pid) else 0
+
+
+def port_holder(port):
+    """Who listens on the port: "pid N (command)", or a plain description when /proc does not say."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add("socket:[%s]" % fields[9])
+        except (OSError, StopIteration, IndexError, ValueError):
+            pass
+    if inodes and os.path.isdir("/proc"):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                for fd in os.listdir("/proc/%s/fd" % entry):
+                    if os.readlink("/proc/%s/fd/%s" % (entry, fd)) in inodes:
+                        return "pid %s (%s)" % (entry, process_command(int(entry))[:120])
+            except OSError:
+                continue
+    return "a process this user cannot see"
+
+
+def port_taken(port):
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stop_process(pid, grace):
+    """SIGTERM, then SIGKILL once `grace` seconds pass; True when it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not process_command(pid):
+            return True
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    time.sleep(0.2)
+    return not process_command(pid)
+
+
+def start_detached(argv, log_name, env):
+    """A process that outlives this ssh session: own session, no terminal, output to a log."""
+    with open(path(log_name), "ab") as log:
+        return subprocess.Popen(argv, cwd=FOLDER, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True).pid
+
+
+def installed(name, models):
+    return name in models or (":" not in name and name + ":latest" in models)
+
+
+###############################################################################
+# Steps of `up`, in order
+###############################################################################
+
+def step_files(request, uploads):
+    """Write the uploaded files; report the ones whose hash differs and were not sent."""
+    os.makedirs(FOLDER, mode=0o700, exist_ok=True)
+    os.chmod(FOLDER, 0o700)
+    missing = []
+    for name in UPLOADS:
+        want = request["hashes"][name]
+        if name in uploads:
+            if sha256(uploads[name]) != want:
+                raise Failed("%s arrived damaged (hash mismatch): run the launcher again" % name)
+            write(name, uploads[name], 0o600 if name == PROXY_ENV else 0o644)
+        elif not os.path.exists(path(name)) or sha256(open(path(name), "rb").read()) != want:
+            missing.append(name)
+    if missing:
+        tell("need", *missing)
+        return False
+    box = path("box.py")
+    if not os.path.exists(box) or open(box).read() != BOX_SOURCE:
+        write("box.py", BOX_SOURCE, 0o644)
+    write(LAST_DEPLOY, json.dumps(dict(request, hashes={}, step="up")), 0o600)
+    return True
+
+
+def step_ollama(request, settings):
+    """Ollama answers, or gets installed and started until it does."""
+    url = ollama_url(settings)
+    if http_json(url + "/api/version", 2)[0] == 200:
+        show("Ollama answers at %s" % url)
+        return url
+    binary = shutil.which("ollama") or next(
+        (p for p in ("/usr/local/bin/ollama", "/usr/bin/ollama") if os.access(p, os.X_OK)), None)
+    if binary is None:
+        command = request["install_command"]
+        show("Ollama is not installed; installing it: %s (log: %s)" % (command, path(INSTALL_LOG)))
+        status = run_logged(["sh", "-c", command], INSTALL_LOG, request["install_timeout"])
+        binary = shutil.which("ollama") or next(
+            (p for p in ("/usr/local/bin/ollama", "/usr/bin/ollama") if os.access(p, os.X_OK)), None)
+        if status != 0 or binary is None:
+            raise Failed("installing Ollama failed (%s); last lines of %s:\n%s\n"
+                         "install it by hand (https://ollama.com/download/linux), then run --deploy again"
+                         % ("exit %s" % status if status is not None else "timed out",
+                            path(INSTALL_LOG), last_lines(INSTALL_LOG)))
+    env = dict(os.environ)
+    env["OLLAMA_HOST"] = url.split("://", 1)[1]
+    pid = start_detached([binary, "serve"], OLLAMA_LOG, env)
+    write(OLLAMA_PID, str(pid))
+    show("started ollama serve (pid %d, log %s); waiting for it" % (pid, path(OLLAMA_LOG)))
+    deadline = time.monotonic() + request["ollama_wait"]
+    while time.monotonic() < deadline:
+        if http_json(url + "/api/version", 2)[0] == 200:
+            return url
+        if not process_command(pid):
+            break
+        time.sleep(0.2)
+    raise Failed("Ollama did not answer at %s within %s s%s; last lines of %s:\n%s"
+                 % (url, request["ollama_wait"], "" if process_command(pid) else " (ollama serve exited)",
+                    path(OLLAMA_LOG), last_lines(OLLAMA_LOG)))
+
+
+def run_logged(argv, log_name, timeout):
+    """Run with output shown and kept in a log; the exit status, None on timeout."""
+    deadline = time.monotonic() + timeout
+    with open(path(log_name), "ab") as log:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        for line in iter(child.stdout.readline, b""):
+            log.write(line)
+            show("  " + line.decode("utf-8", "replace").rstrip())
+            if time.monotonic() > deadline:
+                break
+        if time.monotonic() > deadline:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            return None
+        return child.wait()
+
+
+def step_models(request, url):
+    """Pull each model `ollama list` lacks, showing Ollama's progress."""
+    status, body = http_json(url + "/api/tags", 10)
+    models = {m.get("name") for m in (body or {}).get("models", []) if isinstance(m, dict)}
+    for model in request["models"]:
+        if installed(model, models):
+            continue
+        show("pulling %s (not in `ollama list`)" % model)
+        pull(url, model, request["pull_timeout"])
+
+
+def pull(url, model, timeout):
+    data = json.dumps({"model": model, "stream": True}).encode()
+    request = urllib.request.Request(url + "/api/pull", data=data, headers={"Content-Type": "application/json"})
+    deadline, last_shown, last_status = time.monotonic() + timeout, 0.0, None
+    try:
+        with NO_PROXY.open(request, timeout=60) as response:
+            for line in response:
+                if time.monotonic() > deadline:
+                    raise Failed("pulling %s took over %s s: run `ollama pull %s` on the box, or raise "
+                                 "CLAUDE_START_PULL_TIMEOUT" % (model, timeout, model))
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("error"):
+                    raise Failed("Ollama could not pull %s: %s (check the name on https://ollama.com/library)"
+                                 % (model, event["error"]))
+                text = event.get("status", "")
+                if event.get("total") and event.get("completed") is not None:
+                    if time.monotonic() - last_shown < 2 and text == last_status:
+                        continue
+                    text += " %d%% of %.1f GB" % (100 * event["completed"] // event["total"], event["total"] / 1e9)
+                elif text == last_status:
+                    continue
+                last_shown, last_status = time.monotonic(), event.get("status", "")
+                show("  %s: %s" % (model, text))
+    except urllib.error.HTTPError as error:
+        raise Failed("Ollama refused to pull %s (HTTP %s)" % (model, error.code)) from None
+    except OSError as error:
+        raise Failed("pulling %s failed: %s" % (model, error)) from None
+
+
+def step_proxy(request, settings):
+    """The proxy runs with this file and these settings: left alone, restarted, or started."""
+    port = request["port"]
+    stamp = sha256((request["hashes"][PROXY_SCRIPT] + request["hashes"][PROXY_ENV]).encode())
+    pid = pid_from(PROXY_PID, PROXY_SCRIPT)
+    if pid and read(PROXY_STAMP) == stamp:
+        show("proxy already running with this file and settings (pid %d)" % pid)
+        return pid
+    if pid:
+        show("file or settings changed: restarting the proxy (pid %d)" % pid)
+        if not stop_process(pid, float(settings.get("SHUTDOWN_GRACE") or 10) + 5):
+            raise Failed("the old proxy (pid %d) did not stop: kill it on the box, then run --deploy again" % pid)
+    if port_taken(port):
+        raise Failed("port %d on the box is held by %s: stop it, or pick another port with --remote-port"
+                     % (port, port_holder(port)))
+    env = dict(os.environ)
+    env.update(settings)
+    pid = start_detached([sys.executable, PROXY_SCRIPT], PROXY_LOG, env)
+    write(PROXY_PID, str(pid))
+    write(PROXY_STAMP, stamp)
+    show("started the proxy on 127.0.0.1:%d (pid %d, log %s)" % (port, pid, path(PROXY_LOG)))
+    return pid
+
+
+def proxy_health(port, settings, timeout=5):
+    headers = {"x-api-key": settings["PROXY_API_KEY"]} if settings.get("PROXY_API_KEY") else {}
+    return http_json("http://127.0.0.1:%d/health" % port, timeout, headers)
+
+
+def step_wait(request, settings, pid):
+    """Until /health says Ollama answers and every model is there."""
+    port = request["port"]
+    deadline = time.monotonic() + request["health_wait"]
+    status, body = 0, None
+    while time.monotonic() < deadline:
+        if not process_command(pid):
+            raise Failed("the proxy exited at start; last lines of %s:\n%s" % (path(PROXY_LOG), last_lines(PROXY_LOG)))
+        status, body = proxy_health(port, settings)
+        if status == 200 and isinstance(body, dict) and not missing_models(request, body):
+            write(PROXY_INSTANCE, body.get("instance_id", ""), 0o644)
+            redis_advice(body)
+            tell("ready", body.get("instance_id", "-"), pid)
+            return
+        time.sleep(0.2)
+    detail = "nothing answers" if status == 0 else "HTTP %d" % status
+    if isinstance(body, dict) and status:
+        if not body.get("ollama", {}).get("reachable", True):
+            detail = "Ollama not reachable from the proxy: %s" % body["ollama"].get("error", "")
+        elif missing_models(request, body):
+            detail = "model(s) %s not in Ollama" % ", ".join(missing_models(request, body))
+    raise Failed("the proxy's /health was not ready within %s s (%s); last lines of %s:\n%s"
+                 % (request["health_wait"], detail, path(PROXY_LOG), last_lines(PROXY_LOG)))
+
+
+def missing_models(request, body):
+    models = body.get("ollama", {}).get("models")
+    if models is None:
+        return []
+    return [m for m in request["models"] if not installed(m, models)]
+
+
+def redis_advice(body):
+    redis = body.get("cache", {}).get("redis", {})
+    if "redis-py is not installed" not in str(redis.get("reason", "")):
+        return
+    managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+    show("warning: REDIS_URL is set but redis-py is missing on the box, so the proxy runs on its memory cache "
+         "meanwhile. Install it with one of: python3 -m pip install --user redis%s | apt-get install python3-redis "
+         "(Debian/Ubuntu) | python3 -m pip install --break-system-packages redis; then run --deploy again"
+         % (" (this python is externally managed, PEP 668: pip may refuse)" if managed else ""))
+
+
+###############################################################################
+# Commands
+###############################################################################
+
+def command_up(request, uploads):
+    if not step_files(request, uploads):
+        return 0
+    settings = env_settings()
+    url = step_ollama(request, settings)
+    step_models(request, url)
+    pid = step_proxy(request, settings)
+    step_wait(request, settings, pid)
+    return 0
+
+
+def command_stop(request, uploads):
+    settings = env_settings()
+    grace = float(settings.get("SHUTDOWN_GRACE") or 10) + 5
+    pid = pid_from(PROXY_PID, PROXY_SCRIPT)
+    if pid:
+        show("stopping the proxy (pid %d)" % pid)
+        if not stop_process(pid, grace):
+            raise Failed("the proxy (pid %d) did not stop" % pid)
+        show("proxy stopped")
+    else:
+        show("no proxy started by the launcher is running")
+    for name in (PROXY_PID, PROXY_STAMP, PROXY_INSTANCE):
+        if os.path.exists(path(name)):
+            os.remove(path(name))
+    if request.get("all"):
+        pid = pid_from(OLLAMA_PID, "ollama")
+        if pid:
+            show("stopping ollama serve (pid %d)" % pid)
+            if not stop_process(pid, 10):
+                raise Failed("ollama serve (pid %d) did not stop" % pid)
+            os.remove(path(OLLAMA_PID))
+            show("ollama serve stopped")
+        else:
+            show("no ollama serve started by the launcher is running")
+    return 0
+
+
+def hop(name, status, detail):
+    tell("hop", "%s|%s|%s" % (name, status, detail))
+
+
+def command_probe(request, uploads):
+    """What the proxy on the box says about itself, as hops; also its instance id."""
+    settings = env_settings()
+    port = request["port"]
+    status, body = proxy_health(port, settings)
+    where = "127.0.0.1:%d on the box" % port
+    if status == 0:
+        tell("health", "000")
+        hop("remote proxy health", "failed", "nothing answers on %s: run the launcher with --deploy "
+            "(or start `python3 simple_api_proxy.py` there with API_PORT=%d)" % (where, port))
+        return 0
+    if not isinstance(body, dict) or body.get("service") != "simple_api_proxy":
+        tell("health", status)
+        hop("remote proxy health", "failed", "%s answered /health with HTTP %d but it is not simple_api_proxy.py:"
+            " check --remote-port" % (where, status))
+        return 0
+    tell("health", status)
+    tell("instance", body.get("instance_id") or "-")
+    pid = pid_from(PROXY_PID, PROXY_SCRIPT)
+    hop("remote proxy health", "ok", "%s, HTTP %d%s" % (where, status, ", pid %d" % pid if pid else ""))
+    ollama = body.get("ollama")
+    if ollama is None:
+        hop("ollama from proxy", "skipped", "/health gives details only with PROXY_API_KEY")
+        return 0
+    if not ollama.get("reachable"):
+        hop("ollama from proxy", "failed", "Ollama not reachable from the proxy at %s (%s): start it on the box "
+            "(ollama serve) or use --deploy" % (ollama.get("url"), ollama.get("error", "no answer")))
+        return 0
+    hop("ollama from proxy", "ok", "%s, version %s" % (ollama.get("url"), ollama.get("version")))
+    for model in request["models"]:
+        if installed(model, ollama.get("models") or []):
+            hop("model", "ok", "%s installed" % model)
+        else:
+            hop("model", "failed", "model %s not installed (run: ollama pull %s, or use --deploy)" % (model, model))
+    redis = body.get("cache", {}).get("redis", {})
+    if redis.get("state") == "down":
+        hop("redis", "warning", "Redis at %s is down (%s); the proxy serves from its memory cache"
+            % (redis.get("url"), redis.get("last_error", "no answer")))
+    elif "redis-py" in str(redis.get("reason", "")):
+        hop("redis", "warning", "REDIS_URL is set but redis-py is missing on the box; memory cache only"
+            " (see --deploy for how to install it)")
+    elif redis.get("state") == "up":
+        hop("redis", "ok", str(redis.get("url")))
+    return 0
+
+
+COMMANDS = {"up": command_up, "stop": command_stop, "probe": command_probe}
+
+
+def main(stream):
+    request = json.loads(stream.readline())
+    uploads = {}
+    for name, size in request.get("sizes", {}).items():
+        uploads[name] = stream.read(size)
+    try:
+        return COMMANDS[request["step"]](request, uploads)
+    except Failed as failure:
+        tell("fail", str(failure).replace("\n", "\n@more "))
+        return 1
+
+
+if __name__ == "__main__":
+    # Run from the box itself (e.g. /root/onstart.sh): redo the last deploy.
+    BOX_SOURCE = open(__file__).read()
+    with open(os.path.join(FOLDER, LAST_DEPLOY)) as saved:
+        last = json.load(saved)
+    last["hashes"] = {name: sha256(open(path(name), "rb").read()) for name in UPLOADS}
+    try:
+        sys.exit(COMMANDS["up"](last, {}) if sys.argv[1:] in ([], ["up"]) else 2)
+    except Failed as failure:
+        show(str(failure))
+        sys.exit(1)
+PY
+)
+readonly BOX_PY
+
+# The box's command line: check python3, then read the program's length, the
+# program, and hand it the rest of stdin (a JSON request line and uploads).
+readonly BOX_LOADER='command -v python3 >/dev/null 2>&1 || { echo "@fail python3 not found on the box: install python3 (3.8 or newer)"; exit 1; }
+exec python3 -c "import sys
+if sys.version_info < (3, 8):
+    print(\"@fail python3 on the box is \" + sys.version.split()[0] + \", older than 3.8: install a newer one\")
+    sys.exit(1)
+b = sys.stdin.buffer
+s = b.read(int(b.readline())).decode()
+g = {\"__name__\": \"box\", \"BOX_SOURCE\": s}
+exec(compile(s, \"box.py\", \"exec\"), g)
+sys.exit(g[\"main\"](b))"'
+
+# json_string TEXT: TEXT as a JSON string (for the few values the launcher sends).
+json_string() {
+    local s=$1
+    s=${s//\\/\\\\}
+    s=${s//\"/\\\"}
+    s=${s//$'\n'/\\n}
+    s=${s//$'\r'/\\r}
+    s=${s//$'\t'/\\t}
+    printf '"%s"' "$s"
+}
+
+# sha256_of FILE: the hex digest, with whichever tool this laptop has.
+sha256_of() {
+    local out
+    if have sha256sum; then
+        out=$(sha256sum <"$1")
+    elif have shasum; then
+        out=$(shasum -a 256 <"$1")
+    elif have openssl; then
+        out=$(openssl dgst -sha256 <"$1")
+        out=${out##* }
+    else
+        out=$(python3 -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())' <"$1")
+    fi
+    printf '%s' "${out%% *}"
+}
+
+# write_box_request FILE JSON [UPLOAD...]: the program, then one request line,
+# then the named files' bytes (their sizes are in the JSON).
+write_box_request() {
+    local file=$1 json=$2 size LC_ALL=C
+    shift 2
+    size=${#BOX_PY}
+    {
+        printf '%s\n%s%s\n' "$size" "$BOX_PY" "$json"
+        for upload in "$@"; do
+            cat "$upload"
+        done
+    } >"$file"
+}
+
+# shellcheck disable=SC2317  # run through with_timeout
+ssh_box() {
+    ssh "${SSH_OPTS[@]}" -S "$CONTROL" -- "$SSH_HOST" "$BOX_LOADER" <"$1" 2>"$RUN_DIR/box.err"
+}
+
+# box_call SECONDS REQUEST_FILE: runs the box program; its "@" lines fill BOX_*,
+# the rest is shown as it arrives. BOX_STATUS: 0 ok, 1 the box reported a
+# failure (BOX_FAIL), 124 time out, 255 ssh failed (FAIL_REASON).
+box_call() {
+    local seconds=$1 request=$2 line rc=''
+    BOX_FAIL='' BOX_NEED='' BOX_READY='' BOX_HEALTH='' BOX_INSTANCE=''
+    BOX_HOPS=()
+    while IFS= read -r line; do
+        case $line in
+            '@fail '*) BOX_FAIL=${line#@fail } ;;
+            '@more '*) BOX_FAIL+=$'\n'${line#@more } ;;
+            '@need '*) BOX_NEED=${line#@need } ;;
+            '@ready '*) BOX_READY=${line#@ready } ;;
+            '@health '*) BOX_HEALTH=${line#@health } ;;
+            '@instance '*) BOX_INSTANCE=${line#@instance } ;;
+            '@hop '*) BOX_HOPS+=("${line#@hop }") ;;
+            '@status '*) rc=${line#@status } ;;
+            *) say "box: $line" ;;
+        esac
+    done < <(
+        rc=0
+        with_timeout "$seconds" ssh_box "$request" || rc=$?
+        printf '@status %s\n' "$rc"
+    )
+    BOX_STATUS=${rc:-255}
+    case $BOX_STATUS in
+        0) ;;
+        124) FAIL_REASON="the box did not finish within $seconds s (ssh to $(ssh_target)): check the box, or the time limits in --help" ;;
+        255) ssh_failure "$RUN_DIR/box.err" ;;
+        *) BOX_STATUS=1
+            if [[ -z $BOX_FAIL ]]; then
+                BOX_FAIL="the box side failed: $(last_line "$(cat "$RUN_DIR/box.err" 2>/dev/null)")"
+            fi
+            FAIL_REASON=$BOX_FAIL ;;
+    esac
+    [[ $BOX_STATUS == 0 ]]
+}
+
+# The models the box must have: --model, MODEL_MAP's and OLLAMA_MODEL, once each.
+required_models() {
+    local models=" $MODEL " entry name list=()
+    IFS=',' read -r -a list <<<"${MODEL_MAP:-}"
+    for entry in ${list[@]+"${list[@]}"} "${OLLAMA_MODEL:-}"; do
+        name=$(trim "${entry#*=}")
+        [[ -z $name || $models == *" $name "* ]] || models+="$name "
+    done
+    printf '%s' "$models"
+}
+
+models_json() {
+    local name out='' first=1
+    for name in $(required_models); do
+        ((first)) || out+=','
+        out+=$(json_string "$name")
+        first=0
+    done
+    printf '[%s]' "$out"
+}
+
+# The proxy's env file: the settings the user gave, and what the launcher decides.
+write_proxy_env() {
+    local file=$1 key value
+    {
+        printf 'API_HOST=127.0.0.1\nAPI_PORT=%s\nLOG_FILE=\n' "$REMOTE_PORT"
+        [[ -n ${OLLAMA_MODEL:-} ]] || printf 'OLLAMA_MODEL=%s\n' "$MODEL"
+        for key in $PROXY_SETTINGS; do
+            value=${!key:-}
+            [[ -n $value ]] || continue
+            [[ $value != *$'\n'* ]] || die "$key must be one line"
+            printf '%s=%s\n' "$key" "$value"
+        done
+    } >"$file"
+}
+
+# Sets the box up (see --help: --deploy). Sets BOX_INSTANCE.
+deploy_box() {
+    local env_file=$RUN_DIR/proxy.env request=$RUN_DIR/request json hashes seconds started=$SECONDS
+    [[ -f $PROXY_SCRIPT ]] || die "proxy script $PROXY_SCRIPT not found: set CLAUDE_START_PROXY_SCRIPT to simple_api_proxy.py"
+    (umask 077 && write_proxy_env "$env_file") || exit 1
+    hashes="{\"simple_api_proxy.py\": \"$(sha256_of "$PROXY_SCRIPT")\", \"proxy.env\": \"$(sha256_of "$env_file")\"}"
+    seconds=$((INSTALL_TIMEOUT + OLLAMA_WAIT + PULL_TIMEOUT * $(wc -w <<<"$(required_models)") + HEALTH_WAIT + 60))
+    json="\"step\": \"up\", \"port\": $REMOTE_PORT, \"models\": $(models_json), \"hashes\": $hashes"
+    json+=", \"install_command\": $(json_string "$OLLAMA_INSTALL"), \"install_timeout\": $INSTALL_TIMEOUT"
+    json+=", \"ollama_wait\": $OLLAMA_WAIT, \"pull_timeout\": $PULL_TIMEOUT, \"health_wait\": $HEALTH_WAIT"
+    say "deploying to $(ssh_target): ~/.simple_api_proxy/ (proxy on 127.0.0.1:$REMOTE_PORT, model(s): $(trim "$(required_models)"))"
+    write_box_request "$request" "{$json, \"sizes\": {}}"
+    box_call "$seconds" "$request" || die "deploy failed: $FAIL_REASON"
+    if [[ -n $BOX_NEED ]]; then
+        # The box lacks these files (or has other versions): send them, once.
+        local sizes='' uploads=() name
+        for name in $BOX_NEED; do
+            case $name in
+                simple_api_proxy.py) uploads+=("$PROXY_SCRIPT") ;;
+                proxy.env) uploads+=("$env_file") ;;
+                *) die "the box asked for an unknown file '$name'" ;;
+            esac
+            sizes+="${sizes:+, }\"$name\": $(wc -c <"${uploads[${#uploads[@]}-1]}" | tr -d ' ')"
+            say "copying $name to the box"
+        done
+        write_box_request "$request" "{$json, \"sizes\": {$sizes}}" "${uploads[@]}"
+        box_call "$seconds" "$request" || die "deploy failed: $FAIL_REASON"
+    fi
+    rm -f "$env_file" "$request"
+    [[ -n $BOX_READY ]] || die "deploy failed: the box did not report the proxy ready"
+    BOX_INSTANCE=${BOX_READY%% *}
+    say "box ready in $((SECONDS - started)) s: proxy pid ${BOX_READY#* }, instance $BOX_INSTANCE, log ~/.simple_api_proxy/proxy.log"
+}
+
+# box_step JSON: a box call that only looks or stops.
+box_step() {
+    write_box_request "$RUN_DIR/request" "{$1, \"port\": $REMOTE_PORT, \"models\": $(models_json), \"sizes\": {}}"
+    box_call "$BOX_CALL_TIMEOUT" "$RUN_DIR/request"
+}
+
+# Asks the box how its proxy is. Sets HEALTH_CODE, BOX_INSTANCE, BOX_HOPS and
+# FAIL_REASON; status 0 = proxy up, 1 = ssh or the box failed, 2 = proxy down.
+probe_box() {
+    box_step '"step": "probe"' || return 1
+    HEALTH_CODE=$BOX_HEALTH
+    is_up_status "$HEALTH_CODE" && return 0
+    local hop
+    for hop in ${BOX_HOPS[@]+"${BOX_HOPS[@]}"}; do
+        [[ $hop == "remote proxy health|failed|"* ]] && FAIL_REASON="remote proxy down: ${hop#*|failed|}"
+    done
     return 2
 }
 
-# Opens the tunnel on PORT and waits for /health through it. Sets TUNNEL_PID
-# and FAIL_REASON; status 0 = proxy answers through the tunnel.
+# Says what the box reported that the user should know before the session.
+warn_box_hops() {
+    local hop name status detail
+    for hop in ${BOX_HOPS[@]+"${BOX_HOPS[@]}"}; do
+        IFS='|' read -r name status detail <<<"$hop"
+        case $status in failed | warning) say "warning: $detail; continuing" ;; esac
+    done
+}
+
+# ---------------------------------------------------------------- tunnel
+
+tunnel_log() { printf '%s' "${TMPDIR:-/tmp}/claude_start.ssh.$1.log"; }
+
+# start_tunnel_ssh PORT: the tunnel's own ssh (not the shared connection: the
+# tunnel must be reopened alone). ExitOnForwardFailure: if it cannot hold the
+# local port itself, it exits instead of running without a tunnel. Its output
+# goes to a log, away from Claude Code's screen and this script's stdout.
+start_tunnel_ssh() {
+    ssh -N -L "$1:127.0.0.1:$REMOTE_PORT" -o ExitOnForwardFailure=yes -o ControlPath=none \
+        "${SSH_OPTS[@]}" -- "$SSH_HOST" </dev/null >"$(tunnel_log "$1")" 2>&1 &
+}
+
+# Opens the tunnel on PORT and waits until the box's own proxy (BOX_INSTANCE)
+# answers through it; a port that another launcher's tunnel took first is given
+# up for the next free one. Sets TUNNEL_PID and FAIL_REASON.
 open_tunnel() {
-    local log="${TMPDIR:-/tmp}/claude_start.ssh.$PORT.log" rc=0 last
+    local rc tries=0 last log
     ssh_common_opts
-    # ExitOnForwardFailure: a port we cannot bind must end ssh, not leave a
-    # tunnel-less connection. ServerAlive*: notice a dead link instead of hanging.
-    # Output goes to a log so ssh's later messages do not land in Claude Code's
-    # screen, and so that ssh does not hold this script's stdout open.
-    ssh -N -L "$PORT:127.0.0.1:$REMOTE_PORT" \
-        -o ExitOnForwardFailure=yes \
-        -o "ServerAliveInterval=$SSH_ALIVE_INTERVAL" -o ServerAliveCountMax=3 \
-        "${SSH_OPTS[@]}" -- "$SSH_HOST" </dev/null >"$log" 2>&1 &
-    TUNNEL_PID=$!
-    wait_for_health "http://127.0.0.1:$PORT/health" "$HEALTH_WAIT" "$TUNNEL_PID" || rc=$?
-    case $rc in
-        0) return 0 ;;
-        2) rc=0
-            wait "$TUNNEL_PID" 2>/dev/null || rc=$?
-            TUNNEL_PID=''
-            last=''
-            [[ -r $log ]] && last=$(last_line "$(<"$log")")
-            last=${last%.}
-            FAIL_REASON="ssh tunnel to $(ssh_target) exited (code $rc)${last:+: $last}; check that you can run: ssh ${SSH_PORT:+-p $SSH_PORT }-N -L $PORT:127.0.0.1:$REMOTE_PORT $SSH_HOST (log: $log)" ;;
-        *) FAIL_REASON="proxy did not answer http://127.0.0.1:$PORT/health through the tunnel within $HEALTH_WAIT s: check the proxy on $SSH_HOST, or raise CLAUDE_START_HEALTH_WAIT (ssh log: $log)" ;;
-    esac
-    return 1
+    while :; do
+        log=$(tunnel_log "$PORT")
+        start_tunnel_ssh "$PORT"
+        TUNNEL_PID=$!
+        rc=0
+        wait_for_health "http://127.0.0.1:$PORT/health" "$HEALTH_WAIT" "$TUNNEL_PID" "$BOX_INSTANCE" || rc=$?
+        case $rc in
+            0) return 0 ;;
+            2) rc=0
+                wait "$TUNNEL_PID" 2>/dev/null || rc=$?
+                TUNNEL_PID=''
+                last=''
+                [[ -r $log ]] && last=$(last_line "$(<"$log")")
+                last=${last%.}
+                if [[ $last != *"forwarding"* && $last != *"Address already in use"* ]]; then
+                    FAIL_REASON="ssh tunnel to $(ssh_target) exited (code $rc)${last:+: $last}; check that you can run: ssh ${SSH_PORT:+-p $SSH_PORT }-N -L $PORT:127.0.0.1:$REMOTE_PORT $SSH_HOST (log: $log)"
+                    return 1
+                fi
+                say "local port $PORT was taken before the tunnel could hold it; trying the next one" ;;
+            3) close_tunnel
+                say "127.0.0.1:$PORT answers for a proxy that is not the one on $SSH_HOST (another tunnel holds the port); trying the next one" ;;
+            *) FAIL_REASON="proxy did not answer http://127.0.0.1:$PORT/health through the tunnel within $HEALTH_WAIT s: check the proxy on $SSH_HOST, or raise CLAUDE_START_HEALTH_WAIT (ssh log: $log)"
+                return 1 ;;
+        esac
+        tries=$((tries + 1))
+        if ((tries >= TUNNEL_TRIES)); then
+            FAIL_REASON="${last:-another proxy answers} on each of $TUNNEL_TRIES local ports tried: pass a free --local-port"
+            FAIL_REASON="ssh tunnel to $(ssh_target) exited (code $rc): $FAIL_REASON (log: $log)"
+            return 1
+        fi
+        pick_local_port $((PORT + 1)) || return 1
+    done
+}
+
+# keep_tunnel (in the background while Claude Code runs): whenever the tunnel's
+# ssh exits, open a new one on the same port, so Claude Code's own retries carry
+# the session on; keep trying while the box is unreachable.
+# shellcheck disable=SC2317  # the TERM trap
+keep_tunnel() {
+    local pid=$TUNNEL_PID child='' down_since
+    trap '[[ -z $child ]] || kill "$child" 2>/dev/null; exit 0' TERM
+    while :; do
+        if [[ -n $child ]]; then
+            wait "$child" 2>/dev/null || true
+        else
+            while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
+        fi
+        say "tunnel to $SSH_HOST dropped (see $(tunnel_log "$PORT")); reopening 127.0.0.1:$PORT"
+        down_since=$SECONDS
+        while :; do
+            start_tunnel_ssh "$PORT"
+            child=$!
+            if wait_for_health "http://127.0.0.1:$PORT/health" 10 "$child" "$BOX_INSTANCE"; then
+                say "tunnel 127.0.0.1:$PORT -> $SSH_HOST reopened after $((SECONDS - down_since)) s (ssh pid $child)"
+                break
+            fi
+            kill "$child" 2>/dev/null || true
+            wait "$child" 2>/dev/null || true
+            child=''
+            if (((SECONDS - down_since) % 30 < 3)); then
+                say "cannot reopen the tunnel to $SSH_HOST yet ($(last_line "$(cat "$(tunnel_log "$PORT")" 2>/dev/null)")); still trying"
+            fi
+            sleep 2
+        done
+    done
 }
 
 start_remote() {
     [[ -n $SSH_HOST ]] || die "$(no_host_message)"
     have ssh || die "ssh not found on PATH: install the OpenSSH client, or use --local for a proxy on this machine"
-    check_remote || die "$FAIL_REASON"
-    warn_status "$HEALTH_CODE" "$SSH_HOST:$REMOTE_PORT"
+    open_master || die "$FAIL_REASON"
+    if ((DEPLOY)); then
+        deploy_box
+    else
+        local rc=0
+        probe_box || rc=$?
+        ((rc == 0)) || die "$FAIL_REASON"
+        warn_box_hops
+        warn_status "$HEALTH_CODE" "$SSH_HOST:$REMOTE_PORT"
+        [[ $BOX_INSTANCE != - ]] || BOX_INSTANCE=''
+    fi
+    close_master
     pick_local_port || die "$FAIL_REASON"
     open_tunnel || die "$FAIL_REASON"
     warn_status "$HEALTH_CODE" "127.0.0.1:$PORT"
     say "tunnel 127.0.0.1:$PORT -> $SSH_HOST:127.0.0.1:$REMOTE_PORT is up (ssh pid $TUNNEL_PID)"
+}
+
+stop_box() {
+    [[ -n $SSH_HOST ]] || die "$(no_host_message)"
+    have ssh || die "ssh not found on PATH: install the OpenSSH client"
+    open_master || die "$FAIL_REASON"
+    box_step "\"step\": \"stop\", \"all\": $( ((STOP_ALL)) && echo true || echo false)" || die "stop failed: $FAIL_REASON"
 }
 
 # ---------------------------------------------------------------- local side
@@ -507,7 +1445,7 @@ start_proxy() {
 }
 
 start_local() {
-    HEALTH_CODE=$(probe_health "http://127.0.0.1:$LOCAL_PORT/health" 2)
+    fetch_health "http://127.0.0.1:$LOCAL_PORT/health" 2
     if is_up_status "$HEALTH_CODE"; then
         PORT=$LOCAL_PORT
         say "using the proxy already running on 127.0.0.1:$PORT"
@@ -544,13 +1482,87 @@ run_claude() {
     export API_TIMEOUT_MS="$TIMEOUT_MS"
     export CLAUDE_CODE_MAX_CONTEXT_TOKENS="$CONTEXT_TOKENS"
     export CLAUDE_CODE_MAX_OUTPUT_TOKENS="$MAX_OUTPUT_TOKENS"
-    # Ctrl-C belongs to Claude Code while it runs; a trap (not an ignore) is
-    # reset in the child, and keeps this script alive to return claude's status
-    # and close the tunnel. No exec: the EXIT trap must still run.
-    trap ':' INT
-    claude --model "$MODEL" ${CLAUDE_ARGS[@]+"${CLAUDE_ARGS[@]}"} || rc=$?
-    trap 'exit 130' INT
+    # Claude Code runs in the background with this terminal as its input, so
+    # that `wait` returns at once when a signal comes (bash runs traps only
+    # between commands) and the signal is forwarded (see on_signal). It stays in
+    # the terminal's process group, so it still owns the screen and keyboard.
+    # No exec: the EXIT trap must still run.
+    : >"$RUN_DIR/claude.started"
+    claude --model "$MODEL" ${CLAUDE_ARGS[@]+"${CLAUDE_ARGS[@]}"} <&0 &
+    CLAUDE_PID=$!
+    if [[ -n $TUNNEL_PID ]]; then
+        keep_tunnel &
+        KEEPER_PID=$!
+    fi
+    wait "$CLAUDE_PID" || rc=$?
+    CLAUDE_PID=''
+    stop_keeper
+    resume_hint
+    if [[ $MODE == remote ]]; then
+        say "the box $SSH_HOST keeps running (and billing) with the proxy on it: stop the proxy with $(launch_command stop) --stop --all, and stop or destroy the instance with your provider when done"
+    fi
     return "$rc"
+}
+
+# launch_command [stop]: this launcher's command line as the user gave it
+# (without --deploy, or for --stop only the connection flags).
+launch_command() {
+    local args=() i=0 arg
+    if [[ ${1:-} == stop ]]; then
+        while ((i < ${#LAUNCH_ARGS[@]})); do
+            arg=${LAUNCH_ARGS[i]}
+            case $arg in
+                --ssh | --ssh-port | --remote-port | --config) args+=("$arg" "${LAUNCH_ARGS[i + 1]}")
+                    i=$((i + 1)) ;;
+                --ssh=* | --ssh-port=* | --remote-port=* | --config=*) args+=("$arg") ;;
+            esac
+            i=$((i + 1))
+        done
+    else
+        args=(${LAUNCH_ARGS[@]+"${LAUNCH_ARGS[@]}"})
+    fi
+    printf '%q' "$0"
+    ((${#args[@]} == 0)) || printf ' %q' "${args[@]}"
+}
+
+# Claude Code's own resume hint (`claude --resume ID`) would bypass the proxy;
+# say how to resume through this launcher instead, when the session was saved.
+resume_hint() {
+    local dir=${CLAUDE_CONFIG_DIR:-$HOME/.claude}/projects file newest='' id
+    [[ -d $dir ]] || return 0
+    while IFS= read -r file; do
+        if [[ -z $newest || $file -nt $newest ]]; then
+            newest=$file
+        fi
+    done < <(find "$dir" -name '*.jsonl' -type f -newer "$RUN_DIR/claude.started" 2>/dev/null)
+    id=${newest##*/}
+    id=${id%.jsonl}
+    [[ $id =~ ^[0-9a-fA-F-]{36}$ ]] || return 0
+    say "resume this conversation with: $(launch_command) -- --resume $id"
+}
+
+stop_keeper() {
+    if [[ -n $KEEPER_PID ]]; then
+        kill "$KEEPER_PID" 2>/dev/null || true
+        wait "$KEEPER_PID" 2>/dev/null || true
+        KEEPER_PID=''
+    fi
+}
+
+# on_signal NAME STATUS: pass the signal on to Claude Code, give it a moment to
+# finish, then exit (the EXIT trap closes the tunnel).
+# shellcheck disable=SC2317  # called by traps
+on_signal() {
+    local name=$1 status=$2 i
+    trap '' INT TERM HUP
+    if [[ -n $CLAUDE_PID ]] && kill "-$name" "$CLAUDE_PID" 2>/dev/null; then
+        for ((i = 0; i < 30; i++)); do
+            kill -0 "$CLAUDE_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        stop_pid "$CLAUDE_PID"
+    fi
+    exit "$status"
 }
 
 # ---------------------------------------------------------------- --check
@@ -573,30 +1585,36 @@ status_note() {
 }
 
 check_remote_hops() {
-    local remote_ok=0 skip=''
+    local remote_ok=0 skip='' rc=0 line name status detail
     if [[ -z $SSH_HOST ]]; then
         hop "ssh reachable" failed "$(no_host_message)"
         skip="no ssh host"
     elif ! have ssh; then
         hop "ssh reachable" failed "ssh not found on PATH"
         skip="no ssh"
+    elif ! open_master; then
+        hop "ssh reachable" failed "$FAIL_REASON"
+        skip="ssh failed"
     else
-        local rc=0
-        check_remote || rc=$?
+        hop "ssh reachable" ok "$(ssh_target)"
+        probe_box || rc=$?
         if ((rc == 1)); then
-            hop "ssh reachable" failed "$FAIL_REASON"
-            skip="ssh failed"
+            hop "remote proxy health" failed "$FAIL_REASON"
+            skip="the box check failed"
         else
-            hop "ssh reachable" ok "$(ssh_target)"
+            # The box's own view: the proxy, Ollama as the proxy sees it, each model, Redis.
+            for line in ${BOX_HOPS[@]+"${BOX_HOPS[@]}"}; do
+                IFS='|' read -r name status detail <<<"$line"
+                hop "$name" "$status" "$detail"
+            done
             if ((rc == 0)); then
-                status_note "$HEALTH_CODE"
-                hop "remote proxy health" ok "127.0.0.1:$REMOTE_PORT on $SSH_HOST, $NOTE"
                 remote_ok=1
             else
-                hop "remote proxy health" failed "$FAIL_REASON"
                 skip="remote proxy down"
             fi
         fi
+        close_master
+        [[ $BOX_INSTANCE != - ]] || BOX_INSTANCE=''
     fi
     if ((remote_ok == 0)); then
         [[ $skip == "remote proxy down" ]] || hop "remote proxy health" failed "not checked: $skip"
@@ -607,7 +1625,7 @@ check_remote_hops() {
     if pick_local_port && open_tunnel; then
         hop "tunnel" ok "127.0.0.1:$PORT -> $SSH_HOST:127.0.0.1:$REMOTE_PORT, ssh pid $TUNNEL_PID"
         status_note "$HEALTH_CODE"
-        hop "local health" ok "http://127.0.0.1:$PORT/health, $NOTE"
+        hop "local health" ok "http://127.0.0.1:$PORT/health, $NOTE${HEALTH_INSTANCE:+, instance $HEALTH_INSTANCE as on the box}"
     elif [[ -n $TUNNEL_PID ]]; then
         # ssh is still up, only /health stayed silent.
         hop "tunnel" ok "127.0.0.1:$PORT -> $SSH_HOST:127.0.0.1:$REMOTE_PORT, ssh pid $TUNNEL_PID"
@@ -623,7 +1641,7 @@ check_local_hops() {
     hop "ssh reachable" skipped "--local"
     hop "remote proxy health" skipped "--local"
     hop "tunnel" skipped "--local"
-    HEALTH_CODE=$(probe_health "http://127.0.0.1:$LOCAL_PORT/health" 2)
+    fetch_health "http://127.0.0.1:$LOCAL_PORT/health" 2
     if is_up_status "$HEALTH_CODE"; then
         status_note "$HEALTH_CODE"
         hop "local health" ok "http://127.0.0.1:$LOCAL_PORT/health, $NOTE"
@@ -676,23 +1694,32 @@ close_tunnel() {
 
 # shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
+    stop_keeper
     close_tunnel
+    close_master
     # Only a proxy this run started; one that was already running stays.
     if [[ -n $PROXY_PID ]]; then
         stop_pid "$PROXY_PID"
         PROXY_PID=''
     fi
+    [[ -z $RUN_DIR ]] || rm -rf "$RUN_DIR"
 }
 
 main() {
     trap cleanup EXIT
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
-    trap 'exit 129' HUP
+    trap 'on_signal INT 130' INT
+    trap 'on_signal TERM 143' TERM
+    trap 'on_signal HUP 129' HUP
     parse_args "$@"
+    check_modes
     resolve_settings
     have curl || have python3 ||
         die "neither curl nor python3 found: install one of them (needed to check the proxy health)"
+    make_run_dir
+    if ((STOP)); then
+        stop_box
+        exit 0
+    fi
     if ((CHECK)); then
         local status=0
         run_check || status=$?
