@@ -80,7 +80,7 @@ SSH_HOST='' SSH_PORT='' REMOTE_PORT='' LOCAL_PORT='' MODEL='' CONTEXT_TOKENS=''
 MAX_OUTPUT_TOKENS='' TIMEOUT_MS='' PROXY_SCRIPT='' HEALTH_WAIT='' CONFIG_FILE=''
 OLLAMA_INSTALL='' INSTALL_TIMEOUT='' OLLAMA_WAIT='' PULL_TIMEOUT=''
 # What this run started, so that the exit trap stops exactly that and nothing else.
-TUNNEL_PID='' PROXY_PID='' KEEPER_PID='' CLAUDE_PID='' RUN_DIR='' CONTROL=''
+TUNNEL_PID='' PROXY_PID='' KEEPER_PID='' CLAUDE_PID='' RUN_DIR='' CONTROL='' MASTER_OPEN=0
 # Set by the step functions for their callers.
 PORT='' HEALTH_CODE='' HEALTH_INSTANCE='' FAIL_REASON='' NOTE='' OLLAMA_WARNED=0
 # What the box said in its last call (see box_call).
@@ -453,13 +453,11 @@ PY
     return 1
 }
 
-# pick_local_port [FROM]: sets PORT to a free local port from FROM (default: the
-# asked one) upward, telling the user when it is not the asked one.
+# Sets PORT to a free local port, telling the user when it is not the asked one.
 pick_local_port() {
-    local from=${1:-$LOCAL_PORT}
-    PORT=$(find_free_port "$from") || PORT=''
+    PORT=$(find_free_port "$LOCAL_PORT") || PORT=''
     if [[ -z $PORT ]]; then
-        FAIL_REASON="no free local port in $from-$((from + PORT_TRIES - 1)): free one or pass --local-port"
+        FAIL_REASON="no free local port in $LOCAL_PORT-$((LOCAL_PORT + PORT_TRIES - 1)): free one or pass --local-port"
         return 1
     fi
     if [[ $PORT != "$LOCAL_PORT" ]]; then
@@ -553,7 +551,8 @@ open_master() {
     with_timeout $((SSH_CONNECT_TIMEOUT + 20)) ssh "${SSH_OPTS[@]}" -M -S "$CONTROL" \
         -o ControlPersist=300 -f -N -- "$SSH_HOST" </dev/null >/dev/null 2>"$RUN_DIR/master.err" || rc=$?
     case $rc in
-        0) return 0 ;;
+        0) MASTER_OPEN=1
+            return 0 ;;
         124) FAIL_REASON="ssh to $(ssh_target) did not finish connecting within $((SSH_CONNECT_TIMEOUT + 20)) s: check the host and port" ;;
         *) ssh_failure "$RUN_DIR/master.err" ;;
     esac
@@ -561,8 +560,9 @@ open_master() {
 }
 
 close_master() {
-    if [[ -n $CONTROL && -S $CONTROL ]]; then
-        with_timeout 5 ssh -S "$CONTROL" -O exit -- "$SSH_HOST" </dev/null >/dev/null 2>&1 || true
+    if ((MASTER_OPEN)); then
+        MASTER_OPEN=0
+        with_timeout 5 ssh "${SSH_OPTS[@]}" -S "$CONTROL" -O exit -- "$SSH_HOST" </dev/null >/dev/null 2>&1 || true
     fi
 }
 
@@ -1296,6 +1296,8 @@ warn_box_hops() {
     for hop in ${BOX_HOPS[@]+"${BOX_HOPS[@]}"}; do
         IFS='|' read -r name status detail <<<"$hop"
         case $status in failed | warning) say "warning: $detail; continuing" ;; esac
+        # The same fact as a 503 through the tunnel: say it once.
+        [[ $name != "ollama from proxy" || $status != failed ]] || OLLAMA_WARNED=1
     done
 }
 
@@ -1316,7 +1318,7 @@ start_tunnel_ssh() {
 # answers through it; a port that another launcher's tunnel took first is given
 # up for the next free one. Sets TUNNEL_PID and FAIL_REASON.
 open_tunnel() {
-    local rc tries=0 last log
+    local rc tries=0 last='' log why
     ssh_common_opts
     while :; do
         log=$(tunnel_log "$PORT")
@@ -1336,19 +1338,18 @@ open_tunnel() {
                     FAIL_REASON="ssh tunnel to $(ssh_target) exited (code $rc)${last:+: $last}; check that you can run: ssh ${SSH_PORT:+-p $SSH_PORT }-N -L $PORT:127.0.0.1:$REMOTE_PORT $SSH_HOST (log: $log)"
                     return 1
                 fi
-                say "local port $PORT was taken before the tunnel could hold it; trying the next one" ;;
+                why="local port $PORT was taken before the tunnel could hold it" ;;
             3) close_tunnel
-                say "127.0.0.1:$PORT answers for a proxy that is not the one on $SSH_HOST (another tunnel holds the port); trying the next one" ;;
+                why="127.0.0.1:$PORT answers for a proxy that is not the one on $SSH_HOST (another tunnel holds the port)" ;;
             *) FAIL_REASON="proxy did not answer http://127.0.0.1:$PORT/health through the tunnel within $HEALTH_WAIT s: check the proxy on $SSH_HOST, or raise CLAUDE_START_HEALTH_WAIT (ssh log: $log)"
                 return 1 ;;
         esac
         tries=$((tries + 1))
-        if ((tries >= TUNNEL_TRIES)); then
-            FAIL_REASON="${last:-another proxy answers} on each of $TUNNEL_TRIES local ports tried: pass a free --local-port"
-            FAIL_REASON="ssh tunnel to $(ssh_target) exited (code $rc): $FAIL_REASON (log: $log)"
+        if ((tries >= TUNNEL_TRIES)) || ! PORT=$(find_free_port $((PORT + 1))); then
+            FAIL_REASON="ssh tunnel to $(ssh_target) could not hold a local port ($tries tried; last: $why${last:+: $last}): pass a free --local-port (log: $log)"
             return 1
         fi
-        pick_local_port $((PORT + 1)) || return 1
+        say "$why; trying $PORT"
     done
 }
 

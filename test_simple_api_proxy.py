@@ -3709,7 +3709,8 @@ sys.exit(int(os.environ.get("STUB_CLAUDE_EXIT", "0")))
 '''
 
 # Stand-in for ssh. With a remote command it runs it here with `sh -c`; with
-# -N -L L:127.0.0.1:R it forwards 127.0.0.1:L to 127.0.0.1:R until SIGTERM.
+# -N -L L:127.0.0.1:R it forwards 127.0.0.1:L to 127.0.0.1:R until SIGTERM. A
+# master connection (-M) and its control commands (-O) just succeed.
 # Knobs: STUB_SSH_UNREACHABLE (exit 255 like a refused connection),
 # STUB_SSH_TUNNEL_FAIL (tunnel exits 255), STUB_SSH_TUNNEL_BLACKHOLE (tunnel
 # accepts and drops connections, so /health never answers).
@@ -3717,7 +3718,7 @@ _LAUNCHER_STUB_SSH = r'''#!/usr/bin/env python3
 import json, os, signal, socket, subprocess, sys, threading
 WITH_ARG = set("BbcDEeFIiJLlmOopQRSWw")
 args = sys.argv[1:]
-i, forward, no_command = 0, None, False
+i, forward, no_command, kind = 0, None, False, "command"
 while i < len(args):
     a = args[i]
     if a == "--":
@@ -3730,18 +3731,26 @@ while i < len(args):
         i += 1 if len(a) > 2 else 2
         if a[1] == "L":
             forward = value
+        if a[1] == "O":
+            kind = "control"
     else:
         no_command = no_command or "N" in a[1:]
+        if "M" in a[1:]:
+            kind = "master"
         i += 1
+if kind == "command" and no_command:
+    kind = "tunnel"
 dest, command = args[i], " ".join(args[i + 1:])
 record_dir = os.environ.get("STUB_SSH_RECORD_DIR")
 if record_dir:
     with open(os.path.join(record_dir, "ssh-%d.json" % os.getpid()), "w") as f:
         json.dump({"pid": os.getpid(), "argv": sys.argv[1:], "dest": dest,
-                   "command": command, "tunnel": no_command}, f)
+                   "command": command, "tunnel": kind == "tunnel", "kind": kind}, f)
 if os.environ.get("STUB_SSH_UNREACHABLE"):
     sys.stderr.write("ssh: connect to host %s port 22: Connection refused\n" % dest)
     sys.exit(255)
+if kind in ("master", "control"):
+    sys.exit(0)
 if not no_command:
     sys.exit(subprocess.call(["sh", "-c", command]))
 lport, _, rport = forward.split(":")
@@ -3880,10 +3889,18 @@ def _launcher_all_prefixed(result):
 
 
 class _LauncherHealthHandler(http.server.BaseHTTPRequestHandler):
+    """/health as the proxy answers it: 200, or 503 when Ollama is not reachable."""
     status = 200
+    instance_id = "5eed1d0000000001"
 
     def do_GET(self):
-        body = json.dumps({"status": "ok" if self.status == 200 else "ollama unreachable"}).encode()
+        ollama = {"url": "http://localhost:11434", "reachable": self.status == 200, "version": "0.33.0",
+                  "models": [LAUNCHER_MODEL_DEFAULT, "qwen3:32b"]}
+        if self.status != 200:
+            ollama = {"url": "http://localhost:11434", "reachable": False,
+                      "error": "cannot reach Ollama at http://localhost:11434"}
+        body = json.dumps({"status": "ok" if self.status == 200 else "degraded", "service": "simple_api_proxy",
+                           "instance_id": self.instance_id, "ollama": ollama}).encode()
         self.send_response(self.status if self.path == "/health" else 404)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -3916,7 +3933,8 @@ class _LauncherSandbox:
         # Only the system binaries the launcher and the stubs need, so nothing
         # from the real machine (a real ssh or claude) can leak in.
         tools = {"python3": sys.executable}
-        for name in ("bash", "sh", "env", "cat", "sleep", "readlink", "curl"):
+        for name in ("bash", "sh", "env", "cat", "sleep", "readlink", "curl", "mktemp", "rm", "find", "wc",
+                     "tr", "sha256sum"):
             found = shutil.which(name)
             if found:
                 tools[name] = found
@@ -3993,9 +4011,12 @@ class _LauncherSandbox:
     def claude_record(self):
         return json.loads(self.claude_out.read_text())
 
-    def ssh_records(self, tunnel=None):
+    def ssh_records(self, tunnel=None, kind=None):
+        """What ssh ran: tunnel=True the tunnels, tunnel=False the box calls; kind picks any."""
         recs = [json.loads(p.read_text()) for p in sorted(self.records.glob("ssh-*.json"))]
-        return [r for r in recs if tunnel is None or r["tunnel"] == tunnel]
+        if tunnel is not None:
+            kind = "tunnel" if tunnel else "command"
+        return [r for r in recs if kind is None or r["kind"] == kind]
 
     def assert_no_tunnel_left(self):
         for rec in self.ssh_records(tunnel=True):
@@ -4077,7 +4098,9 @@ def test_launcher_help_lists_every_flag_and_variable(launcher_sandbox):
                      "CLAUDE_START_CONTEXT_TOKENS", "CLAUDE_START_MAX_OUTPUT_TOKENS",
                      "API_TIMEOUT_MS", "PROXY_API_KEY", "CLAUDE_START_PROXY_SCRIPT",
                      "CLAUDE_START_HEALTH_WAIT", "CLAUDE_START_CONFIG",
-                     "claude_start.env", LAUNCHER_MODEL_DEFAULT):
+                     "claude_start.env", LAUNCHER_MODEL_DEFAULT, "--deploy", "--stop", "--all",
+                     "CLAUDE_START_OLLAMA_INSTALL", "CLAUDE_START_INSTALL_TIMEOUT", "CLAUDE_START_OLLAMA_WAIT",
+                     "CLAUDE_START_PULL_TIMEOUT", "REDIS_URL", "OLLAMA_NUM_CTX", "MODEL_MAP"):
             assert word in result.stdout, word
     assert not launcher_sandbox.ssh_records()
 
@@ -4107,11 +4130,16 @@ def test_launcher_remote_happy_path(launcher_sandbox):
     assert token
     assert env == _launcher_expected_env(local)
 
-    health_calls = sb.ssh_records(tunnel=False)
-    assert len(health_calls) == 1
-    assert health_calls[0]["dest"] == "me@gpu-box"
-    assert "curl" in health_calls[0]["command"]
-    assert "http://127.0.0.1:%d/health" % remote in health_calls[0]["command"]
+    box_calls = sb.ssh_records(tunnel=False)
+    assert len(box_calls) == 1
+    assert box_calls[0]["dest"] == "me@gpu-box"
+    assert "python3" in box_calls[0]["command"]
+    # Box calls share one connection (ControlMaster), closed at the end; the tunnel has its own.
+    master, = sb.ssh_records(kind="master")
+    control = master["argv"][master["argv"].index("-S") + 1]
+    assert box_calls[0]["argv"][box_calls[0]["argv"].index("-S") + 1] == control
+    assert [r["argv"][r["argv"].index("-O") + 1] for r in sb.ssh_records(kind="control")] == ["exit"]
+    assert "keeps running (and billing)" in result.stderr and "--stop --all" in result.stderr
     tunnels = sb.ssh_records(tunnel=True)
     assert len(tunnels) == 1
     argv = tunnels[0]["argv"]
@@ -4170,8 +4198,8 @@ def test_launcher_remote_503_warns_and_continues(launcher_sandbox):
     result = sb.run(["--ssh", "me@gpu-box", "--remote-port", str(remote), "--local-port", str(local)],
                     sb.env())
     assert result.returncode == 0, result.stderr
-    warnings = [line for line in _launcher_all_prefixed(result) if "HTTP 503" in line]
-    assert len(warnings) == 1 and "Ollama" in warnings[0]
+    warnings = [line for line in _launcher_all_prefixed(result) if "Ollama" in line]
+    assert len(warnings) == 1 and "not reachable from the proxy" in warnings[0], result.stderr
     assert sb.claude_record()["health"] == 503
     sb.assert_no_tunnel_left()
 
@@ -4183,7 +4211,6 @@ def test_launcher_health_checks_fall_back_to_python_without_curl(launcher_sandbo
     result = sb.run(["--ssh", "me@gpu-box", "--remote-port", str(remote), "--local-port", str(local)],
                     sb.env(curl=False))
     assert result.returncode == 0, result.stderr
-    assert "python3 -c" in sb.ssh_records(tunnel=False)[0]["command"]
     assert sb.claude_record()["health"] == 200
     sb.assert_no_tunnel_left()
 
@@ -4278,7 +4305,8 @@ def test_launcher_check_all_ok(launcher_sandbox):
                      "--local-port", str(local)], sb.env())
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    names = ["ssh reachable", "remote proxy health", "tunnel", "local health", "claude on PATH"]
+    names = ["ssh reachable", "remote proxy health", "ollama from proxy", "model", "tunnel", "local health",
+             "claude on PATH"]
     assert [line.split(":")[0] for line in lines] == names
     assert all(line.split(":", 1)[1].split()[0] == "ok" for line in lines), result.stdout
     assert not sb.claude_out.exists()
@@ -4413,7 +4441,7 @@ def test_launcher_failure_modes(launcher_sandbox, case):
         "no_host": ["no ssh host", "--ssh", "CLAUDE_START_SSH"],
         "ssh_unreachable": ["cannot reach me@gpu-box", "Connection refused"],
         "remote_down": ["remote proxy down", "python3 simple_api_proxy.py"],
-        "tunnel_refused": ["ssh tunnel", "exited (code 255)", "Could not request local forwarding"],
+        "tunnel_refused": ["ssh tunnel", "5 tried", "Could not request local forwarding", "--local-port"],
         "health_never": ["did not answer", "CLAUDE_START_HEALTH_WAIT"],
     }[case]
     if case == "no_ssh":
@@ -4432,7 +4460,13 @@ def test_launcher_failure_modes(launcher_sandbox, case):
         env = sb.env(STUB_SSH_TUNNEL_BLACKHOLE=1, CLAUDE_START_HEALTH_WAIT=1)
     started = time.monotonic()
     result = sb.run(args, env)
-    line = _launcher_error_line(result)
+    if case == "tunnel_refused":
+        # A refused forward is a port someone else took: the next ports are tried, then it gives up.
+        lines = _launcher_all_prefixed(result)
+        assert result.returncode == 1 and sum("before the tunnel could hold it; trying" in x for x in lines) == 4, result.stderr
+        line = lines[-1]
+    else:
+        line = _launcher_error_line(result)
     for word in expected:
         assert word in line, line
     assert not sb.claude_out.exists()
