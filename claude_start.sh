@@ -407,7 +407,7 @@ wait_for_health() {
         fi
         # ">": SECONDS ticks in whole seconds, so wait at least wait_s.
         ((SECONDS - start > wait_s)) && return 1
-        sleep 0.2
+        sleep 0.1
     done
 }
 
@@ -782,6 +782,17 @@ def start_detached(argv, log_name, env):
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True).pid
 
 
+def exit_status(pid):
+    """How a child of this program ended, in words."""
+    try:
+        _, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return "exit status unknown"
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    return "exit status %d" % os.WEXITSTATUS(status)
+
+
 def installed(name, models):
     return name in models or (":" not in name and name + ":latest" in models)
 
@@ -946,7 +957,8 @@ def step_wait(request, settings, pid):
     status, body = 0, None
     while time.monotonic() < deadline:
         if not process_command(pid):
-            raise Failed("the proxy exited at start; last lines of %s:\n%s" % (path(PROXY_LOG), last_lines(PROXY_LOG)))
+            raise Failed("the proxy exited at start (%s); last lines of %s:\n%s"
+                         % (exit_status(pid), path(PROXY_LOG), last_lines(PROXY_LOG)))
         status, body = proxy_health(port, settings)
         if status == 200 and isinstance(body, dict) and not missing_models(request, body):
             write(PROXY_INSTANCE, body.get("instance_id", ""), 0o644)
@@ -1314,16 +1326,19 @@ start_tunnel_ssh() {
         "${SSH_OPTS[@]}" -- "$SSH_HOST" </dev/null >"$(tunnel_log "$1")" 2>&1 &
 }
 
-# Opens the tunnel on PORT and waits until the box's own proxy (BOX_INSTANCE)
-# answers through it; a port that another launcher's tunnel took first is given
-# up for the next free one. Sets TUNNEL_PID and FAIL_REASON.
+# Opens the tunnel on PORT (unless TUNNEL_PID already runs one) and waits until
+# the box's own proxy (BOX_INSTANCE) answers through it; a port that another
+# launcher's tunnel took first is given up for the next free one. Sets
+# TUNNEL_PID and FAIL_REASON.
 open_tunnel() {
     local rc tries=0 last='' log why
     ssh_common_opts
     while :; do
         log=$(tunnel_log "$PORT")
-        start_tunnel_ssh "$PORT"
-        TUNNEL_PID=$!
+        if [[ -z $TUNNEL_PID ]]; then
+            start_tunnel_ssh "$PORT"
+            TUNNEL_PID=$!
+        fi
         rc=0
         wait_for_health "http://127.0.0.1:$PORT/health" "$HEALTH_WAIT" "$TUNNEL_PID" "$BOX_INSTANCE" || rc=$?
         case $rc in
@@ -1364,7 +1379,11 @@ keep_tunnel() {
         if [[ -n $child ]]; then
             wait "$child" 2>/dev/null || true
         else
-            while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
+            # Not this subshell's child: poll. `wait` on the nap lets TERM in at once.
+            while kill -0 "$pid" 2>/dev/null; do
+                sleep 0.5 &
+                wait $! || true
+            done
         fi
         say "tunnel to $SSH_HOST dropped (see $(tunnel_log "$PORT")); reopening 127.0.0.1:$PORT"
         down_since=$SECONDS
@@ -1381,7 +1400,8 @@ keep_tunnel() {
             if (((SECONDS - down_since) % 30 < 3)); then
                 say "cannot reopen the tunnel to $SSH_HOST yet ($(last_line "$(cat "$(tunnel_log "$PORT")" 2>/dev/null)")); still trying"
             fi
-            sleep 2
+            sleep 2 &
+            wait $! || true
         done
     done
 }
@@ -1390,6 +1410,10 @@ start_remote() {
     [[ -n $SSH_HOST ]] || die "$(no_host_message)"
     have ssh || die "ssh not found on PATH: install the OpenSSH client, or use --local for a proxy on this machine"
     open_master || die "$FAIL_REASON"
+    # The tunnel connects while the box is checked or set up.
+    pick_local_port || die "$FAIL_REASON"
+    start_tunnel_ssh "$PORT"
+    TUNNEL_PID=$!
     if ((DEPLOY)); then
         deploy_box
     else
@@ -1401,7 +1425,6 @@ start_remote() {
         [[ $BOX_INSTANCE != - ]] || BOX_INSTANCE=''
     fi
     close_master
-    pick_local_port || die "$FAIL_REASON"
     open_tunnel || die "$FAIL_REASON"
     warn_status "$HEALTH_CODE" "127.0.0.1:$PORT"
     say "tunnel 127.0.0.1:$PORT -> $SSH_HOST:127.0.0.1:$REMOTE_PORT is up (ssh pid $TUNNEL_PID)"

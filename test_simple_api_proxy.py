@@ -4498,6 +4498,512 @@ def test_launcher_missing_explicit_config_fails(launcher_sandbox):
 
 
 ###############################################################################
+# claude_start.sh --deploy against a real OpenSSH server
+#
+# Each "box" is a real sshd on a free loopback port, in a private mount namespace
+# where /root is a temporary folder (the real home is never touched), with its own
+# host key and an authorized key. The box's PATH (from ~/.ssh/environment) holds a
+# stand-in `ollama` command that serves Ollama's API on the box's own port. The
+# laptop side is the launcher with the real ssh client (through `-F` and a private
+# config) and, where an answer matters, the real Claude Code CLI.
+###############################################################################
+
+_BOX_OLLAMA_COMMAND = r'''#!/usr/bin/env python3
+"""Stand-in `ollama` command: `serve` answers Ollama's HTTP API on $OLLAMA_HOST with one text reply;
+`list`, `pull`, `ps` and `-v` talk to it as the real CLI does. State in ~/.standin-ollama: models (one
+name a line), reply (the answer's text), delay_once (seconds the next chat waits), chats (one line
+per chat)."""
+import http.server, json, os, sys, time, urllib.request
+
+STATE = os.path.expanduser("~/.standin-ollama")
+HOST = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434").replace("http://", "")
+
+
+def state(name, default=""):
+    try:
+        with open(os.path.join(STATE, name)) as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def models():
+    return state("models").split()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def send_json(self, status, value):
+        body = json.dumps(value).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def start_stream(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def chunk(self, value):
+        line = json.dumps(value).encode() + b"\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+        self.wfile.flush()
+
+    def do_GET(self):
+        if self.path == "/api/version":
+            return self.send_json(200, {"version": "0.33.0"})
+        if self.path == "/api/tags":
+            return self.send_json(200, {"models": [{"name": m, "model": m, "size": 4683087332} for m in models()]})
+        if self.path == "/api/ps":
+            return self.send_json(200, {"models": []})
+        self.send_json(404, {"error": "404 page not found"})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        model = body.get("model") or body.get("name")
+        if self.path == "/api/show":
+            if model not in models():
+                return self.send_json(404, {"error": "model '%s' not found" % model})
+            return self.send_json(200, {"capabilities": ["completion", "tools"], "details": {"family": "qwen2"},
+                                        "model_info": {}})
+        if self.path == "/api/pull":
+            self.start_stream()
+            self.chunk({"status": "pulling manifest"})
+            for done in (0, 2341543666, 4683087332):
+                self.chunk({"status": "pulling 6a0746a1ec1a", "digest": "sha256:6a07", "total": 4683087332,
+                            "completed": done})
+            with open(os.path.join(STATE, "models"), "a") as f:
+                f.write(model + "\n")
+            self.chunk({"status": "success"})
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if self.path != "/api/chat" or model not in models():
+            return self.send_json(404, {"error": "model '%s' not found" % model})
+        with open(os.path.join(STATE, "chats"), "a") as f:
+            f.write(model + "\n")
+        delay = state("delay_once").strip()
+        if delay:
+            os.remove(os.path.join(STATE, "delay_once"))
+            time.sleep(float(delay))
+        self.start_stream()
+        base = {"model": model, "created_at": "2026-05-10T08:06:48.123456789Z"}
+        self.chunk(dict(base, message={"role": "assistant", "content": state("reply", "Hello from the box.")},
+                        done=False))
+        self.chunk(dict(base, message={"role": "assistant", "content": ""}, done=True, done_reason="stop",
+                        prompt_eval_count=26, eval_count=7))
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def call(path, body=None):
+    request = urllib.request.Request("http://" + HOST + path, data=json.dumps(body).encode() if body else None)
+    try:
+        return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10)
+    except OSError:
+        sys.exit("Error: could not connect to ollama app, is it running?")
+
+
+args = sys.argv[1:]
+if args[:1] == ["serve"]:
+    host, _, port = HOST.rpartition(":")
+    server = http.server.ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+    server.daemon_threads = True
+    sys.stderr.write("Listening on %s (version 0.33.0)\n" % HOST)
+    sys.stderr.flush()
+    server.serve_forever()
+elif args[:1] == ["-v"]:
+    print("ollama version is 0.33.0")
+elif args[:1] == ["list"]:
+    print("NAME                ID              SIZE      MODIFIED")
+    for m in json.load(call("/api/tags"))["models"]:
+        print("%-20sdae161e27b0e    4.7 GB    2 days ago" % m["name"])
+elif args[:1] == ["ps"]:
+    call("/api/ps")
+    print("NAME    ID    SIZE    PROCESSOR    UNTIL")
+elif args[:1] == ["pull"] and len(args) == 2:
+    for line in call("/api/pull", {"model": args[1]}):
+        print(json.loads(line).get("status"))
+else:
+    sys.exit("Error: unknown command %r" % " ".join(args))
+'''
+
+# Claude Code stand-in for the runs where only the launcher matters: records its pid, then waits.
+_BOX_STUB_CLAUDE = '''#!/bin/sh
+echo $$ > "$STUB_CLAUDE_PIDFILE"
+exec sleep "${STUB_CLAUDE_SLEEP:-0}"
+'''
+
+
+def _pids_in_namespace(namespace):
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink("/proc/%s/ns/mnt" % entry) == namespace:
+                    pids.append(int(entry))
+    return pids
+
+
+class SshBox:
+    """A GPU box stand-in: sshd (root login by key) whose /root is `home`."""
+
+    def __init__(self, lab, name, shell, python_dir=None, ollama_installed=True):
+        self.lab, self.name = lab, name
+        self.root = lab.root / name
+        self.home = self.root / "home"
+        self.folder = self.home / ".simple_api_proxy"
+        self.state = self.home / ".standin-ollama"
+        self.install_bin = self.root / "install-bin"  # where the "installer" puts ollama
+        self.ssh_port, self.ollama_port, self.proxy_port = free_port(), free_port(), free_port()
+        (self.home / ".ssh").mkdir(parents=True)
+        self.install_bin.mkdir()
+        shutil.copy(lab.key.with_suffix(".pub"), self.home / ".ssh" / "authorized_keys")
+        path = [str(self.install_bin)] + ([str(lab.ollama_bin)] if ollama_installed else [])
+        path += ([python_dir] if python_dir else []) + ["/usr/local/bin", "/usr/bin", "/bin"]
+        (self.home / ".ssh" / "environment").write_text(
+            "PATH=%s\nOLLAMA_HOST=127.0.0.1:%d\n" % (":".join(path), self.ollama_port))
+        passwd = "".join(re.sub(r"^(root:[^:]*:0:0:[^:]*:/root):[^:\n]*$", r"\1:" + shell, line)
+                         for line in Path("/etc/passwd").read_text().splitlines(True))
+        (self.root / "passwd").write_text(passwd)
+        host_key = self.root / "host_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+        (self.root / "sshd_config").write_text(
+            "Port %d\nListenAddress 127.0.0.1\nHostKey %s\nPidFile none\nAuthorizedKeysFile .ssh/authorized_keys\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+            "PermitUserEnvironment yes\nStrictModes no\nUsePAM no\nLogLevel ERROR\nMaxSessions 50\n"
+            "MaxStartups 50\n" % (self.ssh_port, host_key))
+        # sshd wants /run/sshd, which only its system service creates: a private /run if it is missing.
+        setup = ("[ -d /run/sshd ] || { mount -t tmpfs tmpfs /run && mkdir /run/sshd; } && "
+                 "mount --bind %s /root && mount --bind %s /etc/passwd && exec %s -D -e -f %s"
+                 % (self.home, self.root / "passwd", lab.sshd, self.root / "sshd_config"))
+        self.sshd = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", setup],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.root / "sshd.log", "w"))
+        deadline = time.monotonic() + 20
+        while not self._listening():
+            assert self.sshd.poll() is None and time.monotonic() < deadline, (self.root / "sshd.log").read_text()
+            time.sleep(0.05)
+        self.namespace = os.readlink("/proc/%d/ns/mnt" % self.sshd.pid)
+        self.reset()
+
+    def _listening(self):
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", self.ssh_port)) == 0
+
+    def reset(self, models=(MODEL,)):
+        """A bare box: Ollama installed (or not) but stopped, no proxy, nothing deployed."""
+        self.kill_processes()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        shutil.rmtree(self.state, ignore_errors=True)
+        for item in self.install_bin.iterdir():
+            item.unlink()
+        self.state.mkdir()
+        (self.state / "models").write_text("".join(m + "\n" for m in models))
+        (self.state / "reply").write_text("Answer from box %s." % self.name)
+
+    def kill_processes(self):
+        """Everything the box runs (proxy, ollama serve, sessions) but its sshd."""
+        for pid in _pids_in_namespace(self.namespace):
+            if pid != self.sshd.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def pid(self, name):
+        path = self.folder / name
+        return int(path.read_text()) if path.exists() else None
+
+    def stop(self):
+        self.kill_processes()
+        self.sshd.kill()
+        self.sshd.wait(timeout=10)
+
+
+class SshLab:
+    """The laptop: an ssh config naming the boxes, a key, and the launcher's environment."""
+
+    def __init__(self, root):
+        self.root = root
+        self.sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        self.laptop = root / "laptop"
+        for d in ("bin", "stub-bin", "home", "tmp", "ollama-bin"):
+            (self.laptop / d).mkdir(parents=True, exist_ok=True)
+        self.key = self.laptop / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
+        self.ollama_bin = self.laptop / "ollama-bin"
+        ollama = self.ollama_bin / "ollama"
+        ollama.write_text(_BOX_OLLAMA_COMMAND)
+        ollama.chmod(0o755)
+        self.boxes = {"a": SshBox(self, "a", "/bin/sh"),
+                      "b": SshBox(self, "b", "/bin/bash", python_dir=str(Path(sys.executable).parent),
+                                  ollama_installed=False)}
+        config = ""
+        for box in self.boxes.values():
+            config += ("Host box-{n}\n  HostName 127.0.0.1\n  Port {p}\n  User root\n  IdentityFile {k}\n"
+                       "  UserKnownHostsFile {kh}\n  BatchMode yes\n\n").format(
+                           n=box.name, p=box.ssh_port, k=self.key, kh=self.laptop / "known_hosts")
+        (self.laptop / "ssh_config").write_text(config)
+        wrapper = "#!/bin/sh\nexec %s -F %s \"$@\"\n" % (shutil.which("ssh"), self.laptop / "ssh_config")
+        for d in ("bin", "stub-bin"):
+            (self.laptop / d / "ssh").write_text(wrapper)
+            (self.laptop / d / "ssh").chmod(0o755)
+        (self.laptop / "stub-bin" / "claude").write_text(_BOX_STUB_CLAUDE)
+        (self.laptop / "stub-bin" / "claude").chmod(0o755)
+        self.procs = []
+
+    def env(self, real_claude=False, **extra):
+        bin_dir = self.laptop / ("bin" if real_claude else "stub-bin")
+        if real_claude:
+            target = self.laptop / "bin" / "claude"
+            if not target.exists():
+                target.symlink_to(claude_code_binary())
+        env = {"PATH": "%s:%s" % (bin_dir, os.environ["PATH"]), "HOME": str(self.laptop / "home"),
+               "TMPDIR": str(self.laptop / "tmp"), "LANG": "C.UTF-8", "TERM": "dumb",
+               "STUB_CLAUDE_PIDFILE": str(self.laptop / "claude.pid")}
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def start(self, box, *args, env=None):
+        proc = subprocess.Popen([str(LAUNCHER_SCRIPT), "--ssh", "box-" + box.name,
+                                 "--remote-port", str(box.proxy_port), *args],
+                                env=env or self.env(), cwd=self.laptop, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, box, *args, env=None, timeout=90):
+        proc = self.start(box, *args, env=env)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail("claude_start.sh timed out\nstdout:\n%s\nstderr:\n%s" % (out, err))
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def cleanup(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+        self.procs = []
+
+
+@pytest.fixture(scope="module")
+def ssh_lab(tmp_path_factory):
+    need(hasattr(os, "geteuid") and os.geteuid() == 0, "the box tests run sshd in a mount namespace (need root)")
+    for tool in ("unshare", "ssh", "ssh-keygen"):
+        need(shutil.which(tool), "%s is not installed (openssh-client, util-linux)" % tool)
+    need(shutil.which("sshd") or os.access("/usr/sbin/sshd", os.X_OK), "sshd is not installed (openssh-server)")
+    lab = SshLab(tmp_path_factory.mktemp("ssh-lab"))
+    try:
+        yield lab
+    finally:
+        lab.cleanup()
+        for box in lab.boxes.values():
+            box.stop()
+
+
+@pytest.fixture
+def lab(ssh_lab):
+    for box in ssh_lab.boxes.values():
+        box.reset()
+    yield ssh_lab
+    ssh_lab.cleanup()
+
+
+def _box_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("claude_start: ")]
+
+
+def _process_alive(pid):
+    return pid is not None and _launcher_pid_alive(pid)
+
+
+def test_deploy_bare_box_to_an_answer_then_keep_or_restart_the_proxy(lab, tmp_path):
+    box = lab.boxes["a"]
+    settings = dict(OLLAMA_NUM_CTX="16384", PROXY_API_KEY="box-key-123", REDIS_URL="redis://127.0.0.1:1/0")
+    result = lab.run(box, "--deploy", "--", "-p", "say hello", env=lab.env(real_claude=True, **settings))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Answer from box a."
+    assert "started ollama serve" in result.stderr and "started the proxy" in result.stderr
+    assert "keeps running (and billing)" in result.stderr
+    # What it leaves on the box: the file, a private env file, logs, pidfiles, the instance id.
+    assert (box.folder / "simple_api_proxy.py").read_bytes() == (HERE / "simple_api_proxy.py").read_bytes()
+    env_file = box.folder / "proxy.env"
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    assert {"OLLAMA_NUM_CTX=16384", "PROXY_API_KEY=box-key-123", "API_PORT=%d" % box.proxy_port,
+            "OLLAMA_MODEL=%s" % MODEL} <= set(env_file.read_text().splitlines())
+    pid = box.pid("proxy.pid")
+    assert _process_alive(pid) and _process_alive(box.pid("ollama.pid"))
+    assert "box-key-123" not in Path("/proc/%d/cmdline" % pid).read_text()
+    assert (box.folder / "proxy.log").exists() and (box.folder / "ollama.log").exists()
+    assert len((box.folder / "proxy.instance").read_text().strip()) == 16
+    # The box's python3 is Debian's (PEP 668), without redis-py: say how to get it.
+    advice = [line for line in _box_lines(result) if "redis-py is missing" in line]
+    assert advice and all(w in advice[0] for w in ("pip install --user redis", "python3-redis",
+                                                   "--break-system-packages", "memory cache"))
+
+    # The same file and settings again: the running proxy is left alone.
+    again = lab.run(box, "--deploy", env=lab.env(**settings))
+    assert again.returncode == 0, again.stderr
+    assert "already running" in again.stderr and box.pid("proxy.pid") == pid and _process_alive(pid)
+    assert "copying" not in again.stderr
+
+    # A changed file: copied and the proxy restarted gracefully.
+    changed = tmp_path / "simple_api_proxy.py"
+    changed.write_text((HERE / "simple_api_proxy.py").read_text() + "\n# a newer version\n")
+    third = lab.run(box, "--deploy", env=lab.env(CLAUDE_START_PROXY_SCRIPT=changed, **settings))
+    assert third.returncode == 0, third.stderr
+    assert "copying simple_api_proxy.py" in third.stderr and "restarting the proxy" in third.stderr
+    assert box.pid("proxy.pid") != pid and not _process_alive(pid) and _process_alive(box.pid("proxy.pid"))
+    assert (box.folder / "simple_api_proxy.py").read_text() == changed.read_text()
+
+
+def test_deploy_installs_ollama_pulls_the_model_and_names_a_port_holder(lab, tmp_path):
+    box = lab.boxes["b"]  # bash login shell, no ollama on PATH, no model
+    box.reset(models=())
+    installer = tmp_path / "install.sh"
+    installer.write_text("echo '>>> Installing ollama to %s'\ncp %s %s/\n"
+                         % (box.install_bin, lab.ollama_bin / "ollama", box.install_bin))
+    env = lab.env(CLAUDE_START_OLLAMA_INSTALL="sh %s" % installer, MODEL_MAP="haiku=llama3.2:3b",
+                  REDIS_URL="redis://127.0.0.1:%d/0" % free_port())
+    result = lab.run(box, "--deploy", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "installing it: sh %s" % installer in result.stderr and "Installing ollama" in result.stderr
+    for model in (MODEL, "llama3.2:3b"):
+        assert "pulling %s" % model in result.stderr and "%s: success" % model in result.stderr
+    assert "pulling 6a0746a1ec1a 0% of 4.7 GB" in result.stderr
+    assert set((box.state / "models").read_text().split()) == {MODEL, "llama3.2:3b"}
+
+    # --check: all good but Redis, which is a warning, not a failure.
+    check = lab.run(box, "--check", env=env)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "redis:" in check.stdout and "warning" in check.stdout.split("redis:")[1].splitlines()[0]
+
+    # Something else on the proxy's port: a clear error naming it.
+    lab.run(box, "--stop", env=env)
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", box.proxy_port))
+        squatter.listen(1)
+        taken = lab.run(box, "--deploy", env=env)
+    assert taken.returncode == 1
+    assert "port %d on the box is held by pid %d" % (box.proxy_port, os.getpid()) in taken.stderr
+
+
+def test_check_reports_ollama_down_and_a_missing_model(lab):
+    box = lab.boxes["a"]
+    assert lab.run(box, "--deploy").returncode == 0
+    os.kill(box.pid("ollama.pid"), signal.SIGKILL)
+    down = lab.run(box, "--check")
+    assert down.returncode == 1
+    assert "ollama from proxy:   failed (Ollama not reachable from the proxy" in down.stdout, down.stdout
+    assert "ollama serve" in down.stdout and "--deploy" in down.stdout
+
+    assert lab.run(box, "--deploy").returncode == 0  # Ollama started again
+    missing = lab.run(box, "--check", "--model", "qwen3-coder:30b")
+    assert missing.returncode == 1
+    assert ("model:               failed (model qwen3-coder:30b not installed "
+            "(run: ollama pull qwen3-coder:30b, or use --deploy))") in missing.stdout, missing.stdout
+
+    stopped = lab.run(box, "--stop")
+    assert stopped.returncode == 0 and "proxy stopped" in stopped.stderr
+    nothing = lab.run(box, "--check")
+    assert nothing.returncode == 1 and "remote proxy health: failed (nothing answers" in nothing.stdout
+
+
+def test_tunnel_killed_mid_request_is_reopened_and_the_session_answers(lab):
+    box = lab.boxes["a"]
+    assert lab.run(box, "--deploy").returncode == 0
+    (box.state / "delay_once").write_text("30")
+    launcher = lab.start(box, "--", "-p", "say hello", env=lab.env(real_claude=True))
+    chats = box.state / "chats"
+    assert _launcher_wait_until(lambda: chats.exists() and chats.read_text().count("\n") == 1, 60)
+    tunnels = [pid for pid in _pids_with_parent(launcher.pid) if "-L" in _cmdline(pid)]
+    assert len(tunnels) == 1
+    os.kill(tunnels[0], signal.SIGKILL)
+    out, err = launcher.communicate(timeout=90)
+    assert launcher.returncode == 0, err
+    assert out.strip() == "Answer from box a."
+    assert "dropped" in err and "reopened" in err
+
+
+def _cmdline(pid):
+    with contextlib.suppress(OSError):
+        return Path("/proc/%d/cmdline" % pid).read_bytes().replace(b"\0", b" ").decode()
+    return ""
+
+
+def _pids_with_parent(parent):
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int(Path("/proc/%s/stat" % entry).read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    pids.append(int(entry))
+    return pids
+
+
+def test_two_launchers_at_once_each_reach_their_own_box(lab):
+    a, b = lab.boxes["a"], lab.boxes["b"]
+    (b.install_bin / "ollama").symlink_to(lab.ollama_bin / "ollama")
+    for box in (a, b):
+        assert lab.run(box, "--deploy").returncode == 0
+    local = free_port()
+    runs = [lab.start(box, "--local-port", str(local), "--", "-p", "which box?", env=lab.env(real_claude=True))
+            for box in (a, b)]
+    results = [run.communicate(timeout=90) for run in runs]
+    for box, run, (out, err) in zip((a, b), runs, results):
+        assert run.returncode == 0, err
+        assert out.strip() == "Answer from box %s." % box.name
+
+
+def test_stop_all_and_sigterm_clean_up(lab):
+    box = lab.boxes["a"]
+    launcher = lab.start(box, "--deploy", env=lab.env(STUB_CLAUDE_SLEEP=60))
+    pidfile = lab.laptop / "claude.pid"
+    with contextlib.suppress(FileNotFoundError):
+        pidfile.unlink()
+    assert _launcher_wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 60)
+    claude = int(pidfile.read_text())
+    tunnels = [pid for pid in _pids_with_parent(launcher.pid) if "-L" in _cmdline(pid)]
+    launcher.send_signal(signal.SIGTERM)
+    launcher.communicate(timeout=20)
+    assert launcher.returncode == 143
+    assert tunnels and _launcher_wait_until(lambda: not any(map(_process_alive, tunnels + [claude])), 5)
+
+    proxy, ollama = box.pid("proxy.pid"), box.pid("ollama.pid")
+    assert _process_alive(proxy)  # the box keeps serving after the laptop leaves
+    result = lab.run(box, "--stop", "--all")
+    assert result.returncode == 0, result.stderr
+    assert "proxy stopped" in result.stderr and "ollama serve stopped" in result.stderr
+    assert not _process_alive(proxy) and not _process_alive(ollama)
+
+
+def test_changed_host_key_says_how_to_clear_it(lab):
+    box = lab.boxes["a"]
+    known = lab.laptop / "known_hosts"
+    saved = known.read_text() if known.exists() else ""
+    other = lab.laptop / "other_key"
+    if not other.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    try:
+        known.write_text("[127.0.0.1]:%d %s" % (box.ssh_port, other.with_suffix(".pub").read_text()))
+        result = lab.run(box, "--check")
+    finally:
+        known.write_text(saved)
+    assert result.returncode == 1
+    assert "host key" in result.stdout and "ssh-keygen -R '[127.0.0.1]:%d'" % box.ssh_port in result.stdout
+
+
+###############################################################################
 # The proxy as the launcher meets it on a box: one instance id per run, a taken port
 ###############################################################################
 
