@@ -703,7 +703,8 @@ def process_command(pid):
             if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
                 return ""
         with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+            # Empty for a moment while the process execs.
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip() or "pid %d" % pid
     except (OSError, IndexError):
         pass
     try:
