@@ -1350,7 +1350,9 @@ open_tunnel() {
                 last=''
                 [[ -r $log ]] && last=$(last_line "$(<"$log")")
                 last=${last%.}
-                if [[ $last != *"forwarding"* && $last != *"Address already in use"* ]]; then
+                # ssh says "bind [127.0.0.1]:PORT: Address already in use" when another
+                # process took the port since it was found free; other refusals are final.
+                if [[ ! -r $log || $(<"$log") != *"Address already in use"* ]]; then
                     FAIL_REASON="ssh tunnel to $(ssh_target) exited (code $rc)${last:+: $last}; check that you can run: ssh ${SSH_PORT:+-p $SSH_PORT }-N -L $PORT:127.0.0.1:$REMOTE_PORT $SSH_HOST (log: $log)"
                     return 1
                 fi
