@@ -1252,7 +1252,7 @@ write_proxy_env() {
 
 # Sets the box up (see --help: --deploy). Sets BOX_INSTANCE.
 deploy_box() {
-    local env_file=$RUN_DIR/proxy.env request=$RUN_DIR/request json hashes seconds started=$SECONDS
+    local env_file=$RUN_DIR/proxy.env request=$RUN_DIR/request json hashes seconds
     [[ -f $PROXY_SCRIPT ]] || die "proxy script $PROXY_SCRIPT not found: set CLAUDE_START_PROXY_SCRIPT to simple_api_proxy.py"
     (umask 077 && write_proxy_env "$env_file") || exit 1
     hashes="{\"simple_api_proxy.py\": \"$(sha256_of "$PROXY_SCRIPT")\", \"proxy.env\": \"$(sha256_of "$env_file")\"}"
@@ -1281,7 +1281,7 @@ deploy_box() {
     rm -f "$env_file" "$request"
     [[ -n $BOX_READY ]] || die "deploy failed: the box did not report the proxy ready"
     BOX_INSTANCE=${BOX_READY%% *}
-    say "box ready in $((SECONDS - started)) s: proxy pid ${BOX_READY#* }, instance $BOX_INSTANCE, log ~/.simple_api_proxy/proxy.log"
+    say "box ready: proxy pid ${BOX_READY#* }, instance $BOX_INSTANCE, log ~/.simple_api_proxy/proxy.log"
 }
 
 # box_step JSON: a box call that only looks or stops.

@@ -4982,6 +4982,12 @@ def test_stop_all_and_sigterm_clean_up(lab):
     assert "proxy stopped" in result.stderr and "ollama serve stopped" in result.stderr
     assert not _process_alive(proxy) and not _process_alive(ollama)
 
+    # README's on-start line brings both back after a container restart, and returns.
+    onstart = subprocess.run([str(lab.laptop / "bin" / "ssh"), "box-a", "python3 /root/.simple_api_proxy/box.py"],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert onstart.returncode == 0 and "@ready" in onstart.stdout, onstart.stdout + onstart.stderr
+    assert _process_alive(box.pid("proxy.pid")) and _process_alive(box.pid("ollama.pid"))
+
 
 def test_changed_host_key_says_how_to_clear_it(lab):
     box = lab.boxes["a"]

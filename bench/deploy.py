@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""How long `claude_start.sh --deploy` takes on the box side: first deploy to a bare box, then repeats.
+
+    python3 bench/deploy.py             # 1 first deploy, 5 repeats
+    python3 bench/deploy.py --repeats 10 --transcript
+
+It uses the tests' boxes (needs root, sshd, unshare): a real OpenSSH server on a loopback port in a
+private mount namespace, with the stand-in `ollama` command on its PATH (installed, stopped), and the
+real ssh client on the laptop side. Claude Code is a stand-in that exits at once, so the time is
+the launcher's own.
+
+For each run it reports, from the launcher's start:
+  box part   until the box reports the proxy ready (ssh connection, copy if needed, Ollama, model,
+             proxy, /health): what issue 9 bounds at 3 s for a repeat;
+  tunnel     until the tunnel answers with the box's proxy instance;
+  total      until the launcher exits (after closing the tunnel).
+Loopback has no network latency: on a real link add about 2 round trips for the box part (one to
+connect, one per box call) and 2 for the tunnel.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import test_simple_api_proxy as tests  # noqa: E402  (the tests' sshd boxes and stand-in ollama)
+
+
+def timed_deploy(lab, box):
+    """Runs one --deploy; returns (seconds to box ready, to tunnel up, to exit) and the transcript."""
+    started = time.monotonic()
+    proc = subprocess.Popen([str(tests.LAUNCHER_SCRIPT), "--ssh", "box-" + box.name, "--remote-port",
+                             str(box.proxy_port), "--deploy"], env=lab.env(), cwd=lab.laptop,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marks, transcript = {}, []
+    for line in proc.stderr:
+        now = time.monotonic() - started
+        transcript.append("%6.2f s  %s" % (now, line.rstrip()))
+        if "box ready" in line:
+            marks["box"] = now
+        elif "is up (ssh pid" in line:
+            marks["tunnel"] = now
+    proc.wait()
+    if proc.returncode != 0 or len(marks) != 2:
+        sys.exit("deploy failed:\n" + "\n".join(transcript))
+    return (marks["box"], marks["tunnel"], time.monotonic() - started), transcript
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="repeat deploys after the first (default 5)")
+    parser.add_argument("--transcript", action="store_true", help="print what the launcher said, timed")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("bench/deploy.py runs sshd in a mount namespace: run it as root")
+    with tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
+        lab = tests.SshLab(Path(tmp))
+        try:
+            box = lab.boxes["a"]
+            box.reset()
+            first, transcript = timed_deploy(lab, box)
+            if args.transcript:
+                print("first deploy (bare box: Ollama installed but stopped, no proxy):")
+                print("\n".join(transcript))
+            repeats = []
+            for number in range(args.repeats):
+                times, transcript = timed_deploy(lab, box)
+                repeats.append(times)
+                if args.transcript and number == 0:
+                    print("\nrepeat deploy:")
+                    print("\n".join(transcript))
+        finally:
+            lab.cleanup()
+            for each in lab.boxes.values():
+                each.stop()
+    print("\n%-22s %9s %9s %9s" % ("", "box part", "tunnel", "total"))
+    print("%-22s %8.2fs %8.2fs %8.2fs" % ("first deploy", *first))
+    if repeats:
+        for label, pick in (("repeat, median", statistics.median), ("repeat, max", max)):
+            print("%-22s %8.2fs %8.2fs %8.2fs" % ((label,) + tuple(pick(r[i] for r in repeats) for i in range(3))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
