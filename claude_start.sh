@@ -72,7 +72,7 @@ except Exception:
 
 # Filled by parse_args / resolve_settings.
 MODE=remote
-CHECK=0 DEPLOY=0 STOP=0 STOP_ALL=0
+CHECK=0 DEPLOY=0 STOP=0 STOP_ALL=0 LEAN=0
 LAUNCH_ARGS=()
 OPT_SSH='' OPT_SSH_PORT='' OPT_REMOTE_PORT='' OPT_LOCAL_PORT='' OPT_MODEL='' OPT_CONFIG=''
 CLAUDE_ARGS=()
@@ -111,7 +111,7 @@ usage() {
     cat <<EOF
 Usage: claude_start.sh [--ssh USER@HOST] [--ssh-port P] [--remote-port 8000]
                        [--local-port 8001] [--model NAME] [--config FILE]
-                       [--deploy | --stop [--all] | --local | --check]
+                       [--deploy | --stop [--all] | --local | --check] [--lean]
                        [-- CLAUDE_ARGS...]
 
 Start Claude Code against simple_api_proxy.py (Anthropic Messages API -> Ollama).
@@ -145,6 +145,9 @@ Options (each has a variable; flag > environment > config file > default):
   --model NAME        CLAUDE_START_MODEL          model for claude ($DEFAULT_MODEL)
   --config FILE       CLAUDE_START_CONFIG         settings file (default
                                                   ~/.config/simple_api_proxy/claude_start.env)
+  --lean              leave out Claude Code tools a local model rarely uses well
+                      (agents, skills, workflows, scheduling, web, notebooks,
+                      worktrees): a prompt about a third the size; see README
   -h, --help          show this help
   --                  everything after it is passed to claude
 
@@ -172,8 +175,10 @@ Claude Code gets ANTHROPIC_BASE_URL=http://127.0.0.1:PORT, ANTHROPIC_AUTH_TOKEN,
 ANTHROPIC_MODEL and ANTHROPIC_DEFAULT_{HAIKU,SONNET,OPUS}_MODEL (and
 ANTHROPIC_SMALL_FAST_MODEL) = the model, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1,
 DISABLE_TELEMETRY=1, CLAUDE_CODE_ATTRIBUTION_HEADER=0, API_TIMEOUT_MS,
-CLAUDE_CODE_MAX_CONTEXT_TOKENS and CLAUDE_CODE_MAX_OUTPUT_TOKENS, and runs as
-  claude --model MODEL [CLAUDE_ARGS...]
+CLAUDE_CODE_MAX_CONTEXT_TOKENS and CLAUDE_CODE_MAX_OUTPUT_TOKENS, output limits a
+quarter of the window unless already set (CLAUDE_CODE_FILE_READ_MAX_OUTPUT_TOKENS,
+MAX_MCP_OUTPUT_TOKENS in tokens, BASH_MAX_OUTPUT_LENGTH in characters), and runs as
+  claude --model MODEL [--disallowedTools ... with --lean] [CLAUDE_ARGS...]
 Its exit status is returned.
 
 Examples:
@@ -203,6 +208,7 @@ parse_args() {
             --deploy) DEPLOY=1 ;;
             --stop) STOP=1 ;;
             --all) STOP_ALL=1 ;;
+            --lean) LEAN=1 ;;
             --ssh | --ssh-port | --remote-port | --local-port | --model | --config | \
                 --ssh=* | --ssh-port=* | --remote-port=* | --local-port=* | --model=* | --config=*)
                 if [[ $flag == *=* ]]; then
@@ -1509,13 +1515,24 @@ run_claude() {
     export API_TIMEOUT_MS="$TIMEOUT_MS"
     export CLAUDE_CODE_MAX_CONTEXT_TOKENS="$CONTEXT_TOKENS"
     export CLAUDE_CODE_MAX_OUTPUT_TOKENS="$MAX_OUTPUT_TOKENS"
+    # One file read, command output or MCP result at most a quarter of the
+    # window (Claude Code's defaults, 25k tokens a read, outgrow a 32k window);
+    # values the user set win.
+    export CLAUDE_CODE_FILE_READ_MAX_OUTPUT_TOKENS="${CLAUDE_CODE_FILE_READ_MAX_OUTPUT_TOKENS:-$((CONTEXT_TOKENS / 4))}"
+    export MAX_MCP_OUTPUT_TOKENS="${MAX_MCP_OUTPUT_TOKENS:-$((CONTEXT_TOKENS / 4))}"
+    export BASH_MAX_OUTPUT_LENGTH="${BASH_MAX_OUTPUT_LENGTH:-$((CONTEXT_TOKENS * 3 / 4))}"
+    local claude_args=(--model "$MODEL")
+    if ((LEAN)); then
+        claude_args+=(--disallowedTools "Agent,ListAgents,ReportFindings,ScheduleWakeup,Skill,Workflow,ToolSearch,\
+CronCreate,CronDelete,CronList,EnterWorktree,ExitWorktree,Monitor,NotebookEdit,SendMessage,TaskStop,WebFetch,WebSearch")
+    fi
     # Claude Code runs in the background with this terminal as its input, so
     # that `wait` returns at once when a signal comes (bash runs traps only
     # between commands) and the signal is forwarded (see on_signal). It stays in
     # the terminal's process group, so it still owns the screen and keyboard.
     # No exec: the EXIT trap must still run.
     : >"$RUN_DIR/claude.started"
-    claude --model "$MODEL" ${CLAUDE_ARGS[@]+"${CLAUDE_ARGS[@]}"} <&0 &
+    claude "${claude_args[@]}" ${CLAUDE_ARGS[@]+"${CLAUDE_ARGS[@]}"} <&0 &
     CLAUDE_PID=$!
     if [[ -n $TUNNEL_PID ]]; then
         keep_tunnel &

@@ -3693,7 +3693,7 @@ _LAUNCHER_STUB_CLAUDE = r'''#!/usr/bin/env python3
 import json, os, sys, time, urllib.error, urllib.request
 names = sorted(k for k in os.environ
                if k.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))
-               or k in ("API_TIMEOUT_MS", "DISABLE_TELEMETRY"))
+               or k in ("API_TIMEOUT_MS", "DISABLE_TELEMETRY", "BASH_MAX_OUTPUT_LENGTH", "MAX_MCP_OUTPUT_TOKENS"))
 record = {"argv": sys.argv[1:], "env": {k: os.environ[k] for k in names}}
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 try:
@@ -4066,6 +4066,9 @@ def _launcher_expected_env(port, model=LAUNCHER_MODEL_DEFAULT, context="32768",
         "API_TIMEOUT_MS": timeout,
         "CLAUDE_CODE_MAX_CONTEXT_TOKENS": context,
         "CLAUDE_CODE_MAX_OUTPUT_TOKENS": output,
+        "CLAUDE_CODE_FILE_READ_MAX_OUTPUT_TOKENS": str(int(context) // 4),
+        "MAX_MCP_OUTPUT_TOKENS": str(int(context) // 4),
+        "BASH_MAX_OUTPUT_LENGTH": str(int(context) * 3 // 4),
     }
 
 
@@ -4092,7 +4095,7 @@ def test_launcher_help_lists_every_flag_and_variable(launcher_sandbox):
         result = launcher_sandbox.run([flag], launcher_sandbox.env())
         assert result.returncode == 0, result.stderr
         for word in ("--ssh", "--ssh-port", "--remote-port", "--local-port", "--local",
-                     "--check", "--model", "--config", "--help", "--",
+                     "--check", "--model", "--config", "--help", "--", "--lean",
                      "CLAUDE_START_SSH", "CLAUDE_START_SSH_PORT", "CLAUDE_START_REMOTE_PORT",
                      "CLAUDE_START_LOCAL_PORT", "CLAUDE_START_MODEL",
                      "CLAUDE_START_CONTEXT_TOKENS", "CLAUDE_START_MAX_OUTPUT_TOKENS",
@@ -4248,6 +4251,25 @@ def test_launcher_local_uses_running_proxy_and_leaves_it(launcher_sandbox):
     assert running.poll() is None
     assert _launcher_http_status(port) == 200
     assert not sb.ssh_records()
+
+
+def test_launcher_lean_leaves_out_tools_and_user_output_limits_win(launcher_sandbox):
+    sb = launcher_sandbox
+    port = _launcher_free_port()
+    running = sb.local_proxy(port)
+    result = sb.run(["--local", "--local-port", str(port), "--lean", "--", "-p", "hi"],
+                    sb.env(ssh=False, CLAUDE_START_PROXY_SCRIPT=sb.root / "missing.py",
+                           CLAUDE_CODE_FILE_READ_MAX_OUTPUT_TOKENS="5000"))
+    assert result.returncode == 0, result.stderr
+    rec = sb.claude_record()
+    argv = rec["argv"]
+    assert argv[:3] == ["--model", LAUNCHER_MODEL_DEFAULT, "--disallowedTools"] and argv[4:] == ["-p", "hi"]
+    left_out = argv[3].split(",")
+    assert {"Agent", "Workflow", "ToolSearch", "WebFetch", "NotebookEdit"} <= set(left_out)
+    assert not {"Bash", "Read", "Edit", "Write"} & set(left_out)
+    assert rec["env"]["CLAUDE_CODE_FILE_READ_MAX_OUTPUT_TOKENS"] == "5000"
+    assert rec["env"]["MAX_MCP_OUTPUT_TOKENS"] == "8192"
+    assert running.poll() is None
 
 
 def test_launcher_local_starts_proxy_and_stops_it(launcher_sandbox):
