@@ -5156,6 +5156,7 @@ def test_benchmark_smoke_run_completes():
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| cache hit, memory tier |" in result.stdout and "every scenario completed without errors" in result.stdout
+    assert "| two Ollama hosts vs one" in result.stdout and "metrics: recording one request" in result.stdout
 
 
 def test_soak_short_run_passes():

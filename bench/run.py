@@ -501,6 +501,71 @@ def measure(scenario, seconds, rounds, standin, standin_port):
     return figures
 
 
+# --- several Ollama hosts, and what metrics cost -------------------------------------------
+
+HOSTS_CONNECTIONS = 16
+HOSTS_PARALLEL = 4  # generations each stand-in runs at once, as OLLAMA_NUM_PARALLEL=4 on a GPU
+
+
+def measure_hosts(seconds, log_dir):
+    """Throughput of one proxy in front of one stand-in Ollama and of one in front of two, 16
+    clients streaming 100 tokens at 5 ms. Each stand-in generates HOSTS_PARALLEL replies at once and
+    queues the rest, as a GPU does; without that limit one stand-in would serve every client at once
+    and a second host could not add anything."""
+    processes = []
+    try:
+        standin_ports = []
+        for index in range(2):
+            port = free_port()
+            process = Process(f"standin-host{index}", [sys.executable, str(STANDIN_SCRIPT), "--port", str(port),
+                                                        "--tokens", "100", "--delay-ms", "5",
+                                                        "--parallel", str(HOSTS_PARALLEL)], log_dir)
+            processes.append(process)
+            wait_until_ready(process, port, "/api/version")
+            standin_ports.append(port)
+        figures = {}
+        for hosts in (1, 2):
+            port = free_port()
+            ollama_host = ",".join(f"{HOST}:{p}" for p in standin_ports[:hosts])
+            process = Process(f"proxy-{hosts}-hosts", [sys.executable, str(PROXY_SCRIPT)], log_dir,
+                              env=proxy_env(port, standin_ports[0], OLLAMA_HOST=ollama_host, OLLAMA_WARMUP="off"))
+            processes.append(process)
+            wait_until_ready(process, port, "/health")
+            make_request = request_factory("POST", "/v1/messages", f"{HOST}:{port}",
+                                           messages_request(f"Say hello {NUMBER}", stream=True),
+                                           payloads.JSON_HEADERS, unique=True)
+            result = asyncio.run(run_load(HOST, port, make_request,
+                                          Expectation(100, stream=True, cache="MISS"),
+                                          connections=HOSTS_CONNECTIONS, seconds=seconds, warmup=1,
+                                          max_requests=MAX_REQUESTS_PER_CONNECTION, timeout=REQUEST_TIMEOUT))
+            figures[hosts] = result.summary()
+        return figures
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+def measure_metrics_cost(process, port, scrapes=50, records=200_000):
+    """The metrics' share of a request: one request recorded, timed in this process with the
+    proxy's own code; and the proxy's CPU for answering one GET /metrics."""
+    sys.path.insert(0, str(PROXY_SCRIPT.parent))
+    import simple_api_proxy
+
+    metrics = simple_api_proxy.Metrics(simple_api_proxy.load_config([], {}))
+    began = time.perf_counter()
+    for _ in range(records):
+        metrics.request_done("messages", 200, "qwen2.5-coder:7b", 0.0123, 0.0042, 26, 100)
+    record_us = (time.perf_counter() - began) / records * 1e6
+    cpu = CpuMeter(process)
+    cpu.start()
+    for _ in range(scrapes):
+        status, body = http_get(port, "/metrics")
+        if status != 200 or b"simple_api_proxy_requests_total" not in body:
+            raise RuntimeError(f"GET /metrics answered HTTP {status}")
+    cpu.stop()
+    return {"record_us": record_us, "scrape_cpu_ms": cpu.seconds * 1000 / scrapes}
+
+
 # --- footprint ----------------------------------------------------------------------------
 
 def time_to_ready(name, argv, port, checks, log_dir, env=None, cwd=None, timeout=10.0):
@@ -615,6 +680,20 @@ def footprint_line(metric, floor, proxy, unit, target_text="", limit=None):
     return line
 
 
+def hosts_line(one, two):
+    """One host is this row's floor, two hosts its proxy figure."""
+    line = dict.fromkeys(COLUMNS, "")
+    ratio = two["rps"] / one["rps"] if one["rps"] else 0.0
+    line.update({"scenario": f"two Ollama hosts vs one, {HOSTS_PARALLEL} generations at a time each",
+                 "conns": str(HOSTS_CONNECTIONS), "metric": "total",
+                 "floor median ms": ms(one["total_ms"]["median"]), "proxy median ms": ms(two["total_ms"]["median"]),
+                 "floor p99 ms": ms(one["total_ms"]["p99"]), "proxy p99 ms": ms(two["total_ms"]["p99"]),
+                 "floor rps": f"{one['rps']:.0f}", "proxy rps": f"{two['rps']:.0f}",
+                 "proxy/floor rps": f"{ratio:.2f}", "errors floor/proxy": f"{one['errors']}/{two['errors']}",
+                 "target": "≈ 2× rps", "met?": met_cell(ratio >= 1.8)})
+    return line
+
+
 def markdown(lines):
     out = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     out += ["| " + " | ".join(line[column] for column in COLUMNS) + " |" for line in lines]
@@ -660,6 +739,7 @@ def run(args, log_dir):
             if redis_state != "up":
                 raise RuntimeError(f"the Redis-tier proxy reports Redis {redis_state}")
         idle_rss = warm_and_idle_rss(*proxies["memory"], idle_seconds=0.2 if args.smoke else 1.0)
+        metrics_cost = measure_metrics_cost(*proxies["memory"])
 
         results, lines, failures, notes = {}, [], [], []
         for scenario in build_scenarios(standin, standin_port, proxies, redis_reason):
@@ -684,6 +764,14 @@ def run(args, log_dir):
         if redis_reason is not None:
             notes.append(f"Redis-tier rows skipped: {redis_reason}")
 
+        print("… several hosts", file=sys.stderr, flush=True)
+        hosts = measure_hosts(seconds, log_dir)
+        results["hosts"] = hosts
+        for count, figures in hosts.items():
+            if figures["errors"] or figures["requests"] == 0:
+                failures.append(f"{count} host(s): {figures['requests']} requests, {figures['error_kinds']}")
+        lines.append(hosts_line(hosts[1], hosts[2]))
+
         print("… start-up", file=sys.stderr, flush=True)
         startup = measure_startup(standin_port, 1 if args.smoke else 3, log_dir)
         peak = results.get("streams_200", {}).get("proxy", {}).get("peak_rss_mb")
@@ -691,10 +779,14 @@ def run(args, log_dir):
                                     "≤ 0.2 s", 0.2))
         lines.append(footprint_line("start → /health 200", None, startup["proxy_health_s"], "s"))
         lines.append(footprint_line("idle RSS", startup["floor_rss_mb"], idle_rss, "MB", "≤ 30 MB", 30))
+        lines.append(footprint_line("metrics: recording one request", None, metrics_cost["record_us"], "µs"))
+        lines.append(footprint_line("metrics: CPU of one GET /metrics", None, metrics_cost["scrape_cpu_ms"], "ms"))
         if peak is not None:
             floor_peak = results["streams_200"]["floor"]["peak_rss_mb"]
             lines.append(footprint_line("peak RSS, 200 streams", floor_peak, peak, "MB"))
-        footprint = dict(startup, proxy_idle_rss_mb=idle_rss, proxy_peak_rss_200_streams_mb=peak)
+        footprint = dict(startup, proxy_idle_rss_mb=idle_rss, proxy_peak_rss_200_streams_mb=peak,
+                         metrics_record_us=metrics_cost["record_us"],
+                         metrics_scrape_cpu_ms=metrics_cost["scrape_cpu_ms"])
         return lines, results, footprint, failures, notes
     finally:
         for process in reversed(processes):
@@ -746,7 +838,9 @@ def main(argv=None):
     print("\nfloor: the same client straight to the stand-in Ollama with the same reply settings; for cache hits "
           "its cheapest answer, a small non-streamed reply. CPU ms/req: the serving process's CPU (the stand-in "
           "for the floor, the proxy alone for the proxy). Footprint floors: `python3 -m http.server` for start-up "
-          "and idle RSS, the stand-in for peak RSS. chunk delay: stand-in send to client receive, per token.")
+          "and idle RSS, the stand-in for peak RSS. chunk delay: stand-in send to client receive, per token. "
+          "Two hosts vs one: the floor columns are the proxy in front of one stand-in, the proxy columns the "
+          "proxy in front of two, each stand-in generating 4 replies at once like a GPU.")
     for note in notes:
         print(f"- note: {note}")
     for failure in failures:

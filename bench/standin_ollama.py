@@ -12,8 +12,9 @@ HTTP/1.1 keep-alive is honoured unless the request says `Connection: close`.
     python3 bench/standin_ollama.py --port 11434 --tokens 100 --delay-ms 5
 
 The reply can be changed while it runs, by POST /bench/config with any of
-{"tokens": 100, "delay_ms": 5, "stamp": true}; the new settings apply to requests that arrive
-afterwards. With stamp on, each streamed token is its own send time (time.monotonic_ns(), the
+{"tokens": 100, "delay_ms": 5, "stamp": true, "parallel": 4}; the new settings apply to requests
+that arrive afterwards. With parallel > 0, like Ollama's OLLAMA_NUM_PARALLEL on a GPU, at most that
+many timed replies are generated at once and the others wait, before any byte, for their turn. With stamp on, each streamed token is its own send time (time.monotonic_ns(), the
 system-wide CLOCK_MONOTONIC, so comparable across processes on one machine) and a client can
 measure how long each chunk took to reach it.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import json
 import signal
@@ -42,6 +44,7 @@ class ReplySettings:
     tokens: int = 100
     delay_ms: float = 0.0
     stamp: bool = False
+    parallel: int = 0  # timed replies generated at once; 0: no limit
 
     def checked(self):
         if not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens < 1:
@@ -50,6 +53,8 @@ class ReplySettings:
             raise ValueError("delay_ms must be a number >= 0")
         if not isinstance(self.stamp, bool):
             raise ValueError("stamp must be true or false")
+        if not isinstance(self.parallel, int) or isinstance(self.parallel, bool) or self.parallel < 0:
+            raise ValueError("parallel must be an integer >= 0")
         return self
 
 
@@ -103,9 +108,27 @@ class EncodedReplies:
 class StandinOllama:
     """The server: reply settings, the encoded replies, and one OllamaConnection per client."""
 
-    def __init__(self, tokens=100, delay_ms=0.0, stamp=False):
-        self.settings = ReplySettings(tokens, delay_ms, stamp).checked()
+    def __init__(self, tokens=100, delay_ms=0.0, stamp=False, parallel=0):
+        self.settings = ReplySettings(tokens, delay_ms, stamp, parallel).checked()
         self._encoded = {}
+        self.generating = 0
+        self.waiting = collections.deque()  # replies waiting for a generation slot
+
+    def admit(self, begin):
+        """Call begin() now, or when a generation ends if `parallel` are under way."""
+        parallel = self.settings.parallel
+        if parallel and self.generating >= parallel:
+            self.waiting.append(begin)
+            return
+        self.generating += 1
+        begin()
+
+    def generation_over(self):
+        self.generating -= 1
+        parallel = self.settings.parallel
+        while self.waiting and (not parallel or self.generating < parallel):
+            self.generating += 1
+            self.waiting.popleft()()
 
     def configure(self, changes):
         self.settings = dataclasses.replace(self.settings, **changes).checked()
@@ -134,6 +157,7 @@ class OllamaConnection(asyncio.Protocol):
         self.busy = False  # a reply is still being sent; later requests wait in the buffer
         self.closed = False
         self.timer = None
+        self.generating = False  # holds one of the stand-in's generation slots
 
     def connection_made(self, transport):
         self.transport = transport
@@ -142,6 +166,12 @@ class OllamaConnection(asyncio.Protocol):
         self.closed = True
         if self.timer is not None:
             self.timer.cancel()
+        self.end_generation()
+
+    def end_generation(self):
+        if self.generating:
+            self.generating = False
+            self.standin.generation_over()
 
     def data_received(self, data):
         self.buffer += data
@@ -241,6 +271,12 @@ class OllamaConnection(asyncio.Protocol):
         if settings.delay_ms == 0 and not (streamed and settings.stamp):
             return self.send((replies.stream if streamed else replies.single)[keep_alive], keep_alive)
         self.busy = True
+        self.standin.admit(lambda: self.generate(replies, settings, streamed, keep_alive))
+
+    def generate(self, replies, settings, streamed, keep_alive):
+        self.generating = True
+        if self.closed:
+            return self.end_generation()
         if not streamed:
             self.timer = self.loop.call_later(settings.tokens * settings.delay_ms / 1000,
                                               self.finish_single, replies, keep_alive)
@@ -250,6 +286,7 @@ class OllamaConnection(asyncio.Protocol):
 
     def finish_single(self, replies, keep_alive):
         self.timer = None
+        self.end_generation()
         self.reply_done(replies.single[keep_alive], keep_alive)
 
     def reply_done(self, data, keep_alive):
@@ -295,6 +332,7 @@ class TokenStream:
             connection.transport.write(b"".join(chunks))
             connection.timer = connection.loop.call_at(self.started + (self.sent + 1) * self.delay, self.send_due)
             return
+        connection.end_generation()
         connection.reply_done(b"".join(chunks) + self.replies.end_of_stream, self.keep_alive)
 
 
@@ -326,9 +364,11 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=100, help="tokens in every chat reply")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="milliseconds before each token")
     parser.add_argument("--stamp", action="store_true", help="streamed tokens carry their send time in ns")
+    parser.add_argument("--parallel", type=int, default=0,
+                        help="timed replies generated at once, the rest wait (OLLAMA_NUM_PARALLEL); 0: no limit")
     args = parser.parse_args(argv)
     try:
-        standin = StandinOllama(args.tokens, args.delay_ms, args.stamp)
+        standin = StandinOllama(args.tokens, args.delay_ms, args.stamp, args.parallel)
     except ValueError as exc:
         parser.error(str(exc))
     asyncio.run(serve(standin, args.host, args.port))
