@@ -1201,8 +1201,8 @@ END_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|python_end|>", "<tool_call|>", "<|t
 PREAMBLE_LIMIT = 1000  # characters of prose a tagged call may follow
 # A preamble that shows an example or refuses: the call after it must not run.
 EXAMPLE_OR_REFUSAL = re.compile(
-    r"\b(?:examples?|e\.g|for instance|would look like|syntax|cannot|can't|can ?not|unable|won't"
-    r"|not able|not allowed)\b", re.I)
+    r"\b(?:for (?:example|instance)|an example|example\s*:|e\.g\.|would look like|the syntax|cannot|can ?not"
+    r"|can['’]t|won['’]t|unable to|not able to|not allowed)", re.I)
 LINE_START_OPENER = re.compile(r"^[ \t]*(?:" + "|".join(map(re.escape, TAGGED_OPENERS)) + ")", re.M)
 
 CALL_KEYS = frozenset({"name", "arguments", "parameters", "args", "input", "type", "id"})

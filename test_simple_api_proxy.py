@@ -2389,6 +2389,12 @@ def test_examples_refusals_and_calls_inside_prose_never_run(text):
         assert translator.message["content"] == [{"type": "text", "text": text}]
 
 
+def test_a_preamble_may_mention_examples_without_being_one():
+    text = "Let me look in the examples folder.\n<tool_call>\n" + BASH_CALL + "\n</tool_call>"
+    assert proxy.parse_text_tool_calls(text, TOOLS) == ("Let me look in the examples folder.",
+                                                        [{"name": "Bash", "input": {"command": "ls -la"}}])
+
+
 def test_mistral_calls_keep_the_calls_and_drop_the_answer_made_up_after_them():
     text = '[TOOL_CALLS] [{"name": "Bash", "arguments": {"command": "date"}}]\nIt is 10:42 on Monday.'
     events, translator = stream_text(text)
