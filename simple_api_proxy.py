@@ -582,6 +582,8 @@ def validate_messages_request(body, *, for_count=False, default_max_tokens=None)
             raise invalid("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
         if choice["type"] == "tool":
             _require_type(choice.get("name"), (str,), "tool_choice.name", "a valid string")
+            if choice["name"] not in {tool.get("name") for tool in tools or ()}:
+                raise invalid(f"tool_choice.name: tool {choice['name']!r} is not in tools")
     for key in ("thinking", "metadata", "output_config"):
         if body.get(key) is not None:
             _require_type(body[key], (dict,), key, "a valid dictionary")
@@ -930,6 +932,21 @@ def lean_schema(schema):
     return lean
 
 
+def forces_tool_use(request):
+    """tool_choice any or tool: Anthropic guarantees the answer is a tool_use."""
+    return (request.get("tool_choice") or {}).get("type") in ("any", "tool")
+
+
+def forced_tool_format(tools):
+    """Ollama's `format` (a JSON schema its sampler enforces) that leaves the model no answer but a
+    call to one of the tools: {"name": one of them, "arguments": that tool's input}."""
+    schemas = [tool["input_schema"] for tool in tools]
+    return {"type": "object",
+            "properties": {"name": {"type": "string", "enum": [tool["name"] for tool in tools]},
+                           "arguments": schemas[0] if len(schemas) == 1 else {"anyOf": schemas}},
+            "required": ["name", "arguments"]}
+
+
 def ollama_tools(tools):
     return [{"type": "function",
              "function": {"name": tool["name"], "description": tool.get("description", ""),
@@ -973,6 +990,9 @@ def anthropic_to_ollama(request, ollama_model, config, *, can_think=False, can_s
     output_format = (request.get("output_config") or {}).get("format")
     if isinstance(output_format, dict) and isinstance(output_format.get("schema"), dict):
         payload["format"] = output_format["schema"]
+    if tools and forces_tool_use(request):
+        # The tools go along too: their descriptions are in the model's prompt that way.
+        payload["format"] = forced_tool_format(tools)
     if config.ollama_keep_alive:
         payload["keep_alive"] = keep_alive_value(config.ollama_keep_alive)
     cut = fit_to_window(payload, request["max_tokens"], config.ollama_num_ctx)
@@ -1859,6 +1879,33 @@ class StopSequenceMatcher:
         return None
 
 
+class ForcedToolCall:
+    """The reply to a request that forces tool use: Ollama's output is held to one JSON object
+    {"name", "arguments"} (forced_tool_format). It is collected rather than streamed as text and
+    becomes one tool_use block when the reply ends."""
+
+    def __init__(self, tool_names):
+        self.tool_names = tool_names
+        self.parts = []
+
+    def take(self, text):
+        self.parts.append(text)
+
+    @property
+    def text(self):
+        return "".join(self.parts)
+
+    def call(self):
+        """(name, arguments); None when the output is no such object (cut short by max_tokens)."""
+        try:
+            value = json.loads(self.text, parse_constant=reject_json_constant, parse_float=finite_float)
+        except (ValueError, RecursionError):
+            return None
+        if isinstance(value, dict) and value.get("name") in self.tool_names and isinstance(value.get("arguments"), dict):
+            return value["name"], value["arguments"]
+        return None
+
+
 class StreamTranslator:
     """Ollama /api/chat stream chunks -> Anthropic SSE events, and the complete message alongside.
 
@@ -1872,7 +1919,7 @@ class StreamTranslator:
     """
 
     def __init__(self, model, input_tokens, *, stop_sequences=(), tool_names=(), show_thinking=False,
-                 recover_tool_calls=True):
+                 recover_tool_calls=True, forced=False):
         self.model = model
         self.message_id = new_id("msg_")
         self.input_tokens = input_tokens
@@ -1880,6 +1927,8 @@ class StreamTranslator:
         self.stop_matcher = StopSequenceMatcher(self.stop_sequences) if self.stop_sequences else None
         self.tools = offered_tools(tool_names)  # names, or {name: input_schema} to type XML parameters
         self.tool_names = frozenset(self.tools)
+        self.forced_call = ForcedToolCall(self.tool_names) if forced and self.tools else None
+        self.dropped_calls = []  # structured calls to tools the client did not offer
         self.show_thinking = show_thinking
         self.call_gate = TextCallGate(self.tools) if recover_tool_calls and self.tools else None
         self.blocks = []  # [kind, parts] for text and thinking, [kind, block] for tool_use
@@ -1997,11 +2046,16 @@ class StreamTranslator:
             self._delta("thinking", thinking, events)
         content = message.get("content")
         if content and self.stop_reason is None:
-            self._text(content, events)
+            if self.forced_call is not None:
+                self.forced_call.take(content)
+            else:
+                self._text(content, events)
         for call in message.get("tool_calls") or ():
             if self.stop_reason is not None:
                 break
             function = call.get("function") or {}
+            if not self._offered(function):
+                continue
             self._flush(events, before_tool=True)
             self._tool_use(str(function.get("name", "")), tool_arguments(function.get("arguments")), events)
         if chunk.get("done"):
@@ -2010,7 +2064,25 @@ class StreamTranslator:
             self._finish(chunk, events)
         return events
 
+    def _offered(self, function):
+        """Whether a structured call names a tool the client offered. A call to any other tool (or
+        under tool_choice none) is dropped, not returned as text: the client could not run it, and
+        written into the conversation it would teach the model to call it again."""
+        if function.get("name") in self.tool_names:
+            return True
+        self.dropped_calls.append(str(function.get("name", "")))
+        return False
+
+    def _finish_forced_call(self, events):
+        call = self.forced_call.call()
+        if call is not None:
+            self._tool_use(call[0], call[1], events)
+        else:
+            self._release(self.forced_call.text, events)
+
     def _finish(self, chunk, events):
+        if self.forced_call is not None and not self.had_tool:
+            self._finish_forced_call(events)
         self._flush(events)
         self.close_block(events)
         if self.had_tool:
@@ -4364,7 +4436,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             model, input_tokens, stop_sequences=request.get("stop_sequences") or (),
             tool_names={t["name"]: t.get("input_schema") for t in tools},
             show_thinking=thinking_requested(request) and (request.get("thinking") or {}).get("display") != "omitted",
-            recover_tool_calls=self.config.tool_call_recovery)
+            recover_tool_calls=self.config.tool_call_recovery, forced=forces_tool_use(request))
         if not self.server.slots.acquire(blocking=False):
             self.server.metrics.overloaded_by("generations")
             raise ProxyError(529, f"the proxy has {self.config.max_concurrent} generations in flight "
@@ -4389,6 +4461,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.log_extra.update(input_tokens=translator.input_tokens, output_tokens=translator.chunks)
             raise
         finally:
+            if translator.dropped_calls:
+                log.warning("%s dropped the model's call(s) to %s: not offered to it", self.request_id,
+                            ", ".join(translator.dropped_calls))
             # Whatever happened, the slot and Ollama's connection are given back; the connection
             # only after the client has its answer, as keeping it may wait a moment.
             self.generation_over()

@@ -3682,6 +3682,90 @@ def test_bytes_after_a_complete_upstream_answer_close_that_connection(raw_ollama
     assert raw_ollama.connections == 3  # the first two were closed, the third kept
 
 
+WEATHER_TOOLS = [
+    {"name": "get_weather", "description": "Weather in a city",
+     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    {"name": "get_time", "description": "Time in a zone",
+     "input_schema": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}},
+]
+
+
+def forced_reply(name, arguments):
+    """What Ollama answers under a forced-call `format`: the JSON object as content, token by token."""
+    text = json.dumps({"name": name, "arguments": arguments})
+    return text_reply(text, pieces=[text[i:i + 5] for i in range(0, len(text), 5)])
+
+
+def test_forced_tool_use_constrains_ollama_and_answers_with_tool_use(gateway, ollama):
+    one = proxy.anthropic_to_ollama(request_body(tools=WEATHER_TOOLS, tool_choice={"type": "tool", "name": "get_time"}),
+                                    MODEL, config())
+    assert one["format"] == {"type": "object", "required": ["name", "arguments"], "properties": {
+        "name": {"type": "string", "enum": ["get_time"]}, "arguments": WEATHER_TOOLS[1]["input_schema"]}}
+    assert [t["function"]["name"] for t in one["tools"]] == ["get_time"]
+    both = proxy.anthropic_to_ollama(request_body(tools=WEATHER_TOOLS, tool_choice={"type": "any"}), MODEL, config())
+    assert both["format"]["properties"]["arguments"] == {"anyOf": [t["input_schema"] for t in WEATHER_TOOLS]}
+    assert "format" not in proxy.anthropic_to_ollama(request_body(tools=WEATHER_TOOLS), MODEL, config())
+    for stream in (False, True):
+        ollama.script(forced_reply("get_weather", {"city": "Paris"}))
+        body = request_body(f"weather {stream}", tools=WEATHER_TOOLS, tool_choice={"type": "any"}, stream=stream)
+        status, _, raw = gateway.call("POST", "/v1/messages", body)
+        assert status == 200
+        if stream:
+            events = parse_sse(raw)
+            assert_valid_stream(events)
+            assert not [d for n, d in events if n == "content_block_delta" and d["delta"]["type"] == "text_delta"]
+            starts = [d["content_block"] for n, d in events if n == "content_block_start"]
+            assert [b["type"] for b in starts] == ["tool_use"] and starts[0]["name"] == "get_weather"
+            assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+        else:
+            message = json.loads(raw)
+            assert message["stop_reason"] == "tool_use"
+            assert [(b["type"], b["name"], b["input"]) for b in message["content"]] == \
+                [("tool_use", "get_weather", {"city": "Paris"})]
+        assert ollama.chats()[-1]["format"]["properties"]["name"]["enum"] == ["get_weather", "get_time"]
+    status, _, error = gateway.messages(request_body(tools=WEATHER_TOOLS, tool_choice={"type": "tool", "name": "nope"}))
+    assert status == 400 and "tool_choice.name" in error["error"]["message"]
+
+
+def test_sdk_tool_choice_any_gets_a_tool_use(sdk, ollama):
+    _, client = sdk
+    ollama.script(forced_reply("get_time", {"zone": "UTC"}))
+    reply = client.messages.create(model="claude-opus-5-5", max_tokens=200, tools=WEATHER_TOOLS,
+                                tool_choice={"type": "any"}, messages=[{"role": "user", "content": "What time?"}])
+    assert reply.stop_reason == "tool_use"
+    assert [(b.type, b.name, b.input) for b in reply.content] == [("tool_use", "get_time", {"zone": "UTC"})]
+
+
+def test_calls_to_tools_not_offered_are_dropped_not_returned(gateway, ollama, caplog):
+    caplog.set_level("WARNING", logger="simple_api_proxy")
+    cases = [(dict(tools=WEATHER_TOOLS[:1]), ("Bash", {"command": "rm -rf /"})),
+             (dict(tools=WEATHER_TOOLS, tool_choice={"type": "none"}), ("get_weather", {"city": "Oslo"}))]
+    for stream in (False, True):
+        for options, call in cases:
+            ollama.script(tool_reply(call, text="Here you go."))
+            status, headers, raw = gateway.call("POST", "/v1/messages", request_body(stream=stream, **options))
+            message = proxy_message(raw, stream)
+            assert status == 200 and message["stop_reason"] == "end_turn"
+            assert message["content"] == [{"type": "text", "text": "Here you go."}]
+            wait_until(lambda: any(headers["request-id"] in r.getMessage() and call[0] in r.getMessage()
+                                   for r in caplog.records), what="the dropped call to be logged")
+
+
+def proxy_message(raw, stream):
+    """The message a response carries, rebuilt from its events for a stream."""
+    if not stream:
+        return json.loads(raw)
+    events = parse_sse(raw)
+    assert_valid_stream(events)
+    content = []
+    for name, data in events:
+        if name == "content_block_start":
+            content.append(dict(data["content_block"]))
+        elif name == "content_block_delta" and data["delta"]["type"] == "text_delta":
+            content[-1]["text"] += data["delta"]["text"]
+    return {"stop_reason": events[-2][1]["delta"]["stop_reason"], "content": content}
+
+
 ###############################################################################
 # claude_start.sh, the laptop-side launcher
 #
