@@ -755,6 +755,33 @@ def test_largest_tool_results_are_cut_middle_out_to_fit_the_window():
     assert proxy.estimate_tokens(payload) > 32768 and payload["options"]["num_predict"] == 32000
 
 
+def test_prompt_of_a_growing_session_extends_the_previous_one():
+    """Each turn's prompt, as Ollama's templates lay it out (system head, tools, messages), starts
+    with the previous turn's: nudges, a cut read and parallel results must not rewrite the past.
+    (Only a step down the cut ladder, when the session outgrows a step, rewrites a cut result.)"""
+    messages = [{"role": "user", "content": "go"},
+                {"role": "system", "content": [{"type": "text", "text": "# Environment\nlinux"}]}]
+    prompts = []
+    for turn in range(6):
+        calls = [{"type": "tool_use", "id": f"t{turn}{n}", "name": "Read", "input": {"file_path": f"/f{n}"}}
+                 for n in range(2)]
+        size = 90_000 if turn == 1 else 200
+        results = [{"type": "tool_result", "tool_use_id": call["id"], "content": f"{call['id']}:" + "y" * size}
+                   for call in reversed(calls)]
+        messages += [{"role": "assistant", "content": calls}, {"role": "user", "content": results},
+                     {"role": "system", "content": "The user hasn't heard from you in a while."}]
+        body = request_body(system=[{"type": "text", "text": f"x-anthropic-billing-header: cch={turn};"},
+                                    {"type": "text", "text": "base " * 6000}],
+                            messages=messages, max_tokens=32000,
+                            tools=[{"name": "Read", "input_schema": {"type": "object"}}])
+        payload = proxy.anthropic_to_ollama(body, MODEL, config())
+        assert proxy.estimate_tokens(payload) <= 32768 - 4096
+        prompts.append(ollama_prompt(payload))
+    assert "characters cut from the middle" in prompts[-1]
+    for earlier, later in zip(prompts, prompts[1:]):
+        assert later.startswith(earlier)
+
+
 def test_num_predict_is_capped_at_what_the_window_has_left():
     payload = proxy.anthropic_to_ollama(request_body("hi", max_tokens=128000), MODEL, config())
     assert payload["options"]["num_predict"] == 32768 - proxy.estimate_tokens(payload)
