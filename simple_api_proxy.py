@@ -22,6 +22,7 @@ import argparse
 import ast
 import bisect
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -3366,6 +3367,41 @@ HEADER_BLOCK = re.compile(rb"(?:%s:[\t\x20-\x7e\x80-\xff]*\r\n)*" % _TOKEN)
 ABSOLUTE_TARGET = re.compile(r"https?://([^/?#]*)([^#]*)", re.IGNORECASE)
 
 
+# JSON bodies. Parsing multiplies memory by up to ~25 (a 3-byte "[]," becomes a 56-byte list plus
+# its 8-byte slot), and 32 MiB of tiny values took 864 MiB and 10 s of CPU. So a body above
+# SCANNED_BODY_BYTES has its values counted first, at C speed, as commas and brackets (those inside
+# strings too: a bound, not an exact count), and large bodies are parsed one at a time.
+# MAX_JSON_VALUES is ~6x what the largest context window holds; MAX_JSON_DEPTH ~6x the nesting of
+# real tool schemas, and far from any recursion limit of the encoders and walkers that follow.
+MAX_JSON_VALUES = 1_000_000
+MAX_JSON_DEPTH = 128
+SCANNED_BODY_BYTES = 1 << 20
+LARGE_BODY_PARSES = threading.BoundedSemaphore(1)
+
+
+def large_body_gate(body):
+    """What a body's parse must pass: nothing for a small body; for a large one, the bound on its
+    values (a 400 over it) and then a turn at the one-at-a-time parse."""
+    if len(body) <= SCANNED_BODY_BYTES:
+        return contextlib.nullcontext()
+    values = body.count(b",") + body.count(b"[") + body.count(b"{") + 1
+    if values > MAX_JSON_VALUES:
+        raise invalid(f"request body holds more than {MAX_JSON_VALUES} JSON values (counted as commas and "
+                      "brackets, also inside strings); the limit bounds the memory one request can take")
+    return LARGE_BODY_PARSES
+
+
+def check_nesting(value):
+    """A 400 for arrays and objects nested deeper than MAX_JSON_DEPTH, found level by level without recursion."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(MAX_JSON_DEPTH):
+        level = [child for parent in level for child in (parent.values() if type(parent) is dict else parent)
+                 if type(child) is dict or type(child) is list]
+        if not level:
+            return
+    raise invalid(f"request body is nested more than {MAX_JSON_DEPTH} levels deep (arrays and objects)")
+
+
 def bad_request(message):
     """A request whose framing cannot be trusted: answered, and the connection closed."""
     return ProxyError(400, message, "invalid_request_error", retry=False)
@@ -4280,8 +4316,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.config.log_bodies:
             log.info("%s body: %s", self.request_id, body.decode("utf-8", "replace"))
         try:
-            text = body.decode("utf-8")
-            return json.loads(text, parse_constant=reject_json_constant, parse_float=finite_float)
+            with large_body_gate(body):
+                text = body.decode("utf-8")
+                value = json.loads(text, parse_constant=reject_json_constant, parse_float=finite_float)
         except NonFiniteNumber as exc:
             raise invalid(f"{non_finite_field(text)}: Input should be a finite number (got {exc})") from None
         except UnicodeDecodeError as exc:
@@ -4289,7 +4326,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except ValueError as exc:
             raise invalid(f"request body is not valid JSON: {exc}") from None
         except RecursionError:
-            raise invalid("request body is nested too deeply") from None
+            raise invalid(f"request body is nested more than {MAX_JSON_DEPTH} levels deep (arrays and objects)") \
+                from None
+        check_nesting(value)
+        return value
 
     def check_api_key(self):
         key = self.config.proxy_api_key

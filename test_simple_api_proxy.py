@@ -5422,3 +5422,60 @@ def test_web_pages_cannot_use_the_proxy(ollama):
     public = proxy.OriginPolicy(config(API_HOST="0.0.0.0"))
     assert public.refusal("gpu-box.example:8000", None) is None
     assert public.refusal("gpu-box.example", "https://evil.example").status == 403
+
+
+def test_json_nesting_and_value_limits_are_refused_up_front(gateway, ollama):
+    schema = {"type": "object"}
+    for _ in range(200):
+        schema = {"type": "object", "properties": {"x": schema}}
+    status, _, error = gateway.messages(request_body(tools=[{"name": "Deep", "input_schema": schema}]))
+    assert status == 400 and "nested more than 128 levels" in error["error"]["message"]
+    legal = {"type": "array", "items": {"type": "array", "items": {"type": "object", "properties": {
+        "path": {"type": "string"}, "lines": {"type": "array", "items": {"type": "integer"}}}}}}
+    assert gateway.messages(request_body(tools=[{"name": "Nested", "input_schema": legal}]))[0] == 200
+    many = b'{"role":"user","content":"a"},' * 900000
+    body = b'{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[' + many + b'{"role":"user","content":"a"}]}'
+    status, _, error = gateway.messages(body)
+    assert status == 400 and "more than 1000000 JSON values" in error["error"]["message"]
+    assert len(ollama.chats()) == 1 and gateway.messages(request_body())[0] == 200
+
+
+def test_bodies_of_tiny_values_neither_bloat_nor_starve_the_proxy(ollama, tmp_path):
+    """Three clients each send 30 MiB of `[],`; an ordinary request meanwhile is answered, the
+    proxy's peak RSS stays under 1 GiB. The wait is bounded loosely here: bench/amplification.py
+    measures it."""
+    running = ProxyProcess(tmp_path, OLLAMA_HOST=ollama.url, LOG_LEVEL="WARNING")
+    body = b"[" + b"[]," * (10 * 1024 * 1024 - 1) + b"[]]"
+    sending, answers = threading.Semaphore(0), []
+
+    def send_big():
+        with socket.create_connection(("127.0.0.1", running.port), timeout=120) as connection:
+            connection.sendall(post_head(len(body), b"Connection: close\r\n") + body[:1 << 20])
+            sending.release()
+            connection.sendall(body[1 << 20:])
+            answer = b""
+            while True:
+                part = connection.recv(65536)
+                if not part:
+                    break
+                answer += part
+            answers.append(answer)
+
+    try:
+        senders = [threading.Thread(target=send_big) for _ in range(3)]
+        for sender in senders:
+            sender.start()
+        for _ in senders:
+            assert sending.acquire(timeout=60)
+        began = time.monotonic()
+        status, _, message = running.gateway.json("POST", "/v1/messages", request_body())
+        waited = time.monotonic() - began
+        for sender in senders:
+            sender.join(120)
+        peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{running.process.pid}/status").read_text())[1])
+    finally:
+        running.kill()
+    assert status == 200 and message["content"][0]["text"]
+    assert waited < 10, f"an ordinary request waited {waited:.1f} s behind three bodies of tiny values"
+    assert len(answers) == 3 and all(status_of(a) == 400 and b"more than 1000000 JSON values" in a for a in answers)
+    assert peak_kib < 1024 * 1024, f"peak RSS {peak_kib // 1024} MiB"
