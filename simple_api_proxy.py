@@ -3399,7 +3399,7 @@ def check_nesting(value):
                  if type(child) is dict or type(child) is list]
         if not level:
             return
-    raise invalid(f"request body is nested more than {MAX_JSON_DEPTH} levels deep (arrays and objects)")
+    raise invalid(f"request body is nested too deeply: more than {MAX_JSON_DEPTH} levels of arrays and objects")
 
 
 def bad_request(message):
@@ -4326,7 +4326,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except ValueError as exc:
             raise invalid(f"request body is not valid JSON: {exc}") from None
         except RecursionError:
-            raise invalid(f"request body is nested more than {MAX_JSON_DEPTH} levels deep (arrays and objects)") \
+            raise invalid(f"request body is nested too deeply: more than {MAX_JSON_DEPTH} levels of arrays and objects") \
                 from None
         check_nesting(value)
         return value
