@@ -1936,6 +1936,7 @@ class StreamTranslator:
         self.open_kind = None
         self.open_parts = None  # the text parts of the open block
         self.had_tool = False
+        self.calls_from_text = 0  # tool calls recovered from text, for /metrics
         self.pending = ""  # text not yet released
         self.gated = bool(self.stop_sequences) or self.call_gate is not None
         self.stop_reason = None
@@ -2027,6 +2028,7 @@ class StreamTranslator:
             self._release(prefix if prefix.strip() else "", events)
             for call in calls:
                 self._tool_use(call["name"], call["input"], events)
+            self.calls_from_text += len(calls)
             text = ""
         if self.call_gate is not None:
             self.call_gate.close()  # a reply's calls come once, written as text or structured
@@ -2865,19 +2867,19 @@ class UpstreamPool:
         """The union of the hosts' models, in host order; an error only if no host answers."""
         if self.single:
             return self.hosts[0].installed_models()
-        models, seen, failure = [], set(), None
+        models, seen, failures = [], set(), []
         for host in self.hosts:
             try:
                 listed = host.installed_models()
             except ProxyError as error:
-                failure = error
+                failures.append(error)
                 continue
             for model in listed:
                 if model["name"] not in seen:
                     seen.add(model["name"])
                     models.append(model)
-        if failure is not None and not seen and all(not host.up for host in self.hosts):
-            raise failure
+        if len(failures) == len(self.hosts):
+            raise failures[0]
         return models
 
     def health(self, timeout):
@@ -3827,9 +3829,11 @@ class Metrics:
         self.durations = {}  # route -> Histogram
         self.first_token = Histogram(FIRST_TOKEN_BUCKETS)
         self.tokens = {"input": 0, "output": 0}
+        self.calls_from_text = 0
         self.overloaded = collections.Counter()  # which limit -> 529s sent
 
-    def request_done(self, route, status, model, seconds, first_token_seconds, input_tokens, output_tokens):
+    def request_done(self, route, status, model, seconds, first_token_seconds, input_tokens, output_tokens,
+                     calls_from_text=0):
         if model != "none" and status >= 400 and model not in self.known_models:
             model = "other"
         with self.lock:
@@ -3842,6 +3846,7 @@ class Metrics:
                 self.first_token.observe(first_token_seconds)
             self.tokens["input"] += input_tokens
             self.tokens["output"] += output_tokens
+            self.calls_from_text += calls_from_text
 
     def overloaded_by(self, limit):
         with self.lock:
@@ -3862,6 +3867,7 @@ class Metrics:
                                for route, h in self.durations.items())
             first_token = list(self.first_token.lines(prefix + "time_to_first_token_seconds"))
             tokens = dict(self.tokens)
+            calls_from_text = self.calls_from_text
             overloaded = dict(self.overloaded)
         family("info", "gauge", "This proxy's version.", [f"{prefix}info{labels(version=__version__)} 1"])
         family("requests_total", "counter", "Requests answered, by route, HTTP status and Ollama model.",
@@ -3873,6 +3879,9 @@ class Metrics:
                "Seconds from a request's arrival to Ollama's first output, streams and not.", first_token)
         family("tokens_total", "counter", "Tokens Ollama read (input) and wrote (output); cache hits excluded.",
                [f"{prefix}tokens_total{labels(direction=d)} {tokens[d]}" for d in ("input", "output")])
+        family("tool_calls_from_text_total", "counter",
+               "Tool calls the model wrote as text, turned into tool_use blocks (TOOL_CALL_RECOVERY).",
+               [f"{prefix}tool_calls_from_text_total {calls_from_text}"])
         cache = server.cache
         tiers = (("memory", cache.memory), ("redis", cache.redis))
         family("cache_lookups_total", "counter", "Response cache lookups by tier and result.",
@@ -4165,7 +4174,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.server.metrics.request_done(
             route, self.status or 499, extra.get("ollama_model", "none"), now - self.started,
             None if self.first_token_at is None else self.first_token_at - self.started,
-            extra["input_tokens"] if generated else 0, extra["output_tokens"] if generated else 0)
+            extra["input_tokens"] if generated else 0, extra["output_tokens"] if generated else 0,
+            extra.get("calls_from_text", 0))
 
     def admit(self, path):
         """Every check that can refuse a request, in the order that reads nothing it need not:
@@ -4492,7 +4502,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 message = self.collect_reply(exchange, translator, ollama_model)
             if message is not None:
                 self.log_extra.update(input_tokens=message["usage"]["input_tokens"],
-                                      output_tokens=message["usage"]["output_tokens"])
+                                      output_tokens=message["usage"]["output_tokens"],
+                                      calls_from_text=translator.calls_from_text)
                 if store:
                     cache.put(key, message)
                 if not stream:

@@ -1917,6 +1917,7 @@ def test_health_lists_each_host_and_is_200_while_one_serves_the_default_model(ho
         second.stop()
         status, _, body = gateway.json("GET", "/health")
         assert status == 503 and body["ollama"]["reachable"] is False and "no Ollama host" in body["ollama"]["error"]
+        assert gateway.json("GET", "/v1/models")[0] == 502
 
 
 def test_warm_up_never_delays_start_up_and_loads_the_models_asked_for(ollama):
@@ -1996,6 +1997,16 @@ def test_metrics_count_known_traffic(ollama):
     assert sample(after, "tokens_total", direction="input") == 3 * 26
     assert sample(after, "tokens_total", direction="output") == 3 * 6
     assert sample(after, "upstream_up", host=ollama.url) == 1
+
+
+def test_metrics_count_tool_calls_recovered_from_text(gateway, ollama):
+    tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+    ollama.script(Reply([chunk(content='{"name": "Bash", "arguments": {"command": "ls"}}'), final_chunk()]),
+                  tool_reply(("Bash", {"command": "pwd"})))  # a structured call: not counted
+    for n in range(2):
+        status, _, message = gateway.messages(request_body(f"run {n}", tools=tools))
+        assert status == 200 and message["stop_reason"] == "tool_use"
+    assert sample(scrape(gateway), "tool_calls_from_text_total") == 1
 
 
 def test_metrics_need_the_api_key_and_count_upstream_failures(hosts):
