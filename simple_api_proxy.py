@@ -24,6 +24,7 @@ import bisect
 import collections
 import contextlib
 import dataclasses
+import email.utils
 import hashlib
 import hmac
 import http.server
@@ -406,15 +407,15 @@ TOOL_SCHEMA_TYPES = (None, "custom")
 _id_random = random.Random(secrets.randbits(128))
 
 
+# Each random byte becomes one base62 character through a table: 248 of the 256 values spread
+# evenly, the last 8 add a slight lean to 8 characters, which leaves about 142 bits per id.
+_ID_CHARACTERS = bytes((BASE62 * 5)[:256], "ascii")
+
+
 def new_id(prefix):
     """prefix + 24 base62 characters. Ids must be unique, not unguessable: a seeded generator
     spares a system call per id."""
-    number = _id_random.getrandbits(143)
-    chars = []
-    for _ in range(24):
-        number, digit = divmod(number, 62)
-        chars.append(BASE62[digit])
-    return prefix + "".join(chars)
+    return prefix + _id_random.getrandbits(192).to_bytes(24, "little").translate(_ID_CHARACTERS).decode()
 
 
 def resolve_model(name, config):
@@ -3969,6 +3970,18 @@ class ReadDeadlines:
                     pass
 
 
+_date_cache = (0, "")
+
+
+def http_date():
+    """The Date header's value, formatted once per second rather than once per response."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second, usegmt=True))
+    return _date_cache[1]
+
+
 def canned_response(error):
     """A complete HTTP response for an error sent without a handler thread."""
     body = json.dumps(error.body(None), separators=(",", ":")).encode()
@@ -4249,7 +4262,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.status = status
         phrase = self.responses.get(status, ("Overloaded" if status == 529 else "Error",))[0]
         head = (f"HTTP/1.1 {status} {phrase}\r\nServer: {self.server_version}\r\n"
-                f"Date: {self.date_time_string()}\r\nrequest-id: {self.request_id}\r\n")
+                f"Date: {http_date()}\r\nrequest-id: {self.request_id}\r\n")
         head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         if self.cors_headers:
             head += "".join(f"{name}: {value}\r\n" for name, value in self.cors_headers.items())

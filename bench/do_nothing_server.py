@@ -29,6 +29,7 @@ def main(argv=None):
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # the head and the body leave in two writes
 
         def do_GET(self):
             self.answer(b"")
