@@ -75,6 +75,7 @@ class Reply:
 
     steps: dicts are NDJSON lines, each sent as its own chunk the way Ollama flushes them;
     ("sleep", s) waits (and notices a client that leaves); ("raw", b) writes bytes as a chunk;
+    ("after_end", b) ends the reply and writes b after it (bytes that answer no request);
     ("reset",) drops the connection with a TCP reset; ("cut",) closes without the final chunk.
     status != 200 sends {"error": error} with that status before any stream.
     drop="reset" or "close" ends the connection before any byte of an answer, as a host that dies does."""
@@ -317,6 +318,9 @@ class StandInOllama:
                         return
                 elif step[0] == "raw":
                     handler.wfile.write(b"%x\r\n%s\r\n" % (len(step[1]), step[1]))
+                elif step[0] == "after_end":  # the closing chunk, then bytes that answer no request
+                    handler.wfile.write(b"0\r\n\r\n" + step[1])
+                    return
                 elif step[0] == "reset":
                     handler.close_connection = True
                     handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

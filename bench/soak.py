@@ -12,8 +12,9 @@ answer that is lost, cut short without an error, or belongs to another request i
 Faults, by the clock (fractions of the run):
   Ollama  each request in the fault windows gets one scripted fault: reset before or during the
           stream, garbage or truncated NDJSON, {"error"} mid-stream, a hang before the first
-          byte or mid-stream, 503 queue full; a few requests ask for a model that is not
-          installed (404); and Ollama is down altogether for a while (connection refused).
+          byte or mid-stream, 503 queue full, or a stray second answer after a complete one on
+          the kept connection (which must cost nothing); a few requests ask for a model that is
+          not installed (404); and Ollama is down altogether for a while (connection refused).
   Redis   killed at 30%, started again at 50%: it must cost no request anything.
   Cache   between 12% and 28%, some requests find a tampered value (garbage, a wrong shape, an
           old format) planted in Redis under their own cache key: it must be a miss, never replayed.
@@ -67,6 +68,12 @@ def answer_for(nonce):
     return f"Answer for {nonce}: all good."
 
 
+# A whole second answer after a complete one, on a connection the proxy would keep: it must close
+# that connection, so the stray answer never becomes another request's. The request itself succeeds.
+STRAY_FAULT = "stray answer after the reply"
+STRAY_ANSWER = standin.ollama_wire([standin.chunk(content="Answer for nobody: stray."), standin.final_chunk()])
+
+
 def faults():
     """Each scripted fault: a name (the cause a client will see) and the stand-in's Reply."""
     c, final = standin.chunk, standin.final_chunk
@@ -80,6 +87,7 @@ def faults():
         ("hang mid-stream", lambda text: standin.Reply([c(content=text[:5]), ("sleep", 4), final()])),
         ("503 queue full", lambda text: standin.Reply(
             status=503, error="server busy, please try again.  maximum pending requests exceeded")),
+        (STRAY_FAULT, lambda text: standin.Reply([c(content=text), final(), ("after_end", STRAY_ANSWER)])),
     ]
 
 
@@ -306,7 +314,7 @@ def explained(outcome, detail, fault, phase, seconds):
         return False
     if "not_found_error" in detail and "absent:1b" in detail:
         return True
-    return fault is not None or ollama_down_explains(detail, phase, seconds)
+    return fault not in (None, STRAY_FAULT) or ollama_down_explains(detail, phase, seconds)
 
 
 def report(soak, redis_back, proxy_exit):
@@ -328,6 +336,8 @@ def report(soak, redis_back, proxy_exit):
     print(f"soak: {soak.seconds:g} s, {CLIENTS} clients, half streaming; Redis killed at "
           f"{REDIS_DOWN[0]:.0%} and back at {REDIS_DOWN[1]:.0%}; Ollama down {OLLAMA_DOWN[0]:.0%}–{OLLAMA_DOWN[1]:.0%}")
     print(f"requests sent: {soak.sent}; answered: {len(soak.results)}")
+    strays = sum(1 for fault in soak.injected.values() if fault == STRAY_FAULT)
+    print(f"stray answers written after a complete one: {strays} (each must cost no request anything)")
     print("answers by status: " + ", ".join(f"{status or 'none'}: {n}" for status, n in sorted(
         by_status.items(), key=lambda item: item[0] or 0)))
     print(f"ok: {outcomes['ok']}; client-visible failures: {outcomes['failed']}")
