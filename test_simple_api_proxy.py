@@ -3877,6 +3877,80 @@ def proxy_message(raw, stream):
     return {"stop_reason": events[-2][1]["delta"]["stop_reason"], "content": content}
 
 
+def fault_wire(status, framing, fault, lines, stray):
+    """A reply to /api/chat broken on purpose in one way (or none)."""
+    body = b"".join(lines)
+    head = b"HTTP/1.1 %d X\r\nContent-Type: application/x-ndjson\r\n" % status
+    if framing == "chunked":
+        chunks = [b"%x\r\n%s\r\n" % (len(line), line) for line in lines]
+        if chunks and fault == "size off by one":
+            chunks[0] = b"%x\r\n%s\r\n" % (len(lines[0]) + 1, lines[0])
+        elif chunks and fault == "size as -1, +5 or 0x5":
+            chunks[0] = b"-1\r\n" + chunks[0].split(b"\r\n", 1)[1]
+        elif chunks and fault == "chunk extension":
+            chunks[0] = chunks[0].replace(b"\r\n", b";ext=1\r\n", 1)
+        elif chunks and fault == "no CRLF after the data":
+            chunks[0] = chunks[0][:-2] + b"XX"
+        end = b"" if fault == "no last chunk" else b"0\r\n\r\n"
+        return head + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(chunks) + end + stray
+    if framing == "length":
+        length = {"length too long": b"%d" % (len(body) + 5), "length too short": b"%d" % max(0, len(body) - 5),
+                  "length not a number": b"12abc"}.get(fault, b"%d" % len(body))
+        return head + b"Content-Length: " + length + b"\r\n\r\n" + body + stray
+    return head + b"\r\n" + body  # framed by the close
+
+
+@pytest.fixture(scope="module")
+def upstream_fuzz_target():
+    if given is None:
+        need(False, "hypothesis is not installed (pip install hypothesis)")
+    stand_in = RawOllama()
+    with running_proxy(stand_in.url, OLLAMA_TIMEOUT=2, OLLAMA_FIRST_TOKEN_TIMEOUT=2) as gateway:
+        yield gateway, stand_in
+    stand_in.stop()
+
+
+if given:
+    token_line = st.text(max_size=8).map(lambda text: json.dumps(chunk(content=text)).encode() + b"\n")
+    deep_line = st.integers(150, 3000).map(lambda depth: (
+        '{"message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"Bash","arguments":'
+        + '{"a":' * depth + "1" + "}" * depth + "}}]},\"done\":false}\n").encode())
+    garbage_line = st.binary(max_size=30).map(lambda raw: raw.replace(b"\n", b"") + b"\n")
+    final_line = json.dumps(final_chunk()).encode() + b"\n"
+    reply_lines = st.tuples(st.lists(st.one_of(token_line, token_line, deep_line, garbage_line), max_size=4),
+                            st.booleans()).map(lambda drawn: drawn[0] + [final_line] * drawn[1])
+    framing_fault = st.sampled_from([None, None, "size off by one", "size as -1, +5 or 0x5", "chunk extension",
+                                     "no CRLF after the data", "no last chunk", "length too long",
+                                     "length too short", "length not a number"])
+    stray_bytes = st.sampled_from([b"", b"", b"\r\n", b"HTTP/1.1 200 OK\r\n",
+                                   ollama_wire([chunk(content="STRAY"), final_chunk()])])
+
+    @settings(max_examples=40, **FUZZ_SETTINGS)
+    @given(status=st.sampled_from([200, 200, 200, 200, 301, 302, 307]),
+           framing=st.sampled_from(["chunked", "chunked", "length", "close"]), fault=framing_fault,
+           lines=reply_lines, stray=stray_bytes, stream=st.booleans(), keep=st.booleans())
+    def test_fuzz_upstream_replies(upstream_fuzz_target, status, framing, fault, lines, stray, stream, keep):
+        """Whatever Ollama sends, the client gets a 200 message, a 502/504 or an error event: never a
+        500, never a 4xx blaming its request; and the next request is answered right, on a clean connection."""
+        gateway, ollama = upstream_fuzz_target
+        ollama.script((fault_wire(status, framing, fault, lines, stray), None if keep else "close"))
+        tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+        answer, _, raw = gateway.call("POST", "/v1/messages", request_body(tools=tools, stream=stream))
+        assert b"Traceback" not in raw
+        if answer == 200 and stream:
+            events = parse_sse(raw)
+            assert events[-1][0] in ("message_stop", "error"), events[-1]
+            if events[-1][0] == "error":
+                assert events[-1][1]["error"]["type"] in ("api_error", "timeout_error"), events[-1]
+        elif answer == 200:
+            assert json.loads(raw)["type"] == "message"
+        else:
+            assert answer in (502, 504), raw[:300]
+            assert json.loads(raw)["error"]["type"] in ("api_error", "timeout_error")
+        status, _, message = gateway.messages(request_body())
+        assert status == 200 and message["content"][0]["text"] == "Hello! I am the stand-in model.", message
+
+
 ###############################################################################
 # claude_start.sh, the laptop-side launcher
 #
