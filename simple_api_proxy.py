@@ -13,7 +13,9 @@ Run it with the standard library alone: ``python3 simple_api_proxy.py``.
 one optional import, used only when a Redis server is configured.
 
 Sections, in the order a request flows through them: configuration, errors,
-translation (pure functions), upstream client, cache, HTTP handler, main().
+translation (pure functions), tool calls written as text, upstream client, upstream pool
+(several Ollama hosts, warm-up), cache, request reader, origin and host checks, metrics,
+HTTP handler, main().
 """
 
 from __future__ import annotations
