@@ -1804,6 +1804,20 @@ def test_a_host_that_fails_before_answering_costs_no_request(hosts, stream):
         wait_for(lambda: [host.in_flight for host in pool.hosts] == [0, 0], "the generations to end")
 
 
+def test_a_stream_committed_while_waiting_still_moves_to_another_host(hosts):
+    first, second = hosts
+    # Silent past FAIL_FAST_SECONDS (the client already has message_start and a ping), then gone.
+    first.responder = lambda body: Reply(delay_before=proxy.ProxyHandler.FAIL_FAST_SECONDS + 0.5, drop="reset")
+    with running_proxy(host_list(hosts)) as gateway:
+        gateway.server.ollama._turn = 0  # both idle: the first host is tried first
+        status, _, raw = gateway.stream(request_body())
+    events = parse_sse(raw)
+    assert status == 200 and [name for name, _ in events].count("message_start") == 1
+    assert_valid_stream(events)
+    text = "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
+    assert text == "Hello! I am the stand-in model." and first.chats() and len(second.chats()) == 1
+
+
 def test_once_the_answer_started_there_is_no_second_host(hosts):
     with running_proxy(host_list(hosts)) as gateway:
         hosts[0].script(Reply([chunk(content="Hel"), ("cut",)]))
