@@ -2798,13 +2798,13 @@ class UpstreamPool:
     def route(self, model, payload):
         """The hosts that may serve this model, for one generation (a 404 if none has it)."""
         if self.single:
-            return UpstreamRoute(self, model, self.hosts, None)
+            return UpstreamRoute(self, self.hosts, None)
         hosts = [host for host in self.hosts if self.has_model(host, model)]
         if not hosts and self._refresh_lists():
             hosts = [host for host in self.hosts if self.has_model(host, model)]
         if not hosts:
             raise self.missing_model(model)
-        return UpstreamRoute(self, model, hosts, conversation_key(payload))
+        return UpstreamRoute(self, hosts, conversation_key(payload))
 
     def _refresh_lists(self):
         """Ask every host for its models again, at most once per RECHECK_SECONDS: a model pulled
@@ -2814,7 +2814,8 @@ class UpstreamPool:
                 return False
             self._lists_refreshed = time.monotonic()
         for host in self.hosts:
-            self.check(host)
+            if host.up:  # a host that is down is checked (and warmed up when back) by its watch
+                self.check(host)
         return True
 
     def reserve(self, route):
@@ -2956,9 +2957,8 @@ class UpstreamRoute:
     """One generation's way through the pool: the host serving it, and the ones it may move to
     while Ollama has not answered."""
 
-    def __init__(self, pool, model, hosts, conversation):
+    def __init__(self, pool, hosts, conversation):
         self.pool = pool
-        self.model = model
         self.hosts = hosts
         self.conversation = conversation
         self.tried = []
@@ -4187,9 +4187,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def record_metrics(self, route):
         extra = self.log_extra
         generated = extra.get("cache") != "HIT" and "output_tokens" in extra
-        now = time.monotonic()
         self.server.metrics.request_done(
-            route, self.status or 499, extra.get("ollama_model", "none"), now - self.started,
+            route, self.status or 499, extra.get("ollama_model", "none"), time.monotonic() - self.started,
             None if self.first_token_at is None else self.first_token_at - self.started,
             extra["input_tokens"] if generated else 0, extra["output_tokens"] if generated else 0,
             extra.get("calls_from_text", 0))
