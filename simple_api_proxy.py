@@ -3582,7 +3582,10 @@ class RequestReader:
         fields = head.headers.fields
         coding, length = fields.get("transfer-encoding"), fields.get("content-length")
         head.chunked, head.content_length = False, None
-        if coding is not None:
+        if coding is None and (length is None or (length.isdigit() and length.isascii())):
+            if length is not None:  # the common case, one plain length
+                head.content_length = int(length)
+        elif coding is not None:
             if head.version == "HTTP/1.0":
                 raise bad_request("Transfer-Encoding in an HTTP/1.0 request: its framing cannot be trusted")
             if length is not None:
@@ -4130,7 +4133,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.started = time.monotonic()
             self.head = self.reader.read_head()
         except ProxyError as error:  # no framing to trust: answer, and end the connection
-            self.deadlines.disarm(self.request)
             self.send_error_envelope(error)
             return
         except (OSError, ClientGone):  # the client reset or dropped the connection between requests
