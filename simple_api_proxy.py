@@ -3748,7 +3748,8 @@ class OriginPolicy:
                 return ProxyError(403, f"Host {authority[:100]!r} is not a loopback name: the proxy is bound to "
                                        "loopback and serves only requests addressed to localhost or 127.0.0.1 "
                                        "(protection against DNS rebinding); a reverse proxy in front must "
-                                       "send Host: localhost, or set API_HOST to the address clients reach", "permission_error", retry=False)
+                                       "send Host: localhost, or set API_HOST to the address clients reach",
+                                 "permission_error", retry=False)
         if origin is not None and not self.origin_allowed(origin):
             return ProxyError(403, f"Origin {origin[:100]!r} is not allowed; add it to ALLOWED_ORIGINS to let "
                                    "that web page use the proxy", "permission_error", retry=False)
@@ -3774,15 +3775,19 @@ class OriginPolicy:
                 "Vary": "Origin"}
 
     @staticmethod
-    def preflight_headers(requested_headers):
-        """The answer to a CORS preflight: every method the proxy serves, the SDKs' headers."""
-        requested = [name.strip().lower() for name in requested_headers.split(",") if name.strip()]
-        extra = [name for name in requested
+    def preflight_headers(request_headers):
+        """The answer to a CORS preflight: every method the proxy serves, the SDKs' headers, and
+        Chrome's Private Network Access consent, which a public page needs to reach a loopback port."""
+        requested = request_headers.get("Access-Control-Request-Headers", "")
+        extra = [name for name in (part.strip().lower() for part in requested.split(","))
                  if name.startswith(CORS_ALLOWED_HEADER_PREFIXES) and name not in CORS_ALLOWED_HEADERS
                  and re.fullmatch(r"[-a-z0-9]+", name)]
-        return {"Access-Control-Allow-Methods": "GET, HEAD, POST, OPTIONS",
-                "Access-Control-Allow-Headers": ", ".join(CORS_ALLOWED_HEADERS + tuple(extra)),
-                "Access-Control-Max-Age": "600"}
+        headers = {"Access-Control-Allow-Methods": "GET, HEAD, POST, OPTIONS",
+                   "Access-Control-Allow-Headers": ", ".join(CORS_ALLOWED_HEADERS + tuple(extra)),
+                   "Access-Control-Max-Age": "600"}
+        if request_headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+            headers["Access-Control-Allow-Private-Network"] = "true"
+        return headers
 
 
 ###############################################################################
@@ -4354,8 +4359,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except ValueError as exc:
             raise invalid(f"request body is not valid JSON: {exc}") from None
         except RecursionError:
-            raise invalid(f"request body is nested too deeply: more than {MAX_JSON_DEPTH} levels of arrays and objects") \
-                from None
+            raise invalid(f"request body is nested too deeply: more than {MAX_JSON_DEPTH} levels of arrays and "
+                          "objects") from None
         check_nesting(value)
         return value
 
@@ -4378,8 +4383,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """OPTIONS: a CORS preflight from an allowed origin (others got a 403), or a plain question."""
         headers = {"Allow": "GET, HEAD, POST, OPTIONS", "Content-Length": 0}
         if self.cors_headers:
-            headers.update(self.server.origin_policy.preflight_headers(
-                self.headers.get("Access-Control-Request-Headers", "")))
+            headers.update(self.server.origin_policy.preflight_headers(self.headers))
         self.send(self.response_head(204, headers))
 
     def route_root(self):

@@ -5589,12 +5589,13 @@ def test_web_pages_cannot_use_the_proxy(ollama):
         status, headers, _ = gateway.call("OPTIONS", "/v1/messages", headers={
             "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "content-type,x-api-key,anthropic-version,x-stainless-retry-count,"
-                                              "anthropic-dangerous-direct-browser-access"})
+                                              "anthropic-dangerous-direct-browser-access",
+            "Access-Control-Request-Private-Network": "true"})
         allowed = {name.strip() for name in headers["access-control-allow-headers"].split(",")}
         assert status == 204 and headers["access-control-allow-origin"] == "https://app.example.com"
         assert {"content-type", "x-api-key", "anthropic-version", "x-stainless-retry-count", "authorization",
                 "anthropic-dangerous-direct-browser-access", "anthropic-beta"} <= allowed
-        assert "POST" in headers["access-control-allow-methods"]
+        assert "POST" in headers["access-control-allow-methods"] and headers["access-control-allow-private-network"] == "true"
         status, _, error = gateway.json("OPTIONS", "/v1/messages", headers={"Origin": "https://evil.example"})
         assert status == 403 and error["error"]["type"] == "permission_error"
     public = proxy.OriginPolicy(config(API_HOST="0.0.0.0"))
