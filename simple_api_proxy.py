@@ -4381,7 +4381,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # -- routes ----------------------------------------------------------------
     def route_preflight(self):
         """OPTIONS: a CORS preflight from an allowed origin (others got a 403), or a plain question."""
-        headers = {"Allow": "GET, HEAD, POST, OPTIONS", "Content-Length": 0}
+        headers = {"Allow": "GET, HEAD, POST, OPTIONS"}
         if self.cors_headers:
             headers.update(self.server.origin_policy.preflight_headers(self.headers))
         self.send(self.response_head(204, headers))
