@@ -2505,6 +2505,9 @@ class UpstreamExchange:
         self.unusable = True
         return ProxyError(502, f"Ollama at {self.address} {what}")
 
+    def has_lines(self):
+        return bool(self._lines)
+
     def pop_lines(self):
         """The non-empty complete lines of the body so far, and the unterminated rest once the
         body is complete."""
@@ -4659,7 +4662,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if exchange.status != 200:
             raise self.upstream_failure(exchange, ollama_model)
         if commit_at is not None:
-            commit()
+            commit(now=not exchange.has_lines())
         silence = first_wait
         while True:
             lines = exchange.pop_lines()
@@ -4668,14 +4671,18 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
                 self.wait(exchange, deadline, silence)
                 continue
-            batch, error = decode_ndjson(lines, exchange.address)
+            # The first line of the answer goes on alone, so that the first text need not wait
+            # for the lines that came with it to be decoded.
+            parts = (lines[:1], lines[1:]) if self.first_token_at is None and len(lines) > 1 else (lines,)
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
             deadline = time.monotonic() + config.ollama_timeout
             silence = f"Ollama went silent for {config.ollama_timeout:g} s mid-reply (OLLAMA_TIMEOUT)"
-            yield batch
-            if error:
-                raise error
+            for part in parts:
+                batch, error = decode_ndjson(part, exchange.address)
+                yield batch
+                if error:
+                    raise error
 
     def upstream_failure(self, exchange, ollama_model):
         """The ProxyError for an Ollama answer with an error status."""
@@ -4708,12 +4715,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
         Failures before the commit keep their HTTP status; after it they end the stream with an
         error event, which is all a client can still be told."""
-        def commit():
+        events = []
+
+        def commit(now=True):
+            """Begin the stream. Unless now, its opening events wait to leave with the first text,
+            already there: one write less before it."""
             self.begin_stream(cache_state)
-            self.write_events(translator.start() + [("ping", {"type": "ping"})])
+            opening = translator.start() + [("ping", {"type": "ping"})]
+            if now:
+                self.write_events(opening)
+            else:
+                events.extend(opening)
             self._next_ping = time.monotonic() + self.config.ping_interval
 
-        events = []
         try:
             for batch in self.upstream_batches(exchange, ollama_model, commit):
                 for chunk in batch:
