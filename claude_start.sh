@@ -73,7 +73,7 @@ except Exception:
 # Filled by parse_args / resolve_settings.
 MODE=remote
 CHECK=0 DEPLOY=0 STOP=0 STOP_ALL=0 LEAN=0
-LAUNCH_ARGS=()
+LAUNCH_ARGS=() OPT_SSHS=() SSH_HOSTS=()
 OPT_SSH='' OPT_SSH_PORT='' OPT_REMOTE_PORT='' OPT_LOCAL_PORT='' OPT_MODEL='' OPT_CONFIG=''
 CLAUDE_ARGS=()
 SSH_HOST='' SSH_PORT='' REMOTE_PORT='' LOCAL_PORT='' MODEL='' CONTEXT_TOKENS=''
@@ -84,8 +84,12 @@ TUNNEL_PID='' PROXY_PID='' KEEPER_PID='' CLAUDE_PID='' RUN_DIR='' CONTROL='' MAS
 # Set by the step functions for their callers.
 PORT='' HEALTH_CODE='' HEALTH_INSTANCE='' FAIL_REASON='' NOTE='' OLLAMA_WARNED=0
 # What the box said in its last call (see box_call).
-BOX_STATUS=0 BOX_FAIL='' BOX_NEED='' BOX_READY='' BOX_HEALTH='' BOX_INSTANCE=''
+BOX_STATUS=0 BOX_FAIL='' BOX_NEED='' BOX_READY='' BOX_HEALTH='' BOX_INSTANCE='' BOX_OLLAMA=''
 BOX_HOPS=()
+# What a tunnel forwards to on the box, and what answers through it once it is up.
+TUNNEL_TARGET='' TUNNEL_PROBE=/health
+# Several boxes (--ssh more than once): one tunnel and keeper per box.
+TUNNEL_PIDS=() TUNNEL_PORTS=() TUNNEL_TARGETS=() KEEPER_PIDS=()
 
 say() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 die() {
@@ -137,7 +141,13 @@ Modes:
                       the local setup
 
 Options (each has a variable; flag > environment > config file > default):
-  --ssh USER@HOST     CLAUDE_START_SSH            ssh destination (no default)
+  --ssh USER@HOST     CLAUDE_START_SSH            ssh destination (no default); ssh://USER@HOST:PORT
+                                                  works too. Given more than once (or
+                                                  several words in CLAUDE_START_SSH):
+                                                  several boxes, each running only Ollama
+                                                  (--deploy readies it and the models),
+                                                  one tunnel per box, and the proxy here
+                                                  with OLLAMA_HOST listing the tunnels
   --ssh-port P        CLAUDE_START_SSH_PORT       default: ~/.ssh/config, else 22
   --remote-port P     CLAUDE_START_REMOTE_PORT    proxy port on the GPU box (8000)
   --local-port P      CLAUDE_START_LOCAL_PORT     port on 127.0.0.1 here (8001);
@@ -222,7 +232,8 @@ parse_args() {
                 fi
                 [[ -n $value ]] || usage_error "$flag needs a non-empty value"
                 case $flag in
-                    --ssh) OPT_SSH=$value ;;
+                    --ssh) OPT_SSH=$value
+                        OPT_SSHS+=("$value") ;;
                     --ssh-port) OPT_SSH_PORT=$value ;;
                     --remote-port) OPT_REMOTE_PORT=$value ;;
                     --local-port) OPT_LOCAL_PORT=$value ;;
@@ -318,6 +329,17 @@ resolve_settings() {
     fi
 
     SSH_HOST=${OPT_SSH:-${CLAUDE_START_SSH:-}}
+    # Several boxes: --ssh more than once, or CLAUDE_START_SSH with several words.
+    if ((${#OPT_SSHS[@]} > 1)); then
+        SSH_HOSTS=("${OPT_SSHS[@]}")
+    elif [[ -n $SSH_HOST ]]; then
+        read -r -a SSH_HOSTS <<<"$SSH_HOST"
+    fi
+    if ((${#SSH_HOSTS[@]} > 1)); then
+        [[ $MODE != local ]] || usage_error "--local and several --ssh boxes do not go together"
+        MODE=boxes
+    fi
+    SSH_HOST=${SSH_HOSTS[0]:-}
     # No default port: an explicit -p would override a Port in ~/.ssh/config.
     SSH_PORT=${OPT_SSH_PORT:-${CLAUDE_START_SSH_PORT:-}}
     REMOTE_PORT=${OPT_REMOTE_PORT:-${CLAUDE_START_REMOTE_PORT:-$DEFAULT_REMOTE_PORT}}
@@ -346,9 +368,10 @@ resolve_settings() {
     require_uint CLAUDE_START_INSTALL_TIMEOUT "$INSTALL_TIMEOUT" 1
     require_uint CLAUDE_START_OLLAMA_WAIT "$OLLAMA_WAIT" 1
     require_uint CLAUDE_START_PULL_TIMEOUT "$PULL_TIMEOUT" 1
-    if [[ $SSH_HOST == -* ]]; then
-        usage_error "ssh destination '$SSH_HOST' must not start with '-'"
-    fi
+    local host
+    for host in ${SSH_HOSTS[@]+"${SSH_HOSTS[@]}"}; do
+        [[ $host != -* ]] || usage_error "ssh destination '$host' must not start with '-'"
+    done
 }
 
 no_host_message() {
@@ -1093,7 +1116,35 @@ def command_probe(request, uploads):
     return 0
 
 
-COMMANDS = {"up": command_up, "stop": command_stop, "probe": command_probe}
+def command_ollama(request, uploads):
+    """For several boxes behind a proxy on the laptop: only Ollama and the models on this one."""
+    os.makedirs(FOLDER, mode=0o700, exist_ok=True)
+    url = step_ollama(request, {})
+    step_models(request, url)
+    tell("ollama", url.split("://", 1)[1])
+    return 0
+
+
+def command_ollama_probe(request, uploads):
+    url = ollama_url({})
+    status, body = http_json(url + "/api/tags", 5)
+    if status != 200:
+        hop("ollama on box", "failed", "Ollama not answering at %s on the box: use --deploy, or start "
+            "`ollama serve` there" % url)
+        return 0
+    tell("ollama", url.split("://", 1)[1])
+    hop("ollama on box", "ok", url)
+    models = {m.get("name") for m in (body or {}).get("models", []) if isinstance(m, dict)}
+    for model in request["models"]:
+        if installed(model, models):
+            hop("model", "ok", "%s installed" % model)
+        else:
+            hop("model", "failed", "model %s not installed (run: ollama pull %s, or use --deploy)" % (model, model))
+    return 0
+
+
+COMMANDS = {"up": command_up, "stop": command_stop, "probe": command_probe, "ollama": command_ollama,
+            "ollama_probe": command_ollama_probe}
 
 
 def main(stream):
@@ -1187,7 +1238,7 @@ ssh_box() {
 # failure (BOX_FAIL), 124 time out, 255 ssh failed (FAIL_REASON).
 box_call() {
     local seconds=$1 request=$2 line rc=''
-    BOX_FAIL='' BOX_NEED='' BOX_READY='' BOX_HEALTH='' BOX_INSTANCE=''
+    BOX_FAIL='' BOX_NEED='' BOX_READY='' BOX_HEALTH='' BOX_INSTANCE='' BOX_OLLAMA=''
     BOX_HOPS=()
     while IFS= read -r line; do
         case $line in
@@ -1197,6 +1248,7 @@ box_call() {
             '@ready '*) BOX_READY=${line#@ready } ;;
             '@health '*) BOX_HEALTH=${line#@health } ;;
             '@instance '*) BOX_INSTANCE=${line#@instance } ;;
+            '@ollama '*) BOX_OLLAMA=${line#@ollama } ;;
             '@hop '*) BOX_HOPS+=("${line#@hop }") ;;
             '@status '*) rc=${line#@status } ;;
             *) say "box: $line" ;;
@@ -1329,7 +1381,7 @@ tunnel_log() { printf '%s' "${TMPDIR:-/tmp}/claude_start.ssh.$1.log"; }
 # local port itself, it exits instead of running without a tunnel. Its output
 # goes to a log, away from Claude Code's screen and this script's stdout.
 start_tunnel_ssh() {
-    ssh -N -L "$1:127.0.0.1:$REMOTE_PORT" -o ExitOnForwardFailure=yes -o ControlPath=none \
+    ssh -N -L "$1:$TUNNEL_TARGET" -o ExitOnForwardFailure=yes -o ControlPath=none \
         "${SSH_OPTS[@]}" -- "$SSH_HOST" </dev/null >"$(tunnel_log "$1")" 2>&1 &
 }
 
@@ -1347,7 +1399,7 @@ open_tunnel() {
             TUNNEL_PID=$!
         fi
         rc=0
-        wait_for_health "http://127.0.0.1:$PORT/health" "$HEALTH_WAIT" "$TUNNEL_PID" "$BOX_INSTANCE" || rc=$?
+        wait_for_health "http://127.0.0.1:$PORT$TUNNEL_PROBE" "$HEALTH_WAIT" "$TUNNEL_PID" "$BOX_INSTANCE" || rc=$?
         case $rc in
             0) return 0 ;;
             2) rc=0
@@ -1359,13 +1411,13 @@ open_tunnel() {
                 # ssh says "bind [127.0.0.1]:PORT: Address already in use" when another
                 # process took the port since it was found free; other refusals are final.
                 if [[ ! -r $log || $(<"$log") != *"Address already in use"* ]]; then
-                    FAIL_REASON="ssh tunnel to $(ssh_target) exited (code $rc)${last:+: $last}; check that you can run: ssh ${SSH_PORT:+-p $SSH_PORT }-N -L $PORT:127.0.0.1:$REMOTE_PORT $SSH_HOST (log: $log)"
+                    FAIL_REASON="ssh tunnel to $(ssh_target) exited (code $rc)${last:+: $last}; check that you can run: ssh ${SSH_PORT:+-p $SSH_PORT }-N -L $PORT:$TUNNEL_TARGET $SSH_HOST (log: $log)"
                     return 1
                 fi
                 why="local port $PORT was taken before the tunnel could hold it" ;;
             3) close_tunnel
                 why="127.0.0.1:$PORT answers for a proxy that is not the one on $SSH_HOST (another tunnel holds the port)" ;;
-            *) FAIL_REASON="proxy did not answer http://127.0.0.1:$PORT/health through the tunnel within $HEALTH_WAIT s: check the proxy on $SSH_HOST, or raise CLAUDE_START_HEALTH_WAIT (ssh log: $log)"
+            *) FAIL_REASON="${TUNNEL_PROBE#/} did not answer on http://127.0.0.1:$PORT$TUNNEL_PROBE through the tunnel within $HEALTH_WAIT s: check the proxy on $SSH_HOST, or raise CLAUDE_START_HEALTH_WAIT (ssh log: $log)"
                 return 1 ;;
         esac
         tries=$((tries + 1))
@@ -1399,7 +1451,7 @@ keep_tunnel() {
         while :; do
             start_tunnel_ssh "$PORT"
             child=$!
-            if wait_for_health "http://127.0.0.1:$PORT/health" 10 "$child" "$BOX_INSTANCE"; then
+            if wait_for_health "http://127.0.0.1:$PORT$TUNNEL_PROBE" 10 "$child" "$BOX_INSTANCE"; then
                 say "tunnel 127.0.0.1:$PORT -> $SSH_HOST reopened after $((SECONDS - down_since)) s (ssh pid $child)"
                 break
             fi
@@ -1418,6 +1470,7 @@ keep_tunnel() {
 start_remote() {
     [[ -n $SSH_HOST ]] || die "$(no_host_message)"
     have ssh || die "ssh not found on PATH: install the OpenSSH client, or use --local for a proxy on this machine"
+    TUNNEL_TARGET=127.0.0.1:$REMOTE_PORT
     open_master || die "$FAIL_REASON"
     # The tunnel connects while the box is checked or set up.
     pick_local_port || die "$FAIL_REASON"
@@ -1444,6 +1497,136 @@ stop_box() {
     have ssh || die "ssh not found on PATH: install the OpenSSH client"
     open_master || die "$FAIL_REASON"
     box_step "\"step\": \"stop\", \"all\": $( ((STOP_ALL)) && echo true || echo false)" || die "stop failed: $FAIL_REASON"
+}
+
+# ---------------------------------------------------------------- several boxes
+#
+# With --ssh given more than once, each box runs only Ollama and the proxy runs
+# here: one tunnel per box to that box's Ollama, and OLLAMA_HOST lists the
+# tunnels, so the proxy spreads requests over the boxes and fails over.
+
+# use_box INDEX: makes box INDEX the one the single-box functions work on.
+use_box() {
+    SSH_HOST=${SSH_HOSTS[$1]}
+    CONTROL=$RUN_DIR/ssh.$1
+    MASTER_OPEN=0
+    BOX_INSTANCE=''
+}
+
+# Readies box INDEX (with --deploy: Ollama started or installed, models pulled),
+# then opens its tunnel on a free port from FROM up. Sets PORT and TUNNEL_PID.
+ready_box() {
+    local index=$1 from=$2 step=ollama_probe seconds=$BOX_CALL_TIMEOUT hop name status detail json
+    use_box "$index"
+    open_master || die "$FAIL_REASON"
+    if ((DEPLOY)); then
+        step=ollama
+        seconds=$((INSTALL_TIMEOUT + OLLAMA_WAIT + PULL_TIMEOUT * $(wc -w <<<"$(required_models)") + 60))
+        say "preparing Ollama on $(ssh_target), model(s): $(trim "$(required_models)")"
+    fi
+    json="\"step\": \"$step\", \"models\": $(models_json), \"sizes\": {}"
+    json+=", \"install_command\": $(json_string "$OLLAMA_INSTALL"), \"install_timeout\": $INSTALL_TIMEOUT"
+    json+=", \"ollama_wait\": $OLLAMA_WAIT, \"pull_timeout\": $PULL_TIMEOUT"
+    write_box_request "$RUN_DIR/request" "{$json}"
+    box_call "$seconds" "$RUN_DIR/request" || die "$SSH_HOST: $FAIL_REASON"
+    close_master
+    for hop in ${BOX_HOPS[@]+"${BOX_HOPS[@]}"}; do
+        IFS='|' read -r name status detail <<<"$hop"
+        [[ $status != failed ]] || die "$SSH_HOST: $detail"
+    done
+    [[ -n $BOX_OLLAMA ]] || die "$SSH_HOST: the box did not say where Ollama listens"
+    TUNNEL_TARGET=$BOX_OLLAMA
+    TUNNEL_PROBE=/api/version
+    PORT=$(find_free_port "$from") || die "no free local port from $from for the tunnel to $SSH_HOST"
+    TUNNEL_PID=''
+    open_tunnel || die "$FAIL_REASON"
+    say "tunnel 127.0.0.1:$PORT -> $SSH_HOST:$TUNNEL_TARGET (Ollama) is up (ssh pid $TUNNEL_PID)"
+}
+
+start_boxes() {
+    have ssh || die "ssh not found on PATH: install the OpenSSH client"
+    local i hosts='' proxy_port key
+    pick_local_port || die "$FAIL_REASON"
+    proxy_port=$PORT
+    for ((i = 0; i < ${#SSH_HOSTS[@]}; i++)); do
+        ready_box "$i" $((proxy_port + 1 + i))
+        TUNNEL_PIDS+=("$TUNNEL_PID")
+        TUNNEL_PORTS+=("$PORT")
+        TUNNEL_TARGETS+=("$TUNNEL_TARGET")
+        TUNNEL_PID=''
+        hosts+="${hosts:+,}127.0.0.1:$PORT"
+    done
+    # The proxy here gets the user's proxy settings, and the tunnels as its Ollama hosts.
+    for key in $PROXY_SETTINGS; do
+        [[ -z ${!key:-} ]] || export "${key?}"
+    done
+    export OLLAMA_HOST=$hosts OLLAMA_MODEL=${OLLAMA_MODEL:-$MODEL}
+    PORT=$proxy_port
+    start_proxy || die "$FAIL_REASON"
+    say "proxy on 127.0.0.1:$PORT spreads requests over ${#SSH_HOSTS[@]} boxes (OLLAMA_HOST=$hosts)"
+}
+
+# One keeper per box tunnel while Claude Code runs.
+start_box_keepers() {
+    local i proxy_port=$PORT
+    ((${#TUNNEL_PIDS[@]} > 0)) || return 0
+    for ((i = 0; i < ${#TUNNEL_PIDS[@]}; i++)); do
+        use_box "$i"
+        PORT=${TUNNEL_PORTS[i]} TUNNEL_PID=${TUNNEL_PIDS[i]} TUNNEL_TARGET=${TUNNEL_TARGETS[i]}
+        TUNNEL_PROBE=/api/version
+        keep_tunnel &
+        KEEPER_PIDS+=($!)
+    done
+    TUNNEL_PID=''
+    PORT=$proxy_port
+}
+
+check_box_hops() {
+    local i line name status detail
+    for ((i = 0; i < ${#SSH_HOSTS[@]}; i++)); do
+        use_box "$i"
+        if ! have ssh || ! open_master; then
+            hop "ssh reachable" failed "$SSH_HOST: ${FAIL_REASON:-ssh not found on PATH}"
+            continue
+        fi
+        hop "ssh reachable" ok "$(ssh_target)"
+        if ! box_step '"step": "ollama_probe"'; then
+            hop "ollama on box" failed "$SSH_HOST: $FAIL_REASON"
+            close_master
+            continue
+        fi
+        close_master
+        for line in ${BOX_HOPS[@]+"${BOX_HOPS[@]}"}; do
+            IFS='|' read -r name status detail <<<"$line"
+            hop "$name" "$status" "$SSH_HOST: $detail"
+        done
+        [[ -n $BOX_OLLAMA ]] || continue
+        TUNNEL_TARGET=$BOX_OLLAMA TUNNEL_PROBE=/api/version TUNNEL_PID=''
+        if PORT=$(find_free_port $((LOCAL_PORT + 1 + i))) && open_tunnel; then
+            hop "tunnel" ok "127.0.0.1:$PORT -> $SSH_HOST:$TUNNEL_TARGET (Ollama), ssh pid $TUNNEL_PID"
+        else
+            hop "tunnel" failed "$SSH_HOST: ${FAIL_REASON:-no free local port}"
+        fi
+        close_tunnel
+    done
+    if [[ -f $PROXY_SCRIPT ]] && have python3; then
+        hop "local proxy" ok "$PROXY_SCRIPT starts here with the tunnels as OLLAMA_HOST"
+    else
+        hop "local proxy" failed "$PROXY_SCRIPT cannot be started here (missing file or python3): set CLAUDE_START_PROXY_SCRIPT"
+    fi
+}
+
+stop_boxes() {
+    local i failed=0
+    for ((i = 0; i < ${#SSH_HOSTS[@]}; i++)); do
+        use_box "$i"
+        if ! open_master || ! box_step "\"step\": \"stop\", \"all\": $( ((STOP_ALL)) && echo true || echo false)"; then
+            say "$SSH_HOST: stop failed: $FAIL_REASON"
+            failed=1
+        fi
+        close_master
+    done
+    ((failed == 0)) || exit 1
 }
 
 # ---------------------------------------------------------------- local side
@@ -1538,12 +1721,15 @@ CronCreate,CronDelete,CronList,EnterWorktree,ExitWorktree,Monitor,NotebookEdit,S
         keep_tunnel &
         KEEPER_PID=$!
     fi
+    start_box_keepers
     wait "$CLAUDE_PID" || rc=$?
     CLAUDE_PID=''
     stop_keeper
     resume_hint
     if [[ $MODE == remote ]]; then
         say "the box $SSH_HOST keeps running (and billing) with the proxy on it: stop the proxy with $(launch_command stop) --stop --all, and stop or destroy the instance with your provider when done"
+    elif [[ $MODE == boxes ]]; then
+        say "the boxes ${SSH_HOSTS[*]} keep running (and billing) with Ollama on them: stop it with $(launch_command stop) --stop --all, and stop or destroy the instances with your provider when done"
     fi
     return "$rc"
 }
@@ -1586,11 +1772,13 @@ resume_hint() {
 }
 
 stop_keeper() {
-    if [[ -n $KEEPER_PID ]]; then
-        kill "$KEEPER_PID" 2>/dev/null || true
-        wait "$KEEPER_PID" 2>/dev/null || true
-        KEEPER_PID=''
-    fi
+    local pid
+    for pid in $KEEPER_PID ${KEEPER_PIDS[@]+"${KEEPER_PIDS[@]}"}; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    KEEPER_PID=''
+    KEEPER_PIDS=()
 }
 
 # on_signal NAME STATUS: pass the signal on to Claude Code, give it a moment to
@@ -1666,6 +1854,7 @@ check_remote_hops() {
         hop "local health" failed "not tried: $skip"
         return
     fi
+    TUNNEL_TARGET=127.0.0.1:$REMOTE_PORT
     if pick_local_port && open_tunnel; then
         hop "tunnel" ok "127.0.0.1:$PORT -> $SSH_HOST:127.0.0.1:$REMOTE_PORT, ssh pid $TUNNEL_PID"
         status_note "$HEALTH_CODE"
@@ -1699,6 +1888,8 @@ check_local_hops() {
 run_check() {
     if [[ $MODE == local ]]; then
         check_local_hops
+    elif [[ $MODE == boxes ]]; then
+        check_box_hops
     else
         check_remote_hops
     fi
@@ -1740,6 +1931,11 @@ close_tunnel() {
 cleanup() {
     stop_keeper
     close_tunnel
+    local pid
+    for pid in ${TUNNEL_PIDS[@]+"${TUNNEL_PIDS[@]}"}; do
+        stop_pid "$pid"
+    done
+    TUNNEL_PIDS=()
     close_master
     # Only a proxy this run started; one that was already running stays.
     if [[ -n $PROXY_PID ]]; then
@@ -1761,7 +1957,11 @@ main() {
         die "neither curl nor python3 found: install one of them (needed to check the proxy health)"
     make_run_dir
     if ((STOP)); then
-        stop_box
+        if [[ $MODE == boxes ]]; then
+            stop_boxes
+        else
+            stop_box
+        fi
         exit 0
     fi
     if ((CHECK)); then
@@ -1770,11 +1970,11 @@ main() {
         exit "$status"
     fi
     require_claude
-    if [[ $MODE == local ]]; then
-        start_local
-    else
-        start_remote
-    fi
+    case $MODE in
+        local) start_local ;;
+        boxes) start_boxes ;;
+        *) start_remote ;;
+    esac
     local rc=0
     run_claude || rc=$?
     exit "$rc"

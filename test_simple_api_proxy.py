@@ -5082,8 +5082,12 @@ class SshLab:
         return env
 
     def start(self, box, *args, env=None):
-        proc = subprocess.Popen([str(LAUNCHER_SCRIPT), "--ssh", "box-" + box.name,
-                                 "--remote-port", str(box.proxy_port), *args],
+        """The launcher for one box (its proxy on box.proxy_port), or for a list of boxes."""
+        boxes = box if isinstance(box, list) else [box]
+        where = [word for each in boxes for word in ("--ssh", "box-" + each.name)]
+        if len(boxes) == 1:
+            where += ["--remote-port", str(box.proxy_port)]
+        proc = subprocess.Popen([str(LAUNCHER_SCRIPT), *where, *args],
                                 env=env or self.env(), cwd=self.laptop, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.procs.append(proc)
@@ -5301,6 +5305,35 @@ def test_stop_all_and_sigterm_clean_up(lab):
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert onstart.returncode == 0 and "@ready" in onstart.stdout, onstart.stdout + onstart.stderr
     assert _process_alive(box.pid("proxy.pid")) and _process_alive(box.pid("ollama.pid"))
+
+
+def test_several_boxes_each_run_ollama_behind_one_proxy_here(lab):
+    a, b = lab.boxes["a"], lab.boxes["b"]
+    for box in (a, b):
+        box.kill_processes()  # Ollama stopped, no proxy: --deploy readies Ollama and the model only
+    result = lab.run([a, b], "--deploy", "--local-port", str(free_port()), "--", "-p", "which box?",
+                     env=lab.env(real_claude=True))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in ("Answer from box a.", "Answer from box b.")
+    assert "spreads requests over 2 boxes" in result.stderr
+    for box in (a, b):
+        assert "tunnel 127.0.0.1:" in result.stderr and "box-%s:127.0.0.1:%d (Ollama)" % (box.name, box.ollama_port) \
+            in result.stderr
+        assert _process_alive(box.pid("ollama.pid")) and not _process_alive(box.pid("proxy.pid"))
+
+    check = lab.run([a, b], "--check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.count("ollama on box:       ok") == 2 and check.stdout.count("tunnel:              ok") == 2
+
+    os.kill(a.pid("ollama.pid"), signal.SIGKILL)
+    check = lab.run([a, b], "--check")
+    assert check.returncode == 1
+    assert "ollama on box:       failed (box-a: Ollama not answering at http://127.0.0.1:%d" % a.ollama_port \
+        in check.stdout, check.stdout
+
+    stop = lab.run([a, b], "--stop", "--all")
+    assert stop.returncode == 0, stop.stderr
+    assert not _process_alive(b.pid("ollama.pid"))
 
 
 def test_changed_host_key_says_how_to_clear_it(lab):
