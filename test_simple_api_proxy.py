@@ -5656,13 +5656,15 @@ def test_bodies_of_tiny_values_neither_bloat_nor_starve_the_proxy(ollama, tmp_pa
     """Three clients each send 30 MiB of `[],`; an ordinary request meanwhile is answered, the
     proxy's peak RSS stays under 1 GiB. The wait is bounded loosely here: bench/amplification.py
     measures it."""
+    need(Path("/proc/self/status").exists(), "reading a process's peak RSS needs /proc")
     running = ProxyProcess(tmp_path, OLLAMA_HOST=ollama.url, LOG_LEVEL="WARNING")
-    body = b"[" + b"[]," * (10 * 1024 * 1024 - 1) + b"[]]"
+    body = memoryview(b"[" + b"[]," * (10 * 1024 * 1024 - 1) + b"[]]")
     sending, answers = threading.Semaphore(0), []
 
     def send_big():
         with socket.create_connection(("127.0.0.1", running.port), timeout=120) as connection:
-            connection.sendall(post_head(len(body), b"Connection: close\r\n") + body[:1 << 20])
+            connection.sendall(post_head(len(body), b"Connection: close\r\n"))
+            connection.sendall(body[:1 << 20])
             sending.release()
             connection.sendall(body[1 << 20:])
             answer = b""

@@ -9,7 +9,7 @@ ordinary request, the proxy's peak RSS (VmHWM) and the CPU seconds it spent.
     python3 bench/amplification.py                      # the proxy in this checkout
     python3 bench/amplification.py --proxy /tmp/old.py  # another copy, e.g. a baseline
 
-Loopback only; every request has a timeout, and the run ends by itself.
+Loopback only; every request has a timeout, and the run ends by itself. Linux: it reads /proc.
 """
 
 from __future__ import annotations
