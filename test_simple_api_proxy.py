@@ -5087,6 +5087,8 @@ class SshLab:
         where = [word for each in boxes for word in ("--ssh", "box-" + each.name)]
         if len(boxes) == 1:
             where += ["--remote-port", str(box.proxy_port)]
+        if "--local-port" not in args:
+            where += ["--local-port", str(free_port())]  # not 8001, which this machine may be using
         proc = subprocess.Popen([str(LAUNCHER_SCRIPT), *where, *args],
                                 env=env or self.env(), cwd=self.laptop, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -5241,13 +5243,12 @@ def test_tunnel_killed_mid_request_is_reopened_and_the_session_answers(lab):
     (box.state / "delay_once").write_text("30")
     launcher = lab.start(box, "--", "-p", "say hello", env=lab.env(real_claude=True))
     assert _launcher_wait_until(lambda: chats.exists() and chats.read_text().count("\n") == 1, 60)
-    tunnels = [pid for pid in _pids_with_parent(launcher.pid) if "-L" in _cmdline(pid)]
-    assert len(tunnels) == 1
+    tunnels = [pid for pid in _pids_with_parent(launcher.pid) if " -N -L " in _cmdline(pid)]
+    assert len(tunnels) == 1, [_cmdline(pid) for pid in _pids_with_parent(launcher.pid)]
     os.kill(tunnels[0], signal.SIGKILL)
     out, err = launcher.communicate(timeout=90)
-    assert launcher.returncode == 0, err
-    assert out.strip() == "Answer from box a."
-    assert "dropped" in err and "reopened" in err
+    assert launcher.returncode == 0 and out.strip() == "Answer from box a.", out + err
+    assert "dropped" in err and "reopened" in err, err
 
 
 def _cmdline(pid):
@@ -5287,7 +5288,7 @@ def test_stop_all_and_sigterm_clean_up(lab):
         pidfile.unlink()
     assert _launcher_wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 60)
     claude = int(pidfile.read_text())
-    tunnels = [pid for pid in _pids_with_parent(launcher.pid) if "-L" in _cmdline(pid)]
+    tunnels = [pid for pid in _pids_with_parent(launcher.pid) if " -N -L " in _cmdline(pid)]
     launcher.send_signal(signal.SIGTERM)
     launcher.communicate(timeout=20)
     assert launcher.returncode == 143
