@@ -5153,6 +5153,10 @@ def test_deploy_bare_box_to_an_answer_then_keep_or_restart_the_proxy(lab, tmp_pa
     assert result.stdout.strip() == "Answer from box a."
     assert "started ollama serve" in result.stderr and "started the proxy" in result.stderr
     assert "keeps running (and billing)" in result.stderr
+    # Claude Code's own `claude --resume` would bypass the proxy: the launcher's line instead.
+    resume = re.search(r"resume this conversation with: (.*)", result.stderr)
+    assert resume and re.fullmatch(r"\S*claude_start\.sh --ssh box-a --remote-port \d+ --local-port \d+ "
+                                   r"-- --resume [0-9a-f-]{36}", resume.group(1)), result.stderr
     # What it leaves on the box: the file, a private env file, logs, pidfiles, the instance id.
     assert (box.folder / "simple_api_proxy.py").read_bytes() == (HERE / "simple_api_proxy.py").read_bytes()
     env_file = box.folder / "proxy.env"
