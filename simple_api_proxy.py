@@ -30,7 +30,6 @@ import email.utils
 import hashlib
 import hmac
 import http.server
-import io
 import ipaddress
 import json
 import logging
@@ -3479,9 +3478,12 @@ class RequestReader:
         """The next request's line and headers; None if the client closed the connection first."""
         buffered = self.rfile.peek(1)
         end = buffered.find(b"\r\n\r\n")
-        if end > 0 and buffered[0] not in b"\r\n":  # all of it is here already: one read, one parse
+        line_end = buffered.find(b"\n") + 1
+        # All of it is here already: one read, one parse. Only when every header line ends in CRLF:
+        # a head ended by a bare LF blank line lies before that CRLFCRLF, which may then be the body's.
+        if (end > 0 and buffered[0] not in b"\r\n" and line_end <= end + 2
+                and self._plain_field_block(buffered[line_end:end + 2])):
             block = self.rfile.read(end + 4)
-            line_end = block.index(b"\n") + 1
             line, headers = block[:line_end], self._field_block(block, line_end)
         else:
             line = self._request_line()
@@ -3533,11 +3535,15 @@ class RequestReader:
             return None  # the client closed, or ReadDeadlines cut it off mid-line
         return line
 
-    def _field_block(self, block, start):
-        """The header lines of `block` (a whole head) checked by one regex, split without one per line."""
+    @staticmethod
+    def _plain_field_block(lines):
+        return lines.count(b"\n") <= MAX_HEADER_LINES and HEADER_BLOCK.fullmatch(lines) is not None
+
+    @staticmethod
+    def _field_block(block, start):
+        """The header lines of `block` (a whole head, checked by _plain_field_block), split without one
+        regex per line."""
         lines = block[start:-2]
-        if lines.count(b"\n") > MAX_HEADER_LINES or HEADER_BLOCK.fullmatch(lines) is None:
-            return self._fields(io.BytesIO(block[start:]).readline)  # which names the fault
         fields, repeated = {}, None
         for line in lines.decode("latin-1").split("\r\n")[:-1]:
             name, _, value = line.partition(":")

@@ -5571,6 +5571,22 @@ def test_ambiguous_framing_is_refused_and_closes(gateway):
     assert [r[:3] for r in answer.split(b"HTTP/1.1 ")[1:]] == [b"200", b"200"]
 
 
+def test_a_head_ended_by_bare_line_feeds_keeps_its_body_with_blank_lines_in_it(gateway):
+    # JSON may hold CRLF CRLF as whitespace; the head before it ends at a bare LF blank line.
+    body = json.dumps(request_body()).encode().replace(b", ", b",\r\n\r\n")
+    head = b"POST /v1/messages/count_tokens HTTP/1.1\nHost: localhost\nContent-Length: %d\n\n" % len(body)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
+        connection.sendall(head + body + b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while True:
+            part = connection.recv(65536)
+            if not part:
+                break
+            answer += part
+    assert [r[:3] for r in answer.split(b"HTTP/1.1 ")[1:]] == [b"200", b"200"], answer[:600]
+    assert b'"input_tokens"' in answer
+
+
 def expect_continue(port, head):
     """Send a head with Expect: 100-continue and no body; the proxy's first answer to it."""
     connection = socket.create_connection(("127.0.0.1", port), timeout=10)
