@@ -3514,6 +3514,10 @@ class RequestReader:
                 raise bad_request(f"request target {head.target[:100]!r} is not a path")
         if "host" in headers.repeated:
             raise bad_request("more than one Host header")
+        # An http URI always has an authority, so an HTTP/1.1 request without one is refused
+        # (RFC 9112 §3.2) rather than let through the Host check that has nothing to compare.
+        if not head.authority and (head.version == "HTTP/1.1" or head.authority is not None):
+            raise bad_request("no Host: an HTTP/1.1 request names its host, e.g. Host: localhost")
         self._framing(head)
         if head.version == "HTTP/1.1":
             head.keep_alive = "close" not in headers.fields.get("connection", "").lower()

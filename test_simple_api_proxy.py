@@ -5657,6 +5657,18 @@ def test_web_pages_cannot_use_the_proxy(ollama):
     assert public.refusal("gpu-box.example", "https://evil.example").status == 403
 
 
+def test_a_request_without_a_host_is_refused_not_let_past_the_host_check(gateway, ollama):
+    body = json.dumps(request_body()).encode()
+    length = b"Content-Length: %d\r\n\r\n" % len(body)
+    for head in (b"POST /v1/messages HTTP/1.1\r\n", b"POST /v1/messages HTTP/1.1\r\nHost: \r\n",
+                 b"POST http:///v1/messages HTTP/1.1\r\nHost: evil.example\r\n"):
+        answer = raw_exchange(gateway.port, head + length + body)
+        assert status_of(answer) == 400 and b"Host: localhost" in answer, (head, answer[:300])
+    assert ollama.chats() == []
+    # HTTP/1.0 has no Host requirement, and nothing for a web page to exploit there.
+    assert status_of(raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.0\r\n" + length + body)) == 200
+
+
 def test_json_nesting_and_value_limits_are_refused_up_front(gateway, ollama):
     schema = {"type": "object"}
     for _ in range(200):
