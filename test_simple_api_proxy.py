@@ -2438,6 +2438,10 @@ def test_parameters_written_as_xml_are_typed_by_the_tools_schema():
     "Sure.\n<tool_call>\n" + BASH_CALL + "\n</tool_call>\nAnd then I will summarise the output for you.",
     "word " * 300 + "\n<tool_call>\n" + BASH_CALL + "\n</tool_call>",
     "Run it like <tool_call>" + BASH_CALL + "</tool_call> in your reply.",
+    "Do not run this:\n<function=Bash>\n<parameter=command>\nrm -rf /\n</parameter>\n</function>",
+    "You should never run:\n<tool_call>\n" + BASH_CALL + "\n</tool_call>",
+    "A call looks like this:\n<tool_call>\n" + BASH_CALL + "\n</tool_call>",
+    "Instead of running it, type:\n<tool_call>\n" + BASH_CALL + "\n</tool_call>",
 ])
 def test_examples_refusals_and_calls_inside_prose_never_run(text):
     for pieces in ([text], [text[i:i + 4] for i in range(0, len(text), 4)]):
@@ -2450,6 +2454,8 @@ def test_a_preamble_may_mention_examples_without_being_one():
     text = "Let me look in the examples folder.\n<tool_call>\n" + BASH_CALL + "\n</tool_call>"
     assert proxy.parse_text_tool_calls(text, TOOLS) == ("Let me look in the examples folder.",
                                                         [{"name": "Bash", "input": {"command": "ls -la"}}])
+    text = "It looks like the build failed; I do not know why yet, so:\n<tool_call>\n" + BASH_CALL + "\n</tool_call>"
+    assert proxy.parse_text_tool_calls(text, TOOLS)[1] == [{"name": "Bash", "input": {"command": "ls -la"}}]
 
 
 def test_mistral_calls_keep_the_calls_and_drop_the_answer_made_up_after_them():
