@@ -2714,6 +2714,16 @@ class OllamaClient:
 # Upstream pool: several Ollama hosts
 ###############################################################################
 
+def every_host_failed(failures):
+    """The error when no host could answer: the one host's own, or each host's reason in one."""
+    last = failures[-1]
+    if len(failures) == 1:
+        return last
+    return ProxyError(last.status, f"none of the {len(failures)} Ollama hosts could answer: "
+                                   + "; ".join(error.message for error in failures),
+                      last.error_type, retry=last.retry, retry_after=last.retry_after)
+
+
 def failure_kind(error):
     """A short name for why a host failed, for the log and /metrics."""
     cause = error.__cause__
@@ -2858,7 +2868,7 @@ class UpstreamPool:
         """The model's capabilities, from the first host that has it and answers."""
         if self.single:
             return self.hosts[0].capabilities(model)
-        failure = None
+        failures = []
         hosts = [host for host in self.hosts if self.has_model(host, model)]
         for host in sorted(hosts, key=lambda host: not host.up):
             try:
@@ -2866,10 +2876,10 @@ class UpstreamPool:
             except ProxyError as error:
                 if error.status != 404:
                     self.mark_down(host, error)
-                failure = error
-        if failure is None or failure.status == 404:
+                    failures.append(error)
+        if not failures:
             raise self.missing_model(model)
-        raise failure
+        raise every_host_failed(failures)
 
     def installed_models(self):
         """The union of the hosts' models, in host order; an error only if no host answers."""
@@ -2887,7 +2897,7 @@ class UpstreamPool:
                     seen.add(model["name"])
                     models.append(model)
         if len(failures) == len(self.hosts):
-            raise failures[0]
+            raise every_host_failed(failures)
         return models
 
     def health(self, timeout):
@@ -2967,20 +2977,20 @@ class UpstreamRoute:
         self.conversation = conversation
         self.tried = []
         self.host = None  # the host counting this generation as in flight
-        self.failure = None  # why the last host tried could not take the request
+        self.failures = []  # why each host tried could not take the request
 
     def open(self, path, payload):
         """Send the request to the best host, moving on from hosts that cannot be reached."""
         while True:
             host = self.pool.reserve(self)
             if host is None:
-                raise self.failure
+                raise every_host_failed(self.failures)
             try:
                 exchange = host.open("POST", path, payload)
             except ProxyError as error:
                 self.pool.release(host)
                 self.pool.mark_down(host, error)
-                self.failure = error
+                self.failures.append(error)
                 continue
             except BaseException:  # not the host's fault: give its place back and let the error stand
                 self.pool.release(host)
@@ -2991,21 +3001,24 @@ class UpstreamRoute:
 
     def fail_over(self, exchange, error):
         """After `error` and before any byte of an answer: send the request to the next host and
-        go on there. False when it cannot be moved (the error stands)."""
+        go on there. False when it cannot be moved (the error stands); every_host_failed() when no
+        host is left to move to."""
         if error.status != 502 or exchange.answered():
             return False
         self.pool.release(self.host)
         self.pool.mark_down(self.host, error)
         self.host = None
+        self.failures.append(error)
         while True:
             host = self.pool.reserve(self)
             if host is None:
-                return False
+                raise every_host_failed(self.failures)
             try:
                 exchange.take_over(host.resend(exchange.request_bytes))
             except ProxyError as error:
                 self.pool.release(host)
                 self.pool.mark_down(host, error)
+                self.failures.append(error)
                 continue
             log.info("upstream: moved a request to Ollama at %s", host.address)
             self.host = host

@@ -1804,6 +1804,20 @@ def test_a_host_that_fails_before_answering_costs_no_request(hosts, stream):
         wait_for(lambda: [host.in_flight for host in pool.hosts] == [0, 0], "the generations to end")
 
 
+def test_when_every_host_fails_the_error_names_each_of_them(hosts):
+    for host in hosts:
+        host.responder = lambda body: Reply(drop="reset")
+    with running_proxy(host_list(hosts)) as gateway:
+        status, _, error = gateway.messages(request_body())
+        assert status == 502 and "none of the 2 Ollama hosts" in error["error"]["message"], error
+        assert all(host.url in error["error"]["message"] for host in hosts)
+        for host in hosts:
+            host.stop()
+        status, _, error = gateway.json("GET", "/v1/models")
+        assert status == 502 and all(host.url in error["error"]["message"] for host in hosts), error
+        wait_for(lambda: gateway.server.in_flight == 0, "the generation slot to be freed")
+
+
 def test_a_stream_committed_while_waiting_still_moves_to_another_host(hosts):
     first, second = hosts
     # Silent past FAIL_FAST_SECONDS (the client already has message_start and a ping), then gone.
