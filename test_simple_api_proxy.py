@@ -3481,13 +3481,13 @@ def test_access_log_times_one_request_and_carries_its_id_and_499(gateway, ollama
     idle_over = threading.Event()
     threading.Timer(1.0, idle_over.set).start()
     idle_over.wait()  # the connection sits idle: that time is no part of the next request
-    sent = time.monotonic()
     connection.request("GET", "/missing")
     response = connection.getresponse()
     response.read()
-    window_ms = (time.monotonic() - sent) * 1000
     line = logged_request(caplog, response.getheader("request-id"))
-    assert " GET /missing 404 " in line and float(line.rsplit(" ", 1)[1].rstrip("ms")) <= window_ms
+    # The second of idleness before the request is not counted (the window itself is not a bound:
+    # under load the proxy's clock may read its last byte after the client already has it).
+    assert " GET /missing 404 " in line and float(line.rsplit(" ", 1)[1].rstrip("ms")) < 1000
     connection.close()
     status, headers, raw = gateway.stream(request_body())
     assert "claude-sonnet-4-5->qwen2.5-coder:7b 200 stream" in logged_request(caplog, headers["request-id"])
