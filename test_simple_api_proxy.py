@@ -1900,6 +1900,8 @@ def test_a_conversation_stays_on_its_host_while_that_host_is_not_busier(hosts):
 
         for _ in range(4):  # idle hosts would take turns; the conversation does not move
             next_turn()
+            # The host counts a generation until just after its answer left: the next turn comes later.
+            wait_for(lambda: not any(host.in_flight for host in gateway.server.ollama.hosts), "the generation to end")
         home = 0 if turns(hosts[0]) else 1
         assert turns(hosts[home]) == 4 and turns(hosts[1 - home]) == 0
         gate = Gate()
