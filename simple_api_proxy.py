@@ -362,7 +362,7 @@ ERROR_TYPES = {
 class ProxyError(Exception):
     """A failure to report to the client as an Anthropic error envelope."""
 
-    def __init__(self, status, message, error_type=None, *, retry=None, retry_after=None):
+    def __init__(self, status, message, error_type=None, *, retry=None, retry_after=None, allow=None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -370,9 +370,10 @@ class ProxyError(Exception):
         # None lets the SDK decide from the status; False says a retry cannot help.
         self.retry = retry
         self.retry_after = retry_after
+        self.allow = allow  # a 405's methods (RFC 9110 §15.5.6)
 
     def headers(self):
-        headers = {}
+        headers = {"Allow": self.allow} if self.allow else {}
         if self.retry is not None:
             headers["x-should-retry"] = "true" if self.retry else "false"
         if self.retry_after is not None:
@@ -4114,6 +4115,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         ("GET", "/metrics"): "metrics",
         ("HEAD", "/metrics"): "metrics",
         ("GET", "/v1/models"): "models",
+        ("HEAD", "/v1/models"): "models",
         ("POST", "/v1/messages"): "messages",
         ("POST", "/v1/messages/count_tokens"): "count_tokens",
     }
@@ -4248,8 +4250,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if name is None:
             known = {m for (m, p) in self.ROUTES if p == path}
             if known:
-                raise ProxyError(405, f"{self.command} is not allowed on {path}; use {', '.join(sorted(known))}",
-                                 "invalid_request_error")
+                allow = ", ".join(sorted(known))
+                raise ProxyError(405, f"{self.command} is not allowed on {path}; use {allow}", "invalid_request_error",
+                                 allow=allow)
             raise ProxyError(404, f"Not found: {self.command} {path}", "not_found_error")
         if path.startswith("/v1/") and name != "preflight":
             self.check_api_key()

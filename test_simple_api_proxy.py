@@ -948,10 +948,14 @@ def test_unknown_routes_and_methods_get_the_error_envelope(gateway):
     status, _, body = gateway.json("GET", "/v2/anything")
     assert status == 404 and body["type"] == "error" and body["error"]["type"] == "not_found_error"
     assert body["request_id"].startswith("req_")
-    status, _, body = gateway.json("GET", "/v1/messages")
-    assert status == 405 and "POST" in body["error"]["message"]
+    status, headers, body = gateway.json("GET", "/v1/messages")
+    assert status == 405 and "POST" in body["error"]["message"] and headers["allow"] == "POST"
     status, _, body = gateway.json("DELETE", "/v1/messages")
     assert status == 405 and body["type"] == "error" and "DELETE" in body["error"]["message"]
+    # HEAD goes wherever GET does (RFC 9110 §9.3.2), and a 405 says what does (§15.5.6).
+    status, headers, _ = gateway.call("HEAD", "/v1/models")
+    assert status == 200 and int(headers["content-length"]) > 0
+    assert gateway.call("DELETE", "/v1/models")[1]["allow"] == "GET, HEAD"
 
 
 def test_count_tokens_estimates_without_calling_ollama(gateway, ollama):
