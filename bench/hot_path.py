@@ -21,7 +21,8 @@ system calls for the client and Ollama are not in the figures.
   one: a memory hit) less the components above, that is validation, the Ollama payload, the cache
   key and store, ids, the translator's set-up, the response head and sending.
 
-Each figure is the median over --repeat rounds of the mean over --loops calls (µs per request).
+Each figure is the lowest over --repeat rounds of the mean thread CPU time over --loops calls (µs
+per request): on a shared machine the least disturbed round is the most repeatable figure.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import itertools
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -266,7 +266,8 @@ class Profile:
 
 
 def measure(function, loops, repeat, prepare=None, patch_dispatch=False):
-    """Median over `repeat` rounds of the mean thread CPU µs per call; with prepare, each call gets
+    """The lowest over `repeat` rounds (the least disturbed, on a shared machine) of the mean thread
+    CPU µs per call; with prepare, each call gets
     its own object made beforehand, outside the time. patch_dispatch stops each handler after the
     request's line and headers."""
     rounds = []
@@ -284,7 +285,7 @@ def measure(function, loops, repeat, prepare=None, patch_dispatch=False):
                 function()
         if number:
             rounds.append((time.thread_time() - began) / loops * 1e6)
-    return statistics.median(rounds)
+    return min(rounds)
 
 
 def cell(value):
@@ -338,7 +339,7 @@ def main(argv=None):
             events.append(count)
     arrival = "one read per token" if args.per_token else "the whole reply in one read"
     print(f"CPU per request, one thread, {TOKENS}-token reply from the stand-in ({arrival}); "
-          f"median of {args.repeat} rounds of {args.loops}, Python {sys.version.split()[0]}\n")
+          f"lowest of {args.repeat} rounds of {args.loops}, Python {sys.version.split()[0]}\n")
     print(render(tables, [label for label, _ in sources], events))
     return 0
 
