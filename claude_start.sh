@@ -5,7 +5,10 @@
 # laptop side:
 #   remote (default)  the proxy runs on a GPU box: check it over ssh, open an ssh
 #                     tunnel 127.0.0.1:LOCAL -> box:127.0.0.1:REMOTE, run claude
-#                     through it, and close that tunnel (and only it) on exit.
+#                     through it (reopening the tunnel if it drops), and close
+#                     that tunnel (and only it) on exit.
+#   several --ssh     each box runs Ollama only; one tunnel per box, and the proxy
+#                     runs here with OLLAMA_HOST listing the tunnels.
 #   --local           the proxy runs on this machine: use the one that answers, or
 #                     start simple_api_proxy.py and stop it again on exit.
 #   --deploy          (with remote) first set the box up: copy simple_api_proxy.py to
