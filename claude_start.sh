@@ -83,7 +83,7 @@ SSH_HOST='' SSH_PORT='' REMOTE_PORT='' LOCAL_PORT='' MODEL='' CONTEXT_TOKENS=''
 MAX_OUTPUT_TOKENS='' TIMEOUT_MS='' PROXY_SCRIPT='' HEALTH_WAIT='' CONFIG_FILE=''
 OLLAMA_INSTALL='' INSTALL_TIMEOUT='' OLLAMA_WAIT='' PULL_TIMEOUT=''
 # What this run started, so that the exit trap stops exactly that and nothing else.
-TUNNEL_PID='' PROXY_PID='' KEEPER_PID='' CLAUDE_PID='' RUN_DIR='' CONTROL='' MASTER_OPEN=0
+TUNNEL_PID='' PROXY_PID='' KEEPER_PID='' CLAUDE_PID='' RUN_DIR='' SOCKET_DIR='' CONTROL='' MASTER_OPEN=0
 # Set by the step functions for their callers.
 PORT='' HEALTH_CODE='' HEALTH_INSTANCE='' FAIL_REASON='' NOTE='' OLLAMA_WARNED=0
 # What the box said in its last call (see box_call).
@@ -510,13 +510,16 @@ ssh_common_opts() {
 
 ssh_target() { printf '%s' "$SSH_HOST${SSH_PORT:+ (port $SSH_PORT)}"; }
 
-# A private folder for this run: the ssh control socket, logs of box calls. Kept
-# short (a control socket path must fit in ~100 bytes), so /tmp when TMPDIR is long.
+# A private folder for this run (box requests, ssh errors), and one for the ssh
+# control sockets, whose path must fit in ~100 bytes: /tmp when TMPDIR is long.
 make_run_dir() {
     local base=${TMPDIR:-/tmp}
-    ((${#base} <= 60)) || base=/tmp
     RUN_DIR=$(mktemp -d "${base%/}/claude_start.XXXXXX") || die "cannot create a folder in $base: check TMPDIR"
-    CONTROL=$RUN_DIR/ssh
+    SOCKET_DIR=$RUN_DIR
+    if ((${#RUN_DIR} > 80)); then
+        SOCKET_DIR=$(mktemp -d /tmp/claude_start.XXXXXX) || die "cannot create a folder in /tmp"
+    fi
+    CONTROL=$SOCKET_DIR/ssh
 }
 
 # with_timeout SECONDS COMMAND...: runs COMMAND; status 124 if SECONDS pass first
@@ -1511,7 +1514,7 @@ stop_box() {
 # use_box INDEX: makes box INDEX the one the single-box functions work on.
 use_box() {
     SSH_HOST=${SSH_HOSTS[$1]}
-    CONTROL=$RUN_DIR/ssh.$1
+    CONTROL=$SOCKET_DIR/ssh.$1
     MASTER_OPEN=0
     BOX_INSTANCE=''
 }
@@ -1945,7 +1948,7 @@ cleanup() {
         stop_pid "$PROXY_PID"
         PROXY_PID=''
     fi
-    [[ -z $RUN_DIR ]] || rm -rf "$RUN_DIR"
+    [[ -z $RUN_DIR ]] || rm -rf "$RUN_DIR" "$SOCKET_DIR"
 }
 
 main() {
