@@ -27,6 +27,7 @@ import collections
 import contextlib
 import dataclasses
 import email.utils
+import functools
 import hashlib
 import hmac
 import http.server
@@ -3738,6 +3739,7 @@ def split_authority(authority):
     return host.lower()
 
 
+@functools.lru_cache(maxsize=256)  # asked for every request's Host and Origin; parsing an address costs ~10 µs
 def is_loopback_name(host):
     """localhost, a name under .localhost (RFC 6761: always loopback), or a loopback address."""
     host = host.rstrip(".")
