@@ -3959,6 +3959,10 @@ def reject_json_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Built once: json.loads with hooks builds a new decoder on every call.
+_decode_request_json = json.JSONDecoder(parse_constant=reject_json_constant, parse_float=finite_float).decode
+
+
 class ClientGone(Exception):
     """The client closed its connection; nothing more can be sent."""
 
@@ -4384,7 +4388,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         try:
             with large_body_gate(body):
                 text = body.decode("utf-8")
-                value = json.loads(text, parse_constant=reject_json_constant, parse_float=finite_float)
+                value = _decode_request_json(text)
         except NonFiniteNumber as exc:
             raise invalid(f"{non_finite_field(text)}: Input should be a finite number (got {exc})") from None
         except UnicodeDecodeError as exc:
