@@ -2131,9 +2131,10 @@ class StreamTranslator:
                           "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
 
 
-# Ollama's tool arguments may nest no deeper than this: the same arguments come back to us in the
-# next request's history, and no encoder or walker may recurse out of Python's stack on them.
-MAX_UPSTREAM_NESTING = 200
+# Ollama's tool arguments may nest no deeper than this: the same arguments come back to us as a
+# tool_use input in the next request, five levels down (body, messages, a message, its content,
+# the block), where MAX_JSON_DEPTH (128) must still let them through.
+MAX_UPSTREAM_NESTING = 120
 
 
 def tool_arguments(arguments):

@@ -3769,6 +3769,25 @@ def test_an_upstream_line_over_the_bound_is_a_502_not_a_buffer(raw_ollama):
         assert "longer than" in assert_upstream_failure(status, body)
 
 
+def test_tool_arguments_as_deep_as_allowed_come_back_in_the_next_request(raw_ollama):
+    depth = proxy.MAX_UPSTREAM_NESTING
+    arguments = '{"a":' * (depth - 1) + '{"b":1}' + "}" * (depth - 1)
+    line = ('{"model":"%s","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"Bash",'
+            '"arguments":%s}}]},"done":false}\n' % (MODEL, arguments)).encode()
+    final = json.dumps(final_chunk()).encode() + b"\n"
+    raw_ollama.script(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
+                      % (len(line), line, len(final), final))
+    tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+    with running_proxy(raw_ollama.url) as gateway:
+        status, _, body = gateway.messages(request_body(tools=tools))
+        assert status == 200 and body["content"][0]["type"] == "tool_use", body
+        call = body["content"][0]
+        history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": [call]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "ok"}]}]
+        status, _, body = gateway.messages(dict(request_body(tools=tools), messages=history))
+        assert status == 200, body
+
+
 @pytest.mark.parametrize("depth", [300, 5000])  # past MAX_UPSTREAM_NESTING; past Python's recursion limit
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_arguments_nested_too_deep_from_ollama_are_its_failure(raw_ollama, depth, stream):
