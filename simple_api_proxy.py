@@ -2885,11 +2885,13 @@ class UpstreamPool:
         raise every_host_failed(failures)
 
     def installed_models(self):
-        """The union of the hosts' models, in host order; an error only if no host answers."""
+        """The union of the hosts' models, in host order; an error only if no host answers. Hosts
+        marked down are left to their watch, unless all are: a hung one would hold every listing."""
         if self.single:
             return self.hosts[0].installed_models()
         models, seen, failures = [], set(), []
-        for host in self.hosts:
+        hosts = [host for host in self.hosts if host.up] or self.hosts
+        for host in hosts:
             try:
                 listed = host.installed_models()
             except ProxyError as error:
@@ -2899,7 +2901,7 @@ class UpstreamPool:
                 if model["name"] not in seen:
                     seen.add(model["name"])
                     models.append(model)
-        if len(failures) == len(self.hosts):
+        if len(failures) == len(hosts):
             raise every_host_failed(failures)
         return models
 

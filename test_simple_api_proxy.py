@@ -1822,6 +1822,32 @@ def test_when_every_host_fails_the_error_names_each_of_them(hosts):
         wait_for(lambda: gateway.server.in_flight == 0, "the generation slot to be freed")
 
 
+def test_a_hung_host_marked_down_does_not_hold_up_the_model_list(ollama, monkeypatch):
+    monkeypatch.setattr(proxy.UpstreamPool, "RECHECK_SECONDS", 3600)  # no re-check during the test
+    hung, accepted = socket.socket(), []
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)  # takes connections, never answers: a frozen box
+
+    def take():
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(hung.accept()[0])
+
+    threading.Thread(target=take, daemon=True).start()
+    try:
+        with running_proxy(f"http://127.0.0.1:{hung.getsockname()[1]},{ollama.url}", OLLAMA_TIMEOUT=1) as gateway:
+            pool = gateway.server.ollama
+            wait_for(lambda: not pool.hosts[0].up, "the start-up check to mark the hung host down")
+            asked = len(accepted)
+            status, _, body = gateway.json("GET", "/v1/models")
+            assert status == 200 and MODEL in [model["id"] for model in body["data"]]
+            assert len(accepted) == asked, "the hung host was asked again"
+    finally:
+        hung.close()
+        for connection in accepted:
+            connection.close()
+
+
 def test_a_stream_committed_while_waiting_still_moves_to_another_host(hosts):
     first, second = hosts
     # Silent past FAIL_FAST_SECONDS (the client already has message_start and a ping), then gone.
