@@ -4159,6 +4159,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.log_extra = {}
         self.input_estimate = 0  # tokens, for a context-length refusal from Ollama
         self.upstream_route = None  # the Ollama host(s) a generation may use
+        self.holds_generation = False  # a generation slot taken, not yet given back
         self.first_token_at = None  # when Ollama's first output arrived
         self._committed = False
         self._ended = False
@@ -4554,6 +4555,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ProxyError(529, f"the proxy has {self.config.max_concurrent} generations in flight "
                                   "(MAX_CONCURRENT); try again shortly", "overloaded_error", retry_after=2)
         self.server.count("in_flight", 1)
+        self.holds_generation = True
         exchange = None
         try:
             self.upstream_route = ollama.route(ollama_model, payload)
@@ -4569,6 +4571,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if store:
                     cache.put(key, message)
                 if not stream:
+                    self.generation_over()
                     self.send_json(200, message, {"x-cache": cache_state})
         except ClientGone:
             self.log_extra.update(input_tokens=translator.input_tokens, output_tokens=translator.chunks)
@@ -4580,8 +4583,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             # Whatever happened, the slot and Ollama's connection are given back; the connection
             # only after the client has its answer, as keeping it may wait a moment.
             self.generation_over()
-            if self.upstream_route is not None:
-                self.upstream_route.finish()
             if exchange is not None:
                 self.end_exchange(exchange, complete=translator.upstream_done)
 
@@ -4604,8 +4605,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return "vision" in capabilities or not capabilities
 
     def generation_over(self):
+        """Give the slot and the host's count back, once: as soon as Ollama's answer is complete,
+        before its last bytes leave, so that a client's next request never finds them still taken."""
+        if not self.holds_generation:
+            return
+        self.holds_generation = False
         self.server.count("in_flight", -1)
         self.server.slots.release()
+        if self.upstream_route is not None:
+            self.upstream_route.finish()
 
     def cache_policy(self, request, payload):
         """(cache, key, look it up?, store the answer?) from CACHE and the client's Cache-Control."""
@@ -4792,6 +4800,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             # announced as kept alive, stays usable.
             self.end_stream(events + translator.error_events(error))
             return None
+        self.generation_over()
         self.end_stream(events)
         return translator.message
 

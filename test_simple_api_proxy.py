@@ -3539,6 +3539,16 @@ def test_access_log_times_one_request_and_carries_its_id_and_499(gateway, ollama
     assert sent_so_far >= 3
 
 
+def test_the_generation_slot_is_free_once_the_client_has_the_whole_answer(ollama):
+    # A client's next request may follow its answer at once; with MAX_CONCURRENT=1 it got a 529
+    # when the slot was given back only after the last bytes had left.
+    with running_proxy(ollama.url, MAX_CONCURRENT=1) as gateway:
+        for n in range(20):
+            status, _, raw = gateway.call("POST", "/v1/messages", request_body(f"question {n}", stream=n % 2 == 0))
+            assert status == 200 and (b"message_stop" if n % 2 == 0 else b'"end_turn"') in raw
+            assert gateway.server.in_flight == 0 and gateway.server.ollama.hosts[0].in_flight == 0, n
+
+
 def test_a_client_that_pipelined_bytes_and_left_is_still_noticed(gateway, ollama):
     ollama.script(Reply([chunk(content="a"), ("sleep", 20), final_chunk()]))
     connection = socket.create_connection(("127.0.0.1", gateway.port))
