@@ -1228,6 +1228,7 @@ PREAMBLE_LIMIT = 1000  # characters of prose a tagged call may follow
 EXAMPLE_OR_REFUSAL = re.compile(
     r"\b(?:for (?:example|instance)|an example|example\s*:|e\.g\.|would look like|the syntax|cannot|can ?not"
     r"|can['’]t|won['’]t|unable to|not able to|not allowed|looks? like (?:this|so|the following)|instead of"
+    r"|how to|you (?:would|could|can|might|should)"
     r"|(?:do not|don['’]t|never|should ?not|shouldn['’]t|must ?not|mustn['’]t)\s+(?:\w+\s+){0,2}?"
     r"(?:run|execute|use|call|type|try)\b)", re.I)
 LINE_START_OPENER = re.compile(r"^[ \t]*(?:" + "|".join(map(re.escape, TAGGED_OPENERS)) + ")", re.M)

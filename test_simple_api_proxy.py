@@ -2488,6 +2488,8 @@ def test_parameters_written_as_xml_are_typed_by_the_tools_schema():
     "You should never run:\n<tool_call>\n" + BASH_CALL + "\n</tool_call>",
     "A call looks like this:\n<tool_call>\n" + BASH_CALL + "\n</tool_call>",
     "Instead of running it, type:\n<tool_call>\n" + BASH_CALL + "\n</tool_call>",
+    "Here is how to list the files:\n<tool_call>\n" + BASH_CALL + "\n</tool_call>",
+    "You can call it like so:\n<function=Bash>\n<parameter=command>\nls\n</parameter>\n</function>",
 ])
 def test_examples_refusals_and_calls_inside_prose_never_run(text):
     for pieces in ([text], [text[i:i + 4] for i in range(0, len(text), 4)]):
