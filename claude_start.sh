@@ -1440,7 +1440,7 @@ open_tunnel() {
 # the session on; keep trying while the box is unreachable.
 # shellcheck disable=SC2317  # the TERM trap
 keep_tunnel() {
-    local pid=$TUNNEL_PID child='' down_since
+    local pid=$TUNNEL_PID child='' down_since rc
     trap '[[ -z $child ]] || kill "$child" 2>/dev/null; exit 0' TERM
     while :; do
         if [[ -n $child ]]; then
@@ -1457,7 +1457,22 @@ keep_tunnel() {
         while :; do
             start_tunnel_ssh "$PORT"
             child=$!
-            if wait_for_health "http://127.0.0.1:$PORT$TUNNEL_PROBE" 10 "$child" "$BOX_INSTANCE"; then
+            rc=0
+            wait_for_health "http://127.0.0.1:$PORT$TUNNEL_PROBE" 10 "$child" "$BOX_INSTANCE" || rc=$?
+            if ((rc == 3)); then
+                # Another proxy instance answers: the box's proxy restarted, or another
+                # tunnel took the port. An ssh that could not bind the port exits
+                # (ExitOnForwardFailure); one still running after a pause holds it.
+                sleep 2 &
+                wait $! || true
+                fetch_health "http://127.0.0.1:$PORT$TUNNEL_PROBE" 2
+                if kill -0 "$child" 2>/dev/null && is_up_status "$HEALTH_CODE"; then
+                    say "the proxy on $SSH_HOST restarted (instance $HEALTH_INSTANCE, was $BOX_INSTANCE)"
+                    BOX_INSTANCE=$HEALTH_INSTANCE
+                    rc=0
+                fi
+            fi
+            if ((rc == 0)); then
                 say "tunnel 127.0.0.1:$PORT -> $SSH_HOST reopened after $((SECONDS - down_since)) s (ssh pid $child)"
                 break
             fi

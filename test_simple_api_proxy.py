@@ -5376,8 +5376,27 @@ def test_stop_all_and_sigterm_clean_up(lab):
     assert _launcher_wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 60)
     claude = int(pidfile.read_text())
     tunnels = [pid for pid in _pids_with_parent(launcher.pid) if " -N -L " in _cmdline(pid)]
+    local = int(_cmdline(tunnels[0]).split(" -L ")[1].split(":")[0])
+
+    # The box's proxy restarts (a new instance) and the tunnel drops: the new instance is taken.
+    os.kill(box.pid("proxy.pid"), signal.SIGTERM)
+    restart = subprocess.run([str(lab.laptop / "bin" / "ssh"), "box-a", "python3 /root/.simple_api_proxy/box.py"],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert "@ready" in restart.stdout, restart.stdout + restart.stderr
+    said = []
+    reader = threading.Thread(target=lambda: said.extend(launcher.stderr), daemon=True)
+    reader.start()
+    os.kill(tunnels[0], signal.SIGKILL)
+    instance = (box.folder / "proxy.instance").read_text().strip()
+    assert _launcher_wait_until(lambda: any("reopened" in line for line in said), 30), said
+    assert any("the proxy on box-a restarted (instance %s" % instance in line for line in said), said
+    assert _health_instance(local) == instance
+    tunnels = [pid for pid in _pids_with_parent(launcher.pid) for pid in [pid] + _pids_with_parent(pid)
+               if " -N -L " in _cmdline(pid)]
+
     launcher.send_signal(signal.SIGTERM)
-    launcher.communicate(timeout=20)
+    launcher.wait(timeout=20)
+    reader.join(timeout=10)
     assert launcher.returncode == 143
     assert tunnels and _launcher_wait_until(lambda: not any(map(_process_alive, tunnels + [claude])), 5)
 
@@ -5422,6 +5441,14 @@ def test_several_boxes_each_run_ollama_behind_one_proxy_here(lab):
     stop = lab.run([a, b], "--stop", "--all")
     assert stop.returncode == 0, stop.stderr
     assert not _process_alive(b.pid("ollama.pid"))
+
+
+def _health_instance(port):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        return json.loads(opener.open("http://127.0.0.1:%d/health" % port, timeout=2).read()).get("instance_id")
+    except (OSError, ValueError):
+        return None
 
 
 def test_changed_host_key_says_how_to_clear_it(lab):
