@@ -138,14 +138,16 @@ Modes:
                       ollama serve that --deploy started)
   --local             no ssh: use the proxy on 127.0.0.1:LOCAL, or start
                       simple_api_proxy.py in the background (stopped on exit)
-  --check             print each hop (ssh reachable, remote proxy health, tunnel,
-                      local health, claude on PATH) as ok/failed, then exit
-                      (status 1 if any failed); combine with --local to check
-                      the local setup
+  --check             print each hop (ssh reachable, remote proxy health, Ollama
+                      as the proxy sees it, each model, Redis if set, tunnel,
+                      local health, claude on PATH) as ok/failed/warning, then
+                      exit (status 1 if any failed); combine with --local to
+                      check the local setup
 
 Options (each has a variable; flag > environment > config file > default):
-  --ssh USER@HOST     CLAUDE_START_SSH            ssh destination (no default); ssh://USER@HOST:PORT
-                                                  works too. Given more than once (or
+  --ssh USER@HOST     CLAUDE_START_SSH            ssh destination (no default);
+                                                  ssh://USER@HOST:PORT works too.
+                                                  Given more than once (or
                                                   several words in CLAUDE_START_SSH):
                                                   several boxes, each running only Ollama
                                                   (--deploy readies it and the models),
@@ -169,7 +171,8 @@ Variables (environment or config file):
   CLAUDE_START_MAX_OUTPUT_TOKENS  CLAUDE_CODE_MAX_OUTPUT_TOKENS ($DEFAULT_MAX_OUTPUT_TOKENS)
   API_TIMEOUT_MS                  Claude Code request timeout in ms ($DEFAULT_API_TIMEOUT_MS)
   PROXY_API_KEY                   sent as ANTHROPIC_AUTH_TOKEN (default: a dummy token)
-  CLAUDE_START_PROXY_SCRIPT       simple_api_proxy.py for --local (default: next to this script)
+  CLAUDE_START_PROXY_SCRIPT       simple_api_proxy.py for --local, --deploy and several
+                                  boxes (default: next to this script)
   CLAUDE_START_HEALTH_WAIT        seconds to wait for /health ($DEFAULT_HEALTH_WAIT)
   CLAUDE_START_OLLAMA_INSTALL     command --deploy runs on a box without Ollama
                                   ($DEFAULT_OLLAMA_INSTALL)
