@@ -3,16 +3,21 @@
 floor) and through the proxy, printed as one markdown table with the targets next to the figures.
 
     python3 bench/run.py                         # about 2 minutes
-    python3 bench/run.py --smoke                 # every scenario, tiny, well under 20 s
+    python3 bench/run.py --smoke                 # every scenario, tiny, about 20 s
+    python3 bench/run.py --only miss,stream_0ms  # some rows (key prefixes)
     python3 bench/run.py --seconds 8 --json /tmp/bench.json
 
 It starts everything it needs and stops it again: the stand-in (standin_ollama.py), three proxy
 subprocesses (memory cache; Redis tier with CACHE_MAX_ENTRIES=0 so every hit comes from Redis;
 memory cache with LOG_LEVEL=INFO) and a private redis-server. The proxies run with
 LOG_LEVEL=WARNING because a per-request INFO line costs time; the "INFO logging" row shows how much.
+It also starts the baseline release (--baseline, default 1.0.0: its simple_api_proxy.py taken from
+git into a temporary directory), measured on the cache-hit, miss and stream rows in the same rounds
+with issue 14's targets against it, and on the cache-hit rows a do-nothing ThreadingHTTPServer
+(do_nothing_server.py), what http.server alone costs.
 
-Floor and proxy runs of a row alternate (two rounds of half the time each) so that drift on a
-shared machine hits both. CPU per request is the serving process's utime+stime from /proc/PID/stat
+Floor, proxy (and baseline, do-nothing) runs of a row alternate (two rounds of half the time each)
+so that drift on a shared machine hits them all. CPU per request is the serving process's utime+stime from /proc/PID/stat
 over the measured part divided by its requests: the stand-in's for the floor, the proxy's (alone)
 for the proxy. The floor of the cache-hit rows is the stand-in answering a small non-streamed
 request from bytes it prepared, the cheapest HTTP round trip this machine offers.
