@@ -4180,6 +4180,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.head = self.reader.read_head()
         except ProxyError as error:  # no framing to trust: answer, and end the connection
             self.send_error_envelope(error)
+            self.log_request_line("-")
+            self.record_metrics("unknown")
             return
         except (OSError, ClientGone):  # the client reset or dropped the connection between requests
             return

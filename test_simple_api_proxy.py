@@ -3551,6 +3551,16 @@ def test_the_generation_slot_is_free_once_the_client_has_the_whole_answer(ollama
             assert gateway.server.in_flight == 0 and gateway.server.ollama.hosts[0].in_flight == 0, n
 
 
+def test_a_request_refused_for_its_framing_is_logged_and_counted(gateway, caplog):
+    caplog.set_level("INFO", logger="simple_api_proxy")
+    answer = raw_exchange(gateway.port, b"GET /health HTTP/1.1\r\nHost : localhost\r\n\r\n")
+    assert status_of(answer) == 400
+    request_id = re.search(rb"request-id: (req_\w+)", answer).group(1).decode()
+    assert " 400 " in logged_request(caplog, request_id)
+    metrics = gateway.call("GET", "/metrics")[2].decode()
+    assert 'simple_api_proxy_requests_total{route="unknown",status="400",model="none"} 1' in metrics
+
+
 def test_a_client_that_pipelined_bytes_and_left_is_still_noticed(gateway, ollama):
     ollama.script(Reply([chunk(content="a"), ("sleep", 20), final_chunk()]))
     connection = socket.create_connection(("127.0.0.1", gateway.port))
