@@ -4539,8 +4539,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         cache_state = "MISS" if lookup else "BYPASS"
         self.log_extra["cache"] = cache_state
         input_tokens = estimate_tokens(payload)
-        if input_tokens > self.config.ollama_num_ctx:
-            raise prompt_too_long(input_tokens, self.config.ollama_num_ctx)
+        num_ctx = self.config.ollama_num_ctx
+        if input_tokens > num_ctx:
+            raise prompt_too_long(input_tokens, num_ctx)
+        # A prompt that leaves the answer next to no room would get a few tokens and max_tokens;
+        # `prompt is too long` has Claude Code compact the conversation instead.
+        maximum = num_ctx - min(request["max_tokens"], ANSWER_ROOM_FLOOR, num_ctx // 4)
+        if input_tokens > maximum:
+            raise prompt_too_long(input_tokens, maximum, f" (the {num_ctx}-token window keeps room for the answer)")
         self.input_estimate = input_tokens
 
         if request["max_tokens"] == 0:

@@ -794,6 +794,16 @@ def test_num_predict_is_capped_at_what_the_window_has_left():
     assert proxy.anthropic_to_ollama(request_body("hi", max_tokens=0), MODEL, config())["options"]["num_predict"] == 0
 
 
+def test_a_prompt_that_leaves_the_answer_no_room_is_too_long_not_cut_off(ollama):
+    with running_proxy(ollama.url, OLLAMA_NUM_CTX=4096) as gateway:
+        crowded = request_body("x " * 7000, max_tokens=32000)  # ~4000 of the 4096 tokens
+        status, _, error = gateway.messages(crowded)
+        assert status == 400 and re.match(r"prompt is too long: \d+ tokens > 3072 maximum", error["error"]["message"])
+        assert ollama.chats() == []
+        assert gateway.messages(dict(crowded, max_tokens=50))[0] == 200  # a short answer still fits
+        assert ollama.chats()[-1]["options"]["num_predict"] == 50
+
+
 @pytest.mark.parametrize("body, message", [
     ([], "Request body must be a JSON object"),
     ({"max_tokens": 5, "messages": []}, "model: Field required"),
