@@ -1223,6 +1223,10 @@ TAGGED_OPENERS = ("<tool_call>", "<function=", "<function_calls>", "<|python_tag
 UNTAGGED_OPENERS = ("{", "[", "```")
 # Special tokens some runtimes leave in the text after the calls.
 END_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|python_end|>", "<tool_call|>", "<|tool_response>")
+# How a reply that holds complete calls ends. One cut short (max_tokens, a stop sequence) must end
+# so: Qwen's XML parses without its closing tags, and a cut argument ("rm -rf /tmp/build" stopped
+# at "rm -rf /") must never run.
+CLOSED_CALL_ENDINGS = ("</function>", "</tool_call>", "</function_calls>", "}", "]", "```") + END_TOKENS
 PREAMBLE_LIMIT = 1000  # characters of prose a tagged call may follow
 # A preamble that shows an example or refuses: the call after it must not run.
 EXAMPLE_OR_REFUSAL = re.compile(
@@ -2026,10 +2030,12 @@ class StreamTranslator:
         if text:
             self._delta("text", text, events)
 
-    def _flush(self, events, *, before_tool=False):
-        """Release held text: the reply ended, or a structured tool call came after it."""
+    def _flush(self, events, *, before_tool=False, cut_short=False):
+        """Release held text: the reply ended (maybe cut short), or a structured tool call came after it."""
         text, self.pending = self.pending, ""
         found = self.call_gate.calls(text) if self.call_gate is not None and not before_tool else None
+        if found and cut_short and not text.rstrip().endswith(CLOSED_CALL_ENDINGS):
+            found = None  # the reply stopped inside its last call
         if found:
             prefix, calls = found
             self._release(prefix if prefix.strip() else "", events)
@@ -2093,7 +2099,7 @@ class StreamTranslator:
     def _finish(self, chunk, events):
         if self.forced_call is not None and not self.had_tool:
             self._finish_forced_call(events)
-        self._flush(events)
+        self._flush(events, cut_short=self.stop_reason == "stop_sequence" or chunk.get("done_reason") == "length")
         self.close_block(events)
         if self.had_tool:
             self.stop_reason, self.stop_sequence = "tool_use", None

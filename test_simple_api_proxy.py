@@ -2508,6 +2508,22 @@ def test_examples_refusals_and_calls_inside_prose_never_run(text):
         assert translator.message["content"] == [{"type": "text", "text": text}]
 
 
+def test_a_call_cut_short_by_max_tokens_or_a_stop_sequence_never_runs():
+    cut = "<function=Bash>\n<parameter=command>\nrm -rf /"  # "rm -rf /tmp/build", cut by max_tokens
+    for pieces in ([cut], [cut[i:i + 3] for i in range(0, len(cut), 3)]):
+        _, translator = translate([chunk(content=piece) for piece in pieces] + [final_chunk(done_reason="length")],
+                                  tool_names=TOOLS)
+        assert translator.message["content"] == [{"type": "text", "text": cut}]
+        assert translator.message["stop_reason"] == "max_tokens"
+    call = "<function=Bash>\n<parameter=command>\nls -la\n</parameter>\n</function>"
+    _, translator = translate([chunk(content=call), final_chunk()], tool_names=TOOLS, stop_sequences=["-la"])
+    assert translator.message["content"] == [{"type": "text", "text": "<function=Bash>\n<parameter=command>\nls "}]
+    # A call that was complete when a stop sequence after it ended the reply still runs.
+    _, translator = translate([chunk(content=call + "\nObservation:"), final_chunk()], tool_names=TOOLS,
+                              stop_sequences=["Observation:"])
+    assert [(b["type"], b.get("input")) for b in translator.message["content"]] == [("tool_use", {"command": "ls -la"})]
+
+
 def test_a_preamble_may_mention_examples_without_being_one():
     text = "Let me look in the examples folder.\n<tool_call>\n" + BASH_CALL + "\n</tool_call>"
     assert proxy.parse_text_tool_calls(text, TOOLS) == ("Let me look in the examples folder.",
