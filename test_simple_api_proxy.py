@@ -5080,19 +5080,20 @@ def _pids_in_namespace(namespace):
 class SshBox:
     """A GPU box stand-in: sshd (root login by key) whose /root is `home`."""
 
-    def __init__(self, lab, name, shell, python_dir=None, ollama_installed=True):
+    def __init__(self, lab, name, shell, python_prefix=None, ollama_installed=True):
         self.lab, self.name = lab, name
         self.root = lab.root / name
         self.home = self.root / "home"
         self.folder = self.home / ".simple_api_proxy"
         self.state = self.home / ".standin-ollama"
         self.install_bin = self.root / "install-bin"  # where the "installer" puts ollama
+        self.python_prefix = python_prefix
         self.ssh_port, self.ollama_port, self.proxy_port = free_port(), free_port(), free_port()
         (self.home / ".ssh").mkdir(parents=True)
         self.install_bin.mkdir()
         shutil.copy(lab.key.with_suffix(".pub"), self.home / ".ssh" / "authorized_keys")
         path = [str(self.install_bin)] + ([str(lab.ollama_bin)] if ollama_installed else [])
-        path += ([python_dir] if python_dir else []) + ["/usr/local/bin", "/usr/bin", "/bin"]
+        path += ([python_prefix + "/bin"] if python_prefix else []) + ["/usr/local/bin", "/usr/bin", "/bin"]
         (self.home / ".ssh" / "environment").write_text(
             "PATH=%s\nOLLAMA_HOST=127.0.0.1:%d\n" % (":".join(path), self.ollama_port))
         passwd = "".join(re.sub(r"^(root:[^:]*:0:0:[^:]*:/root):[^:\n]*$", r"\1:" + shell, line)
@@ -5106,9 +5107,15 @@ class SshBox:
             "PermitUserEnvironment yes\nStrictModes no\nUsePAM no\nLogLevel ERROR\nMaxSessions 50\n"
             "MaxStartups 50\n" % (self.ssh_port, host_key))
         # sshd wants /run/sshd, which only its system service creates: a private /run if it is missing.
-        setup = ("[ -d /run/sshd ] || { mount -t tmpfs tmpfs /run && mkdir /run/sshd; } && "
-                 "mount --bind %s /root && mount --bind %s /etc/passwd && exec %s -D -e -f %s"
-                 % (self.home, self.root / "passwd", lab.sshd, self.root / "sshd_config"))
+        # A python3 under the real /root (pyenv) stays visible: it is mounted at the same place in the box's home.
+        keep = ""
+        if python_prefix and python_prefix.startswith("/root/"):
+            inside = self.home / python_prefix[len("/root/"):]
+            inside.mkdir(parents=True)
+            keep = "mount --bind %s %s && " % (python_prefix, inside)
+        setup = ("[ -d /run/sshd ] || { mount -t tmpfs tmpfs /run && mkdir /run/sshd; } && %s"
+                 "mount --rbind %s /root && mount --bind %s /etc/passwd && exec %s -D -e -f %s"
+                 % (keep, self.home, self.root / "passwd", lab.sshd, self.root / "sshd_config"))
         self.sshd = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", setup],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(self.root / "sshd.log", "w"))
@@ -5154,6 +5161,7 @@ class SshBox:
 class SshLab:
     """The laptop: an ssh config naming the boxes, a key, and the launcher's environment."""
 
+
     def __init__(self, root):
         self.root = root
         self.sshd = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -5167,7 +5175,7 @@ class SshLab:
         ollama.write_text(_BOX_OLLAMA_COMMAND)
         ollama.chmod(0o755)
         self.boxes = {"a": SshBox(self, "a", "/bin/sh"),
-                      "b": SshBox(self, "b", "/bin/bash", python_dir=str(Path(sys.executable).parent),
+                      "b": SshBox(self, "b", "/bin/bash", python_prefix=sys.prefix,
                                   ollama_installed=False)}
         config = ""
         for box in self.boxes.values():
@@ -5323,7 +5331,9 @@ def test_deploy_installs_ollama_pulls_the_model_and_names_a_port_holder(lab, tmp
     # --check: all good but Redis, which is a warning, not a failure.
     check = lab.run(box, "--check", env=env)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "redis:" in check.stdout and "warning" in check.stdout.split("redis:")[1].splitlines()[0]
+    redis_hop, = [line for line in check.stdout.splitlines() if line.startswith("redis:")]
+    need(redis_module(), "redis-py is not installed")
+    assert redis_hop.split()[1] == "warning" and "is down" in redis_hop and "memory cache" in redis_hop, check.stdout
 
     # Something else on the proxy's port: a clear error naming it.
     lab.run(box, "--stop", env=env)
@@ -5371,7 +5381,8 @@ def test_tunnel_killed_mid_request_is_reopened_and_the_session_answers(lab):
     os.kill(tunnels[0], signal.SIGKILL)
     out, err = launcher.communicate(timeout=90)
     assert launcher.returncode == 0 and out.strip() == "Answer from box a.", out + err
-    assert "dropped" in err and "reopened" in err, err
+    # "reopened" follows once the launcher's own probe gets through, which Claude Code's retry may beat.
+    assert "dropped" in err and "reopening 127.0.0.1:" in err, err
 
 
 def _cmdline(pid):
