@@ -4075,6 +4075,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         # Tells one proxy run from another behind the same address: the launcher compares the id
         # seen through its tunnel with the one on the box, so it never talks to a stranger's proxy.
         self.instance_id = secrets.token_hex(8)
+        if ":" in config.api_host:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
         super().__init__((config.api_host, config.api_port), handler_class or ProxyHandler)
         self.ollama.start()
 

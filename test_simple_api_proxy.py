@@ -5830,6 +5830,20 @@ def test_a_request_without_a_host_is_refused_not_let_past_the_host_check(gateway
     assert status_of(raw_exchange(gateway.port, b"POST /v1/messages HTTP/1.0\r\n" + length + body)) == 200
 
 
+def test_the_proxy_listens_on_an_ipv6_loopback_address(ollama):
+    try:
+        socket.socket(socket.AF_INET6).close()
+        socket.getaddrinfo("::1", 0, socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    with running_proxy(ollama.url, API_HOST="::1") as gateway:
+        connection = http.client.HTTPConnection("::1", gateway.port, timeout=10)
+        connection.request("POST", "/v1/messages", json.dumps(request_body()), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and b"stand-in model" in response.read()
+        connection.close()
+
+
 def test_json_nesting_and_value_limits_are_refused_up_front(gateway, ollama):
     schema = {"type": "object"}
     for _ in range(200):
