@@ -905,8 +905,8 @@ def client_tools(request):
     offered = [tool for tool in client if not tool.get("defer_loading")]
     deferred = {tool["name"]: tool for tool in client if tool.get("defer_loading")}
     offered += [deferred[name] for name in loaded_tool_names(request["messages"]) if name in deferred]
-    if choice.get("type") == "tool":
-        offered = [tool for tool in offered if tool["name"] == choice["name"]]
+    if choice.get("type") == "tool":  # naming a deferred tool loads it: the forced call must be possible
+        offered = [tool for tool in client if tool["name"] == choice["name"]]
     return offered
 
 

@@ -668,6 +668,16 @@ def test_deferred_tools_are_offered_once_a_tool_search_loads_them():
                                       "tool_call_id": "toolu_search", "tool_name": "ToolSearch"}
 
 
+def test_a_deferred_tool_named_by_tool_choice_is_offered_and_forced():
+    tools = [{"name": "Bash", "input_schema": {"type": "object"}},
+             {"name": "NotebookEdit", "defer_loading": True, "input_schema": {"type": "object", "properties": {
+                 "cell": {"type": "string"}}}}]
+    payload = proxy.anthropic_to_ollama(request_body(tools=tools, tool_choice={"type": "tool", "name": "NotebookEdit"}),
+                                        MODEL, config())
+    assert [tool["function"]["name"] for tool in payload["tools"]] == ["NotebookEdit"]
+    assert payload["format"]["properties"]["name"]["enum"] == ["NotebookEdit"]
+
+
 def test_system_entries_in_messages_become_reminders_at_their_place():
     nudge = "The user hasn't heard from you in a while."
     call = {"type": "tool_use", "id": "t1", "name": "Bash", "input": {"command": "ls"}}
