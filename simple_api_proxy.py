@@ -155,11 +155,6 @@ class Config:
     log_file: str
     log_bodies: bool
 
-    @property
-    def ollama(self):
-        """The first Ollama host: the only one, unless OLLAMA_HOST lists several."""
-        return self.ollama_hosts[0]
-
     def describe(self):
         """The effective configuration as one log-safe line."""
         redis = mask_url_password(self.redis_url) if self.redis_url else "off"
@@ -2577,9 +2572,9 @@ class OllamaClient:
 
     MAX_IDLE_CONNECTIONS = 32
 
-    def __init__(self, config, ollama=None):
+    def __init__(self, config, ollama):
         self.config = config
-        self.ollama = ollama or config.ollama
+        self.ollama = ollama
         self.address = self.ollama.url
         self._host_header = self.address.split("://", 1)[1].encode()
         self._capabilities = {}
@@ -2590,7 +2585,7 @@ class OllamaClient:
         self.errors = collections.Counter()  # failures by kind, for /metrics
         self._lock = threading.Lock()
         self._idle = []  # kept-alive connections, most recently used last
-        self._tls = ssl.create_default_context() if config.ollama.scheme == "https" else None
+        self._tls = ssl.create_default_context() if ollama.scheme == "https" else None
 
     def close(self):
         """Close the kept connections (on shutdown)."""

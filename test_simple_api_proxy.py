@@ -481,7 +481,7 @@ def test_ollama_host_follows_ollamas_port_rules(value, url):
 def test_defaults_are_the_documented_ones():
     settings = proxy.load_config([], {})
     assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8000)
-    assert settings.ollama.url == "http://localhost:11434"
+    assert [h.url for h in settings.ollama_hosts] == ["http://localhost:11434"]
     assert settings.ollama_model == MODEL and settings.ollama_num_ctx == 32768
     assert (settings.ollama_timeout, settings.ollama_first_token_timeout) == (30, 300)
     assert settings.cache_ttl == 86400 and settings.cache_enabled and settings.redis_url == ""
@@ -1763,7 +1763,7 @@ def test_ollama_host_lists_several_hosts(capsys):
     settings = config(OLLAMA_HOST="gpu-a, gpu-b:11500 ,https://gpu-c")
     assert [h.url for h in settings.ollama_hosts] == ["http://gpu-a:11434", "http://gpu-b:11500",
                                                       "https://gpu-c:443"]
-    assert settings.ollama.url == "http://gpu-a:11434" and settings.ollama_warmup == "on"
+    assert settings.ollama_warmup == "on"
     for value, message in (("gpu-a,gpu-a:11434", "more than once"), (" , ", "OLLAMA_HOST is empty")):
         with pytest.raises(SystemExit):
             proxy.load_config([], {"OLLAMA_HOST": value})
@@ -5590,8 +5590,15 @@ def test_non_ascii_digits_in_content_length_are_a_400(gateway):
 
 
 def test_ipv6_ollama_host_gets_a_bracketed_host_header():
-    client = proxy.OllamaClient(config(OLLAMA_HOST="[::1]:11434"))
+    settings = config(OLLAMA_HOST="[::1]:11434")
+    client = proxy.OllamaClient(settings, settings.ollama_hosts[0])
     assert client._host_header == b"[::1]:11434"
+
+
+def test_each_ollama_host_uses_its_own_scheme():
+    settings = config(OLLAMA_HOST="https://gpu-a,gpu-b")
+    secure, plain = (proxy.OllamaClient(settings, host) for host in settings.ollama_hosts)
+    assert secure._tls is not None and plain._tls is None
 
 
 @pytest.mark.parametrize("name", ["PING_INTERVAL", "OLLAMA_TIMEOUT", "CLIENT_TIMEOUT", "CACHE_TTL",
