@@ -4491,7 +4491,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         wanted = urllib.parse.unquote(self.path.split("?", 1)[0][len(self.MODEL_ROUTE):])
         target = resolve_model(wanted, self.config)
         for model in self.server.ollama.installed_models():
-            if model["name"] == target or model["name"] == f"{target}:latest":
+            if same_model(target, model["name"]):
                 found = self.model_object(model)
                 if target != wanted:
                     found.update(id=wanted, display_name=f"{wanted} (served by {model['name']})")
