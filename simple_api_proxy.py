@@ -3773,7 +3773,7 @@ class OriginPolicy:
 
     def __init__(self, config):
         # Bound to a public address, clients reach it by names of their own: nothing to compare with.
-        self.check_host = is_loopback(config.api_host)
+        self.check_host = is_loopback_name(config.api_host)
         self.allowed = parse_allowed_origins(config.allowed_origins)
 
     def refusal(self, authority, origin):
@@ -4859,13 +4859,6 @@ def setup_logging(config):
         log.warning(problem)
 
 
-def is_loopback(host):
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def serve(config):
     """Run until SIGTERM/SIGINT; requests in flight get SHUTDOWN_GRACE seconds to finish.
     Returns the exit status."""
@@ -4877,7 +4870,7 @@ def serve(config):
         return 1
     host, port = server.server_address[:2]
     log.info("simple_api_proxy %s listening on http://%s:%s | %s", __version__, host, port, config.describe())
-    if not is_loopback(config.api_host) and not config.proxy_api_key:
+    if not is_loopback_name(config.api_host) and not config.proxy_api_key:
         log.warning("API_HOST=%s exposes the proxy beyond this machine WITHOUT an API key: anyone who reaches "
                     "port %s can use your GPU. Set PROXY_API_KEY, or bind 127.0.0.1 and use an SSH tunnel.",
                     config.api_host, port)
