@@ -49,11 +49,13 @@ readonly BOX_CALL_TIMEOUT=60
 readonly TUNNEL_TRIES=5
 # The proxy's own settings: taken from the environment or the config file and written, by
 # --deploy, to a mode-0600 env file on the box (a command line would show them in ps).
+# All of simple_api_proxy.py's SETTINGS but API_HOST, API_PORT and LOG_FILE, which the
+# launcher decides itself (a test keeps the two lists equal).
 readonly PROXY_SETTINGS="OLLAMA_HOST OLLAMA_MODEL MODEL_MAP OLLAMA_TIMEOUT OLLAMA_FIRST_TOKEN_TIMEOUT \
-OLLAMA_NUM_CTX OLLAMA_KEEP_ALIVE PING_INTERVAL CACHE CACHE_TTL CACHE_MAX_ENTRIES CACHE_MAX_BYTES \
-REDIS_URL REDIS_HOST REDIS_PORT REDIS_PASSWORD REDIS_SSL REDIS_DB REDIS_TIMEOUT TOOL_CALL_RECOVERY \
-PROXY_API_KEY MAX_BODY_BYTES MAX_CONCURRENT MAX_CONNECTIONS CLIENT_TIMEOUT SHUTDOWN_GRACE LOG_LEVEL \
-LOG_BODIES"
+OLLAMA_NUM_CTX OLLAMA_KEEP_ALIVE DEFAULT_MAX_TOKENS OLLAMA_WARMUP PING_INTERVAL CACHE CACHE_TTL \
+CACHE_MAX_ENTRIES CACHE_MAX_BYTES REDIS_URL REDIS_HOST REDIS_PORT REDIS_PASSWORD REDIS_SSL REDIS_DB \
+REDIS_TIMEOUT TOOL_CALL_RECOVERY PROXY_API_KEY ALLOWED_ORIGINS MAX_BODY_BYTES MAX_CONCURRENT \
+MAX_CONNECTIONS CLIENT_TIMEOUT SHUTDOWN_GRACE LOG_LEVEL LOG_BODIES"
 readonly CONFIG_KEYS=" CLAUDE_START_SSH CLAUDE_START_SSH_PORT CLAUDE_START_REMOTE_PORT \
 CLAUDE_START_LOCAL_PORT CLAUDE_START_MODEL CLAUDE_START_CONTEXT_TOKENS \
 CLAUDE_START_MAX_OUTPUT_TOKENS API_TIMEOUT_MS CLAUDE_START_PROXY_SCRIPT \
@@ -1569,7 +1571,7 @@ ready_box() {
 
 start_boxes() {
     have ssh || die "ssh not found on PATH: install the OpenSSH client"
-    local i hosts='' proxy_port key
+    local i hosts='' proxy_port
     pick_local_port || die "$FAIL_REASON"
     proxy_port=$PORT
     for ((i = 0; i < ${#SSH_HOSTS[@]}; i++)); do
@@ -1580,10 +1582,7 @@ start_boxes() {
         TUNNEL_PID=''
         hosts+="${hosts:+,}127.0.0.1:$PORT"
     done
-    # The proxy here gets the user's proxy settings, and the tunnels as its Ollama hosts.
-    for key in $PROXY_SETTINGS; do
-        [[ -z ${!key:-} ]] || export "${key?}"
-    done
+    # The proxy here gets the tunnels as its Ollama hosts.
     export OLLAMA_HOST=$hosts OLLAMA_MODEL=${OLLAMA_MODEL:-$MODEL}
     PORT=$proxy_port
     start_proxy || die "$FAIL_REASON"
@@ -1657,7 +1656,7 @@ stop_boxes() {
 
 # Starts the proxy on PORT and waits for it. Sets PROXY_PID and FAIL_REASON.
 start_proxy() {
-    local log="${TMPDIR:-/tmp}/simple_api_proxy.$PORT.log" rc=0
+    local log="${TMPDIR:-/tmp}/simple_api_proxy.$PORT.log" rc=0 key
     [[ -f $PROXY_SCRIPT ]] || {
         FAIL_REASON="proxy script $PROXY_SCRIPT not found: set CLAUDE_START_PROXY_SCRIPT to simple_api_proxy.py"
         return 1
@@ -1666,9 +1665,10 @@ start_proxy() {
         FAIL_REASON="python3 not found on PATH: install it to run $PROXY_SCRIPT"
         return 1
     }
-    if [[ -n ${PROXY_API_KEY:-} ]]; then
-        export PROXY_API_KEY
-    fi
+    # Settings from the config file too, not only the environment.
+    for key in $PROXY_SETTINGS; do
+        [[ -z ${!key:-} ]] || export "${key?}"
+    done
     API_PORT=$PORT API_HOST=127.0.0.1 python3 "$PROXY_SCRIPT" </dev/null >"$log" 2>&1 &
     PROXY_PID=$!
     say "started $PROXY_SCRIPT on 127.0.0.1:$PORT (pid $PROXY_PID, log $log)"

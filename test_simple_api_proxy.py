@@ -4229,7 +4229,7 @@ if os.environ.get("STUB_PROXY_RECORD"):
     with open(os.environ["STUB_PROXY_RECORD"], "w") as f:
         json.dump({"pid": os.getpid(), "API_PORT": os.environ.get("API_PORT"),
                    "API_HOST": os.environ.get("API_HOST"),
-                   "PROXY_API_KEY": os.environ.get("PROXY_API_KEY")}, f)
+                   "PROXY_API_KEY": os.environ.get("PROXY_API_KEY"), "env": dict(os.environ)}, f)
 if os.environ.get("STUB_PROXY_SILENT"):
     while True:
         time.sleep(60)
@@ -4529,6 +4529,18 @@ def test_launcher_help_lists_every_flag_and_variable(launcher_sandbox):
     assert not launcher_sandbox.ssh_records()
 
 
+def test_launcher_passes_on_every_proxy_setting_but_the_ones_it_decides(launcher_sandbox):
+    text = LAUNCHER_SCRIPT.read_text()
+    found = re.search(r'^readonly PROXY_SETTINGS="([^"]*)"', text, re.M)
+    launcher_settings = found.group(1).replace("\\\n", " ").split()
+    owned = {"API_HOST", "API_PORT", "LOG_FILE"}
+    assert launcher_settings == [name for name, *_ in proxy.SETTINGS if name not in owned]
+    for name in owned:
+        assert re.search(r"(?<![A-Z_])%s=" % name, text), "the launcher no longer sets %s itself" % name
+    result = launcher_sandbox.run(["--help"], launcher_sandbox.env())
+    assert all(name in result.stdout for name in launcher_settings)
+
+
 def test_launcher_remote_happy_path(launcher_sandbox):
     sb = launcher_sandbox
     remote = sb.remote_proxy()
@@ -4713,6 +4725,23 @@ def test_launcher_local_starts_proxy_and_stops_it(launcher_sandbox):
     assert (sb.tmp / ("simple_api_proxy.%d.log" % port)).exists()
     assert _launcher_wait_until(lambda: not _launcher_pid_alive(started["pid"]), 5)
     assert _launcher_http_status(port) is None
+
+
+def test_launcher_local_proxy_gets_the_proxy_settings_of_the_config_file(launcher_sandbox):
+    sb = launcher_sandbox
+    port = _launcher_free_port()
+    record = sb.root / "proxy-started.json"
+    config = sb.home / ".config" / "simple_api_proxy" / "claude_start.env"
+    config.parent.mkdir(parents=True)
+    config.write_text("DEFAULT_MAX_TOKENS=2048\nOLLAMA_WARMUP=off\nALLOWED_ORIGINS=https://app.example\n")
+    result = sb.run(["--local", "--local-port", str(port)],
+                    sb.env(ssh=False, CLAUDE_START_PROXY_SCRIPT=sb.stub_proxy, STUB_PROXY_RECORD=record))
+    assert result.returncode == 0, result.stderr
+    assert "unknown setting" not in result.stderr
+    started = json.loads(record.read_text())
+    env = started["env"]
+    assert (env.get("DEFAULT_MAX_TOKENS"), env.get("OLLAMA_WARMUP"), env.get("ALLOWED_ORIGINS")) == \
+        ("2048", "off", "https://app.example")
 
 
 def test_launcher_local_proxy_that_never_answers(launcher_sandbox):
