@@ -193,9 +193,10 @@ Claude Code gets ANTHROPIC_BASE_URL=http://127.0.0.1:PORT, ANTHROPIC_AUTH_TOKEN,
 ANTHROPIC_MODEL and ANTHROPIC_DEFAULT_{HAIKU,SONNET,OPUS}_MODEL (and
 ANTHROPIC_SMALL_FAST_MODEL) = the model, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1,
 DISABLE_TELEMETRY=1, CLAUDE_CODE_ATTRIBUTION_HEADER=0, API_TIMEOUT_MS,
-CLAUDE_CODE_MAX_CONTEXT_TOKENS and CLAUDE_CODE_MAX_OUTPUT_TOKENS, output limits a
-quarter of the window unless already set (CLAUDE_CODE_FILE_READ_MAX_OUTPUT_TOKENS,
-MAX_MCP_OUTPUT_TOKENS in tokens, BASH_MAX_OUTPUT_LENGTH in characters), and runs as
+CLAUDE_CODE_MAX_CONTEXT_TOKENS and CLAUDE_CODE_MAX_OUTPUT_TOKENS, and, unless already
+set, output limits: a quarter of the window in tokens for a file read and an MCP result
+(CLAUDE_CODE_FILE_READ_MAX_OUTPUT_TOKENS, MAX_MCP_OUTPUT_TOKENS), three quarters of it
+in characters for command output (BASH_MAX_OUTPUT_LENGTH), and runs as
   claude --model MODEL [--disallowedTools ... with --lean] [CLAUDE_ARGS...]
 Its exit status is returned.
 
@@ -1722,9 +1723,10 @@ run_claude() {
     export API_TIMEOUT_MS="$TIMEOUT_MS"
     export CLAUDE_CODE_MAX_CONTEXT_TOKENS="$CONTEXT_TOKENS"
     export CLAUDE_CODE_MAX_OUTPUT_TOKENS="$MAX_OUTPUT_TOKENS"
-    # One file read, command output or MCP result at most a quarter of the
+    # One file read, command output or MCP result at most about a quarter of the
     # window (Claude Code's defaults, 25k tokens a read, outgrow a 32k window);
-    # values the user set win.
+    # command output is counted in characters, three or four to a token, hence
+    # three quarters of the window in characters. Values the user set win.
     export CLAUDE_CODE_FILE_READ_MAX_OUTPUT_TOKENS="${CLAUDE_CODE_FILE_READ_MAX_OUTPUT_TOKENS:-$((CONTEXT_TOKENS / 4))}"
     export MAX_MCP_OUTPUT_TOKENS="${MAX_MCP_OUTPUT_TOKENS:-$((CONTEXT_TOKENS / 4))}"
     export BASH_MAX_OUTPUT_LENGTH="${BASH_MAX_OUTPUT_LENGTH:-$((CONTEXT_TOKENS * 3 / 4))}"

@@ -4526,6 +4526,7 @@ def test_launcher_help_lists_every_flag_and_variable(launcher_sandbox):
                      "CLAUDE_START_OLLAMA_INSTALL", "CLAUDE_START_INSTALL_TIMEOUT", "CLAUDE_START_OLLAMA_WAIT",
                      "CLAUDE_START_PULL_TIMEOUT", "REDIS_URL", "OLLAMA_NUM_CTX", "MODEL_MAP"):
             assert word in result.stdout, word
+        assert "three quarters of it\nin characters for command output (BASH_MAX_OUTPUT_LENGTH)" in result.stdout
     assert not launcher_sandbox.ssh_records()
 
 
