@@ -5697,6 +5697,22 @@ def test_benchmark_smoke_run_completes():
     assert "| two Ollama hosts vs one" in result.stdout and "metrics: recording one request" in result.stdout
 
 
+def test_benchmark_without_git_history_leaves_the_default_baseline_out(tmp_path):
+    # A tarball or a shallow clone: bench/ without the baseline revision in reach.
+    shutil.copytree(HERE / "bench", tmp_path / "bench", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(HERE / "simple_api_proxy.py", tmp_path)
+    check = ("import sys, tempfile; sys.path.insert(0, sys.argv[1]); import run\n"
+             "print(run.baseline_script(run.BASELINE_REVISION, False, tempfile.mkdtemp()))\n"
+             "try:\n    run.baseline_script(run.BASELINE_REVISION, True, tempfile.mkdtemp())\n"
+             "except run.BaselineUnavailable as exc:\n    print('asked:', exc)\n")
+    result = subprocess.run([sys.executable, "-c", check, str(tmp_path / "bench")], capture_output=True, text=True,
+                            timeout=60, env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path.parent)))
+    assert result.returncode == 0, result.stderr
+    left_out, asked = result.stdout.splitlines()
+    assert left_out.startswith("(None, 'baseline left out: cannot read simple_api_proxy.py at revision")
+    assert asked.startswith("asked: cannot read simple_api_proxy.py at revision") and "--no-baseline" in asked
+
+
 def test_soak_short_run_passes():
     need(shutil.which("redis-server"), "redis-server is not installed")
     result = subprocess.run([sys.executable, str(HERE / "bench" / "soak.py"), "--seconds", "8"],

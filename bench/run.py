@@ -12,8 +12,9 @@ subprocesses (memory cache; Redis tier with CACHE_MAX_ENTRIES=0 so every hit com
 memory cache with LOG_LEVEL=INFO) and a private redis-server. The proxies run with
 LOG_LEVEL=WARNING because a per-request INFO line costs time; the "INFO logging" row shows how much.
 It also starts the baseline release (--baseline, default 1.0.0: its simple_api_proxy.py taken from
-git into a temporary directory), measured on the cache-hit, miss and stream rows in the same rounds
-with issue 14's targets against it, and on the cache-hit rows a do-nothing ThreadingHTTPServer
+git into a temporary directory; without that revision in the clone, a shallow clone or a tarball,
+the run leaves it out and says so), measured on the cache-hit, miss and stream rows in the same
+rounds with the speed targets against it, and on the cache-hit rows a do-nothing ThreadingHTTPServer
 (do_nothing_server.py), what http.server alone costs.
 
 Floor, proxy (and baseline, do-nothing) runs of a row alternate (two rounds of half the time each)
@@ -124,7 +125,7 @@ class Process:
                 self.popen.wait()
 
 
-BASELINE_REVISION = "bcac229"  # simple_api_proxy 1.0.0, the release issue 14's targets are measured against
+BASELINE_REVISION = "bcac229"  # simple_api_proxy 1.0.0, the release the speed targets are measured against
 
 
 class BaselineUnavailable(RuntimeError):
@@ -144,6 +145,20 @@ def materialize_baseline(revision, directory):
     path = Path(directory) / f"simple_api_proxy_{revision}.py"
     path.write_bytes(source)
     return path
+
+
+def baseline_script(revision, asked, directory):
+    """(path of the baseline's simple_api_proxy.py or None, note for the report or None).
+    A revision the user asked for must be there (BaselineUnavailable); the default one is left out
+    with a note, so that a shallow clone or a tarball still runs every other row."""
+    if revision is None:
+        return None, None
+    try:
+        return materialize_baseline(revision, directory), None
+    except BaselineUnavailable as exc:
+        if asked:
+            raise
+        return None, f"baseline left out: {exc}"
 
 
 def http_get(port, path, timeout=2.0):
@@ -710,7 +725,7 @@ def markdown(lines):
 
 # --- main ---------------------------------------------------------------------------------------
 
-def run(args, log_dir):
+def run(args, log_dir, baseline):
     seconds = args.seconds
     rounds = 1 if args.smoke else 2
     processes = []
@@ -731,9 +746,9 @@ def run(args, log_dir):
             started(redis)
             proxy_settings["redis"] = {"REDIS_URL": f"redis://{HOST}:{redis_port}/0", "CACHE_MAX_ENTRIES": "0"}
         scripts = {name: PROXY_SCRIPT for name in proxy_settings}
-        if args.baseline:
+        if baseline:
             proxy_settings["baseline"] = {}
-            scripts["baseline"] = materialize_baseline(args.baseline, log_dir)
+            scripts["baseline"] = baseline
         proxies = {}
         for name, settings in proxy_settings.items():
             port = free_port()
@@ -807,11 +822,11 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, help="measured seconds per side of each row (default 4, smoke 0.25)")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     parser.add_argument("--keep-logs", action="store_true", help="keep the subprocesses' logs and print where")
-    parser.add_argument("--baseline", default=BASELINE_REVISION, metavar="REV",
-                        help=f"also measure simple_api_proxy.py of this git revision (default {BASELINE_REVISION}, "
-                             "1.0.0) on the rows issue 14's targets compare")
-    parser.add_argument("--no-baseline", dest="baseline", action="store_const", const=None,
-                        help="skip the baseline release")
+    parser.add_argument("--baseline", metavar="REV",
+                        help=f"also measure simple_api_proxy.py of this git revision on the rows the speed targets "
+                             f"compare (default {BASELINE_REVISION}, 1.0.0, left out with a note when the clone "
+                             "lacks it; a revision given here must be there)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline release")
     parser.add_argument("--only", metavar="KEYS", help="comma list of scenario key prefixes to run (hit_memory, "
                                                        "miss, stream_0ms, ...); the footprint rows always run")
     args = parser.parse_args(argv)
@@ -823,7 +838,12 @@ def main(argv=None):
     load_before = os.getloadavg()[0]  # others' load on this machine; the run's own comes after
     log_dir = tempfile.mkdtemp(prefix="simple_api_proxy_bench_")
     try:
-        lines, results, footprint, failures, notes = run(args, log_dir)
+        asked = args.baseline is not None
+        revision = None if args.no_baseline else (args.baseline or BASELINE_REVISION)
+        baseline, baseline_note = baseline_script(revision, asked, log_dir)
+        lines, results, footprint, failures, notes = run(args, log_dir, baseline)
+        if baseline_note:
+            notes.append(baseline_note)
     except BaselineUnavailable as exc:
         print(f"bench/run.py: {exc}", file=sys.stderr)
         return 2
@@ -839,8 +859,8 @@ def main(argv=None):
           f"Python {platform.python_version()}, {os.cpu_count()} cores, load average before the run "
           f"{load_before:.2f}, proxy LOG_LEVEL=WARNING\n")
     print(markdown(lines))
-    if args.baseline:
-        print(f"\nbaseline: simple_api_proxy.py at revision {args.baseline}, run the same way as the proxy "
+    if baseline:
+        print(f"\nbaseline: simple_api_proxy.py at revision {revision}, run the same way as the proxy "
               "(memory cache) in the same rounds. do-nothing: a ThreadingHTTPServer answering every request with "
               "the bytes of a cache hit (bench/do_nothing_server.py), what http.server alone costs.")
     print("\nfloor: the same client straight to the stand-in Ollama with the same reply settings; for cache hits "
