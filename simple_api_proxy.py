@@ -457,6 +457,16 @@ def finite_float(text):
     return value
 
 
+def reject_json_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# Strict JSON for all that comes in (request bodies, a forced tool call's output, cache entries):
+# no NaN/Infinity, no number that would become inf. Built once: json.loads with hooks builds a
+# new decoder on every call.
+decode_strict_json = json.JSONDecoder(parse_constant=reject_json_constant, parse_float=finite_float).decode
+
+
 NON_FINITE_MARK = object()
 
 
@@ -1905,7 +1915,7 @@ class ForcedToolCall:
     def call(self):
         """(name, arguments); None when the output is no such object (cut short by max_tokens)."""
         try:
-            value = json.loads(self.text, parse_constant=reject_json_constant, parse_float=finite_float)
+            value = decode_strict_json(self.text)
         except (ValueError, RecursionError):
             return None
         if isinstance(value, dict) and value.get("name") in self.tool_names and isinstance(value.get("arguments"), dict):
@@ -3106,7 +3116,7 @@ def decode_cache_entry(value):
     stored: Redis is shared, outlives proxy versions and can be written by anyone, so what comes
     back is checked as fully as a request is before it is replayed."""
     try:
-        entry = json.loads(value, parse_constant=reject_json_constant, parse_float=finite_float)
+        entry = decode_strict_json(str(value, "utf-8") if isinstance(value, bytes) else value)
     except (ValueError, TypeError, RecursionError):
         return None
     if not isinstance(entry, dict) or entry.get("v") != CACHE_ENTRY_VERSION:
@@ -3960,14 +3970,6 @@ class Metrics:
 # HTTP handler
 ###############################################################################
 
-def reject_json_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# Built once: json.loads with hooks builds a new decoder on every call.
-_decode_request_json = json.JSONDecoder(parse_constant=reject_json_constant, parse_float=finite_float).decode
-
-
 class ClientGone(Exception):
     """The client closed its connection; nothing more can be sent."""
 
@@ -4398,7 +4400,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         try:
             with large_body_gate(body):
                 text = body.decode("utf-8")
-                value = _decode_request_json(text)
+                value = decode_strict_json(text)
         except NonFiniteNumber as exc:
             raise invalid(f"{non_finite_field(text)}: Input should be a finite number (got {exc})") from None
         except UnicodeDecodeError as exc:
