@@ -3103,7 +3103,7 @@ def cache_key(ollama_payload, request, recover_tool_calls):
     material = [{field: ollama_payload[field] for field in CACHE_KEY_PAYLOAD_FIELDS if field in ollama_payload},
                 request.get("stop_sequences") or None, request.get("thinking"),
                 (request.get("output_config") or {}).get("effort"), recover_tool_calls]
-    canonical = json.dumps(material, separators=(",", ":"))
+    canonical = _compact_json(material)
     return CACHE_KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
 
 
