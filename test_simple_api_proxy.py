@@ -5598,6 +5598,15 @@ def test_internal_failure_mid_stream_ends_the_stream_instead_of_hanging(gateway,
     assert "simulated bug" not in raw.decode()
 
 
+def test_a_recursion_bug_in_the_proxy_is_its_own_500_not_the_clients_400(gateway, monkeypatch):
+    def runaway(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+    monkeypatch.setattr(proxy, "anthropic_to_ollama", runaway)
+    status, _, error = gateway.messages(request_body())
+    assert status == 500 and error["error"]["type"] == "api_error", error
+    assert "request body" not in error["error"]["message"]
+
+
 def test_a_get_with_a_body_does_not_poison_the_next_request(gateway):
     body = json.dumps(request_body("secret prompt")).encode()
     post = json.dumps(request_body()).encode()
