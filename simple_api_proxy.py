@@ -145,7 +145,7 @@ class Config:
     redis_timeout: float
     tool_call_recovery: bool
     proxy_api_key: str
-    allowed_origins: str
+    allowed_origins: tuple  # of compiled patterns, from parse_allowed_origins
     max_body_bytes: int
     max_concurrent: int
     max_connections: int
@@ -312,7 +312,7 @@ def load_config(argv=None, environ=None):
             redis_timeout=values["REDIS_TIMEOUT"],
             tool_call_recovery=parse_switch("TOOL_CALL_RECOVERY", values["TOOL_CALL_RECOVERY"]),
             proxy_api_key=values["PROXY_API_KEY"],
-            allowed_origins=values["ALLOWED_ORIGINS"],
+            allowed_origins=parse_allowed_origins(values["ALLOWED_ORIGINS"]),
             max_body_bytes=values["MAX_BODY_BYTES"],
             max_concurrent=values["MAX_CONCURRENT"],
             max_connections=values["MAX_CONNECTIONS"],
@@ -322,7 +322,6 @@ def load_config(argv=None, environ=None):
             log_file=values["LOG_FILE"],
             log_bodies=parse_switch("LOG_BODIES", values["LOG_BODIES"]),
         )
-        parse_allowed_origins(config.allowed_origins)
     except ValueError as exc:
         parser.error(str(exc))
     if not 0 <= config.api_port <= 65535:
@@ -3781,7 +3780,7 @@ class OriginPolicy:
     def __init__(self, config):
         # Bound to a public address, clients reach it by names of their own: nothing to compare with.
         self.check_host = is_loopback_name(config.api_host)
-        self.allowed = parse_allowed_origins(config.allowed_origins)
+        self.allowed = config.allowed_origins
 
     def refusal(self, authority, origin):
         """A 403 ProxyError if the request must not be served, else None."""
