@@ -979,7 +979,7 @@ def ollama_think(request):
     return {"xhigh": "high", "max": "high"}.get(effort, effort)
 
 
-def anthropic_to_ollama(request, ollama_model, config, *, can_think=False, can_see=True, notes=None):
+def anthropic_to_ollama(request, ollama_model, config, *, can_see=True, notes=None):
     """A validated Anthropic Messages request -> the body of Ollama's POST /api/chat.
 
     can_see: the model takes images (else they become notes). notes, a list, gets one line per
@@ -994,8 +994,6 @@ def anthropic_to_ollama(request, ollama_model, config, *, can_think=False, can_s
     tools = client_tools(request)
     if tools:
         payload["tools"] = ollama_tools(tools)
-    if can_think:
-        payload["think"] = ollama_think(request)
     output_format = (request.get("output_config") or {}).get("format")
     if isinstance(output_format, dict) and isinstance(output_format.get("schema"), dict):
         payload["format"] = output_format["schema"]

@@ -547,13 +547,14 @@ def test_options_and_fields_map_to_ollama():
     assert proxy.anthropic_to_ollama(body, MODEL, config(OLLAMA_KEEP_ALIVE="-1"))["keep_alive"] == -1
 
 
-def test_thinking_is_sent_only_to_models_that_can_think():
-    body = request_body(thinking={"type": "adaptive", "display": "omitted"})
-    assert "think" not in proxy.anthropic_to_ollama(body, MODEL, config())
-    assert proxy.anthropic_to_ollama(body, MODEL, config(), can_think=True)["think"] is True
-    assert proxy.anthropic_to_ollama(request_body(), MODEL, config(), can_think=True)["think"] is False
-    effort = request_body(thinking={"type": "enabled", "budget_tokens": 2048}, output_config={"effort": "low"})
-    assert proxy.anthropic_to_ollama(effort, MODEL, config(), can_think=True)["think"] == "low"
+def test_thinking_is_sent_only_to_models_that_can_think(gateway, ollama):
+    adaptive = request_body(thinking={"type": "adaptive", "display": "omitted"})
+    effort = request_body(thinking={"type": "enabled", "budget_tokens": 2048}, output_config={"effort": "low"},
+                          max_tokens=4096)
+    for model, body, think in ((MODEL, adaptive, None), ("qwen3:8b", adaptive, True),
+                               ("qwen3:8b", request_body(), False), ("qwen3:8b", effort, "low")):
+        assert gateway.messages(dict(body, model=model))[0] == 200, (model, body)
+        assert ollama.chats()[-1].get("think") == think, (model, body)
 
 
 def test_messages_convert_with_tools_images_and_merging():
