@@ -1621,14 +1621,6 @@ def find_text_tool_calls(text, tools):
     return (start, calls) if calls else None
 
 
-def parse_text_tool_calls(text, tools):
-    """(the prose before the calls, the calls) when the reply is tool calls written as text, else None.
-    Each call is {"name", "input"}; tools: {name: input_schema}, or bare names."""
-    tools = offered_tools(tools)
-    found = find_text_tool_calls(text, tools) if tools else None
-    return (text[:found[0]].strip(), found[1]) if found else None
-
-
 # What call_prospect() says of text that begins where a call may begin.
 NO_OPENER = "no opener"    # no marker (or JSON, at the reply's start) begins there
 MAYBE = "maybe"            # undecided: hold it

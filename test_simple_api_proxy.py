@@ -2133,6 +2133,13 @@ TOOLS = ["Bash", "Write"]
 BASH_CALL = '{"name": "Bash", "arguments": {"command": "ls -la"}}'
 
 
+def text_calls(text, tools):
+    """What find_text_tool_calls, as the stream translator calls it, finds in a whole reply:
+    (the prose before the calls, the calls), or None. tools: {name: input_schema}, or bare names."""
+    found = proxy.find_text_tool_calls(text, proxy.offered_tools(tools))
+    return (text[:found[0]].strip(), found[1]) if found else None
+
+
 def stream_text(text, piece=3, **options):
     """Feed text to a translator a few characters at a time, as a model streams it."""
     options.setdefault("tool_names", TOOLS)
@@ -2444,7 +2451,7 @@ def chunkings(text):
 
 @pytest.mark.parametrize("written", CORPUS, ids=repr)
 def test_corpus_replies_become_what_they_are(written):
-    parsed = proxy.parse_text_tool_calls(written.text, written.tools)
+    parsed = text_calls(written.text, written.tools)
     assert ([(call["name"], call["input"]) for call in parsed[1]] if parsed else TEXT) == written.expected
     for pieces in chunkings(written.text):
         events, translator = translate([chunk(content=piece) for piece in pieces] + [final_chunk()],
@@ -2491,11 +2498,11 @@ def test_parameters_written_as_xml_are_typed_by_the_tools_schema():
             "<parameter=force>\nTrue\n</parameter>\n<parameter=tags>\n[\"a\", \"b\"]\n</parameter>\n"
             "<parameter=spec>\n{\"k\": 1}\n</parameter>\n<parameter=note>\n42\n</parameter>\n"
             "<parameter=other>\n7\n</parameter>\n<parameter=count2>\nnot a number\n</parameter>\n</function>")
-    _, [call] = proxy.parse_text_tool_calls(text, {"Tune": schema})
+    _, [call] = text_calls(text, {"Tune": schema})
     assert call["input"] == {"count": 3, "ratio": 0.5, "force": True, "tags": ["a", "b"], "spec": {"k": 1},
                              "note": "42", "other": "7", "count2": "not a number"}
     bad = text.replace("\n3\n", "\nthree\n")
-    assert proxy.parse_text_tool_calls(bad, {"Tune": schema})[1][0]["input"]["count"] == "three"
+    assert text_calls(bad, {"Tune": schema})[1][0]["input"]["count"] == "three"
 
 
 @pytest.mark.parametrize("text", [
@@ -2537,10 +2544,10 @@ def test_a_call_cut_short_by_max_tokens_or_a_stop_sequence_never_runs():
 
 def test_a_preamble_may_mention_examples_without_being_one():
     text = "Let me look in the examples folder.\n<tool_call>\n" + BASH_CALL + "\n</tool_call>"
-    assert proxy.parse_text_tool_calls(text, TOOLS) == ("Let me look in the examples folder.",
+    assert text_calls(text, TOOLS) == ("Let me look in the examples folder.",
                                                         [{"name": "Bash", "input": {"command": "ls -la"}}])
     text = "It looks like the build failed; I do not know why yet, so:\n<tool_call>\n" + BASH_CALL + "\n</tool_call>"
-    assert proxy.parse_text_tool_calls(text, TOOLS)[1] == [{"name": "Bash", "input": {"command": "ls -la"}}]
+    assert text_calls(text, TOOLS)[1] == [{"name": "Bash", "input": {"command": "ls -la"}}]
 
 
 def test_mistral_calls_keep_the_calls_and_drop_the_answer_made_up_after_them():
@@ -2548,13 +2555,13 @@ def test_mistral_calls_keep_the_calls_and_drop_the_answer_made_up_after_them():
     events, translator = stream_text(text)
     assert [(b["type"], b.get("input")) for b in translator.message["content"]] == [("tool_use", {"command": "date"})]
     literal = "[TOOL_CALLS] [{'name': 'Bash', 'arguments': {'command': 'date', 'quiet': True}}]"
-    assert proxy.parse_text_tool_calls(literal, TOOLS)[1] == [{"name": "Bash", "input": {"command": "date", "quiet": True}}]
+    assert text_calls(literal, TOOLS)[1] == [{"name": "Bash", "input": {"command": "date", "quiet": True}}]
 
 
 def test_gemma_call_syntax_with_its_string_delimiter_and_nesting():
     text = '<|tool_call>call:Write{file_path:<|"|>/tmp/a, b.txt<|"|>,content:<|"|>x: {1}<|"|>,opts:{n:2,on:true,' \
            'tags:[<|"|>a<|"|>,null]}}<tool_call|>'
-    _, [call] = proxy.parse_text_tool_calls(text, TOOLS)
+    _, [call] = text_calls(text, TOOLS)
     assert call == {"name": "Write", "input": {"file_path": "/tmp/a, b.txt", "content": "x: {1}",
                                                "opts": {"n": 2, "on": True, "tags": ["a", None]}}}
 
@@ -3239,7 +3246,7 @@ if given:
     def test_fuzz_text_written_calls_stream_as_they_parse(parts, cuts):
         """Whatever a model writes and however it arrives, the stream ends as the parser decides."""
         text = "".join(parts)
-        parsed = proxy.parse_text_tool_calls(text, TOOLS)
+        parsed = text_calls(text, TOOLS)
         pieces, at = [], 0
         while at < len(text):
             size = cuts[len(pieces) % len(cuts)]
