@@ -3454,21 +3454,6 @@ class RequestHeaders:
     def get(self, name, default=None):
         return self.fields.get(name.lower(), default)
 
-    def __getitem__(self, name):
-        return self.fields.get(name.lower())
-
-    def __contains__(self, name):
-        return name.lower() in self.fields
-
-    def __iter__(self):
-        return iter(self.fields)
-
-    def __len__(self):
-        return len(self.fields)
-
-    def items(self):
-        return self.fields.items()
-
 
 class RequestHead:
     """A request line and its headers, with the body framing they announce."""
