@@ -4122,12 +4122,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.deadlines = self.server.read_deadlines
         self.reader = RequestReader(self.rfile)
 
-    def version_string(self):
-        return self.server_version
-
-    def log_message(self, format, *args):
-        log.debug("http: " + format, *args)
-
     # -- dispatch ------------------------------------------------------------
     def handle_one_request(self):
         self.request_id = new_id("req_")
