@@ -528,11 +528,10 @@ def _validate_stop_sequences(stops):
                           f"{MAX_STOP_SEQUENCE_CHARS} characters (got {len(stop)})")
 
 
-def validate_messages_request(body, *, for_count=False, default_max_tokens=None):
+def validate_messages_request(body, *, default_max_tokens, for_count=False):
     """Check the fields the proxy uses, with messages that name the field; leave the rest alone.
 
-    Without max_tokens the request gets default_max_tokens (DEFAULT_MAX_TOKENS), or is refused
-    when there is no default."""
+    Without max_tokens the request gets default_max_tokens (DEFAULT_MAX_TOKENS)."""
     if not isinstance(body, dict):
         raise invalid("Request body must be a JSON object")
     if "model" not in body:
@@ -542,8 +541,6 @@ def validate_messages_request(body, *, for_count=False, default_max_tokens=None)
         raise invalid("model: String should have at least 1 character")
     if not for_count:
         if "max_tokens" not in body:
-            if default_max_tokens is None:
-                raise invalid("max_tokens: Field required")
             body["max_tokens"] = default_max_tokens
         max_tokens = _require_type(body["max_tokens"], (int,), "max_tokens", "a valid integer")
         if max_tokens < 0:
@@ -4474,7 +4471,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 "created_at": (match.group(1) + "Z") if match else "1970-01-01T00:00:00Z"}
 
     def route_count_tokens(self):
-        request = validate_messages_request(self.read_json(), for_count=True)
+        request = validate_messages_request(self.read_json(), default_max_tokens=self.config.default_max_tokens,
+                                            for_count=True)
         ollama_model = resolve_model(request["model"], self.config)
         payload = anthropic_to_ollama(dict(request, max_tokens=1), ollama_model, self.config)
         try:

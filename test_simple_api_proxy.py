@@ -818,7 +818,6 @@ def test_a_prompt_that_leaves_the_answer_no_room_is_too_long_not_cut_off(ollama)
 @pytest.mark.parametrize("body, message", [
     ([], "Request body must be a JSON object"),
     ({"max_tokens": 5, "messages": []}, "model: Field required"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens: Field required"),
     ({"model": "m", "max_tokens": 5}, "messages: Field required"),
     ({"model": "m", "max_tokens": 5, "messages": []}, "messages: at least one message is required"),
     ({"model": 7, "max_tokens": 5, "messages": []}, "model: Input should be a valid string"),
@@ -839,7 +838,7 @@ def test_a_prompt_that_leaves_the_answer_no_room_is_too_long_not_cut_off(ollama)
 ])
 def test_validation_names_the_field(body, message):
     with pytest.raises(proxy.ProxyError) as caught:
-        proxy.validate_messages_request(body)
+        proxy.validate_messages_request(body, default_max_tokens=4096)
     assert caught.value.status == 400 and caught.value.error_type == "invalid_request_error"
     assert message in caught.value.message
 
@@ -1443,7 +1442,7 @@ def test_sdk_sees_gateway_timeout_and_unreachable_ollama(ollama):
 ###############################################################################
 
 def key_of(body, **config_settings):
-    request = proxy.validate_messages_request(body)
+    request = proxy.validate_messages_request(body, default_max_tokens=4096)
     settings = config(**config_settings)
     payload = proxy.anthropic_to_ollama(request, proxy.resolve_model(request["model"], settings), settings)
     return proxy.cache_key(payload, request, settings.tool_call_recovery)
@@ -3368,12 +3367,12 @@ def test_anthropic_value_rules_are_400s_naming_the_field(extra, field):
     body = request_body(**extra)
     body["max_tokens"] = 2048
     with pytest.raises(proxy.ProxyError) as caught:
-        proxy.validate_messages_request(body)
+        proxy.validate_messages_request(body, default_max_tokens=4096)
     assert caught.value.status == 400 and caught.value.error_type == "invalid_request_error"
     assert field in caught.value.message
     fine = request_body(temperature=1, top_p=0, top_k=0, stop_sequences=["s"] * proxy.MAX_STOP_SEQUENCES,
                         max_tokens=1025, thinking={"type": "enabled", "budget_tokens": 1024})
-    assert proxy.validate_messages_request(fine) is fine
+    assert proxy.validate_messages_request(fine, default_max_tokens=4096) is fine
 
 
 def test_non_finite_numbers_and_missing_models_are_refused_through_the_proxy(gateway, ollama):
