@@ -977,7 +977,8 @@ def ollama_think(request):
 
 
 def anthropic_to_ollama(request, ollama_model, config, *, can_see=True, notes=None):
-    """A validated Anthropic Messages request -> the body of Ollama's POST /api/chat.
+    """A validated Anthropic Messages request -> (the body of Ollama's POST /api/chat, the prompt's
+    estimated tokens).
 
     can_see: the model takes images (else they become notes). notes, a list, gets one line per
     thing the model will not see as sent (blocks it can't read, tool results cut to fit)."""
@@ -999,12 +1000,12 @@ def anthropic_to_ollama(request, ollama_model, config, *, can_see=True, notes=No
         payload["format"] = forced_tool_format(tools)
     if config.ollama_keep_alive:
         payload["keep_alive"] = keep_alive_value(config.ollama_keep_alive)
-    cut = fit_to_window(payload, request["max_tokens"], config.ollama_num_ctx)
+    cut, input_tokens = fit_to_window(payload, request["max_tokens"], config.ollama_num_ctx)
     if notes is not None:
         notes.extend(conversion.left_out)
         if cut:
             notes.append(cut)
-    return payload
+    return payload, input_tokens
 
 
 def keep_alive_value(text):
@@ -1076,6 +1077,14 @@ def answer_room(max_tokens, num_ctx):
     return min(max_tokens, max(num_ctx // 8, ANSWER_ROOM_FLOOR))
 
 
+def prompt_limit(max_tokens, num_ctx):
+    """The largest prompt served: one that leaves the answer less than ANSWER_ROOM_FLOOR tokens, a
+    quarter of the window or max_tokens, whichever is least, would get a few tokens and stop at
+    max_tokens; `prompt is too long` has Claude Code compact the conversation instead. Never
+    below num_ctx - answer_room(), so a prompt cut to answer_room() is always served."""
+    return num_ctx - min(max_tokens, ANSWER_ROOM_FLOOR, num_ctx // 4)
+
+
 def trimmed_tool_text(text, keep, num_ctx):
     """text cut to about `keep` characters from the middle, at line ends where there are any."""
     half = keep // 2
@@ -1095,10 +1104,11 @@ def trimmed_tool_text(text, keep, num_ctx):
 
 def fit_to_window(payload, max_tokens, num_ctx):
     """Cut the largest tool results when the prompt leaves less than answer_room() in the window,
-    then cap num_predict at what the window has left. Returns a note on what was cut, or None.
+    then cap num_predict at what the window has left. Returns (a note on what was cut or None,
+    the prompt's estimated tokens).
 
-    When even the smallest step cannot make the prompt fit the window, nothing is cut: the
-    caller answers `prompt is too long` with the size the client really sent."""
+    When even the smallest step cannot bring the prompt within prompt_limit(), nothing is cut:
+    the caller answers `prompt is too long` with the size the client really sent."""
     estimate = estimate_tokens(payload)
     target = num_ctx - answer_room(max_tokens, num_ctx)
     note = None
@@ -1116,7 +1126,7 @@ def fit_to_window(payload, max_tokens, num_ctx):
             fitted = (keep, len(trimmed), smaller)
             if smaller <= target:
                 break
-        if fitted and fitted[2] <= num_ctx:
+        if fitted and fitted[2] <= prompt_limit(max_tokens, num_ctx):
             keep, count, smaller = fitted
             note = (f"{count} tool result(s) cut to about {keep:,} characters each to fit the "
                     f"{num_ctx}-token window ({estimate} -> {smaller} tokens)")
@@ -1126,7 +1136,7 @@ def fit_to_window(payload, max_tokens, num_ctx):
                 message["content"] = text
     if estimate <= num_ctx and max_tokens > 0:
         payload["options"]["num_predict"] = max(1, min(max_tokens, num_ctx - estimate))
-    return note
+    return note, estimate
 
 
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -4474,14 +4484,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         request = validate_messages_request(self.read_json(), default_max_tokens=self.config.default_max_tokens,
                                             for_count=True)
         ollama_model = resolve_model(request["model"], self.config)
-        payload = anthropic_to_ollama(dict(request, max_tokens=1), ollama_model, self.config)
+        # The prompt /v1/messages would send (tool results cut as it would cut them); count_tokens
+        # takes no max_tokens, so one sent along is used only when it is valid.
+        max_tokens = request.get("max_tokens")
+        if type(max_tokens) is not int or max_tokens < 0:
+            max_tokens = self.config.default_max_tokens
+        _, input_tokens = anthropic_to_ollama(dict(request, max_tokens=max_tokens), ollama_model, self.config)
         try:
             self.server.ollama.capabilities(ollama_model)  # a model Ollama lacks is a 404 here too
         except ProxyError as error:
             if error.status == 404:
                 raise
             # Ollama unreachable: the estimate needs no Ollama, so it is still the answer.
-        self.send_json(200, {"input_tokens": estimate_tokens(payload)})
+        self.send_json(200, {"input_tokens": input_tokens})
 
     def route_messages(self):
         request = validate_messages_request(self.read_json(), default_max_tokens=self.config.default_max_tokens)
@@ -4491,8 +4506,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.log_extra.update(model=model, ollama_model=ollama_model, stream=stream)
         ollama = self.server.ollama
         notes = []
-        payload = anthropic_to_ollama(request, ollama_model, self.config, notes=notes,
-                                      can_see=not carries_images(request) or self.model_can_see(ollama_model))
+        payload, input_tokens = anthropic_to_ollama(request, ollama_model, self.config, notes=notes,
+                                                    can_see=not carries_images(request) or self.model_can_see(ollama_model))
         if notes:
             log.info("%s changed for the model: %s", self.request_id, "; ".join(notes))
         cache, key, lookup, store = self.cache_policy(request, payload)
@@ -4502,13 +4517,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 return self.replay(cached, model, stream)
         cache_state = "MISS" if lookup else "BYPASS"
         self.log_extra["cache"] = cache_state
-        input_tokens = estimate_tokens(payload)
         num_ctx = self.config.ollama_num_ctx
         if input_tokens > num_ctx:
             raise prompt_too_long(input_tokens, num_ctx)
-        # A prompt that leaves the answer next to no room would get a few tokens and max_tokens;
-        # `prompt is too long` has Claude Code compact the conversation instead.
-        maximum = num_ctx - min(request["max_tokens"], ANSWER_ROOM_FLOOR, num_ctx // 4)
+        maximum = prompt_limit(request["max_tokens"], num_ctx)
         if input_tokens > maximum:
             raise prompt_too_long(input_tokens, maximum, f" (the {num_ctx}-token window keeps room for the answer)")
         self.input_estimate = input_tokens

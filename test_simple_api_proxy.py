@@ -454,6 +454,11 @@ def config(**settings):
     return proxy.load_config([], {k: str(v) for k, v in settings.items()})
 
 
+def ollama_body(request, ollama_model, settings, **options):
+    """anthropic_to_ollama's body for Ollama, without its token estimate."""
+    return proxy.anthropic_to_ollama(request, ollama_model, settings, **options)[0]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -530,21 +535,21 @@ def test_system_blocks_join_and_billing_header_goes():
         {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332; cch=abc123;"},
         {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
         {"type": "text", "text": "Be brief."}])
-    payload = proxy.anthropic_to_ollama(body, MODEL, config())
+    payload = ollama_body(body, MODEL, config())
     assert payload["messages"][0] == {"role": "system", "content": "You are Claude Code.\n\nBe brief."}
     other = dict(body, system=[dict(body["system"][0], text="x-anthropic-billing-header: cch=zzz;")] + body["system"][1:])
-    assert proxy.anthropic_to_ollama(other, MODEL, config()) == payload
+    assert ollama_body(other, MODEL, config()) == payload
 
 
 def test_options_and_fields_map_to_ollama():
     body = request_body(temperature=0.2, top_p=0.9, top_k=40, stop_sequences=["###"], metadata={"user_id": "u"},
                         context_management={"edits": []}, service_tier="auto", unknown_new_field={"x": 1})
-    payload = proxy.anthropic_to_ollama(body, MODEL, config(OLLAMA_KEEP_ALIVE="30m"))
+    payload = ollama_body(body, MODEL, config(OLLAMA_KEEP_ALIVE="30m"))
     assert payload["model"] == MODEL and payload["stream"] is True and payload["keep_alive"] == "30m"
     assert payload["options"] == {"num_ctx": 32768, "num_predict": 1024, "temperature": 0.2, "top_p": 0.9,
                                   "top_k": 40}
     assert "think" not in payload and "tools" not in payload
-    assert proxy.anthropic_to_ollama(body, MODEL, config(OLLAMA_KEEP_ALIVE="-1"))["keep_alive"] == -1
+    assert ollama_body(body, MODEL, config(OLLAMA_KEEP_ALIVE="-1"))["keep_alive"] == -1
 
 
 def test_thinking_is_sent_only_to_models_that_can_think(gateway, ollama):
@@ -577,7 +582,7 @@ def test_messages_convert_with_tools_images_and_merging():
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_02", "content": "not found",
                                       "is_error": True}]},
     ])
-    assert proxy.anthropic_to_ollama(body, MODEL, config())["messages"] == [
+    assert ollama_body(body, MODEL, config())["messages"] == [
         {"role": "user", "content": "<system-reminder>\nEnvironment: linux\n</system-reminder>\n\nList files\n\nin /tmp",
          "images": ["iVBORw0KGgo="]},
         {"role": "assistant", "content": "Running ls.", "thinking": "use ls",
@@ -593,7 +598,7 @@ def test_messages_convert_with_tools_images_and_merging():
 def test_documents_become_text_and_unreadable_ones_become_notes():
     text_doc = {"type": "document", "title": "notes", "source": {"type": "text", "media_type": "text/plain",
                                                                  "data": "line one"}}
-    payload = proxy.anthropic_to_ollama(request_body(messages=[{"role": "user", "content": [text_doc]}]),
+    payload = ollama_body(request_body(messages=[{"role": "user", "content": [text_doc]}]),
                                         MODEL, config())
     assert payload["messages"] == [{"role": "user", "content": "notes\n\nline one"}]
     pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "QUJDRA=="}}
@@ -607,7 +612,7 @@ def test_documents_become_text_and_unreadable_ones_become_notes():
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
             {"type": "text", "text": "PDF file read: a.pdf (4 bytes)"}, pdf, png]}, url_doc, url_image, file_image]}])
     notes = []
-    blind = proxy.anthropic_to_ollama(body, MODEL, config(), can_see=False, notes=notes)
+    blind = ollama_body(body, MODEL, config(), can_see=False, notes=notes)
     tool, user = blind["messages"][2:]
     assert tool["content"] == ("PDF file read: a.pdf (4 bytes)\n"
                                "[PDF document (application/pdf, 4 bytes) left out: this model can't read PDF documents]\n"
@@ -617,7 +622,7 @@ def test_documents_become_text_and_unreadable_ones_become_notes():
         "[image at http://x/y.png forged log line left out: this proxy passes on only inline images]\n\n"
         "[image file file_011 left out: this proxy passes on only inline images]")
     assert "images" not in tool and "images" not in user and len(notes) == 5
-    seeing = proxy.anthropic_to_ollama(body, MODEL, config(), can_see=True)
+    seeing = ollama_body(body, MODEL, config(), can_see=True)
     assert seeing["messages"][2]["images"] == ["iVBORw0KGgo="]
 
 
@@ -628,14 +633,14 @@ def test_tools_map_to_functions_minus_server_and_deferred_tools():
               "defer_loading": True},
              {"type": "web_search_20250305", "name": "web_search"},
              {"type": "custom", "name": "Read", "input_schema": {"type": "object"}}]
-    payload = proxy.anthropic_to_ollama(request_body(tools=tools), MODEL, config())
+    payload = ollama_body(request_body(tools=tools), MODEL, config())
     assert [t["function"]["name"] for t in payload["tools"]] == ["Bash", "Read"]
     assert payload["tools"][0] == {"type": "function", "function": {
         "name": "Bash", "description": "Run a command", "parameters": {"type": "object", "properties": {
             "command": {"type": "string"}}, "required": ["command"]}}}
-    none = proxy.anthropic_to_ollama(request_body(tools=tools, tool_choice={"type": "none"}), MODEL, config())
+    none = ollama_body(request_body(tools=tools, tool_choice={"type": "none"}), MODEL, config())
     assert "tools" not in none
-    one = proxy.anthropic_to_ollama(request_body(tools=tools, tool_choice={"type": "tool", "name": "Read"}),
+    one = ollama_body(request_body(tools=tools, tool_choice={"type": "tool", "name": "Read"}),
                                     MODEL, config())
     assert [t["function"]["name"] for t in one["tools"]] == ["Read"]
 
@@ -660,7 +665,7 @@ def test_deferred_tools_are_offered_once_a_tool_search_loads_them():
     first = [{"role": "user", "content": "edit the notebook"}]
     assert [t["name"] for t in proxy.client_tools(request_body(messages=first, tools=tools))] == ["Bash", "ToolSearch"]
     loaded = first + tool_search_turns("NotebookEdit") + tool_search_turns("CronList", "Missing", call_id="t2")
-    payload = proxy.anthropic_to_ollama(request_body(messages=loaded, tools=tools), MODEL, config())
+    payload = ollama_body(request_body(messages=loaded, tools=tools), MODEL, config())
     # Loaded tools go last, in load order, with their schema from the request; WebFetch stays out.
     assert [t["function"]["name"] for t in payload["tools"]] == ["Bash", "ToolSearch", "NotebookEdit", "CronList"]
     assert payload["tools"][2]["function"] == {"name": "NotebookEdit", "description": "Edit a cell",
@@ -673,7 +678,7 @@ def test_a_deferred_tool_named_by_tool_choice_is_offered_and_forced():
     tools = [{"name": "Bash", "input_schema": {"type": "object"}},
              {"name": "NotebookEdit", "defer_loading": True, "input_schema": {"type": "object", "properties": {
                  "cell": {"type": "string"}}}}]
-    payload = proxy.anthropic_to_ollama(request_body(tools=tools, tool_choice={"type": "tool", "name": "NotebookEdit"}),
+    payload = ollama_body(request_body(tools=tools, tool_choice={"type": "tool", "name": "NotebookEdit"}),
                                         MODEL, config())
     assert [tool["function"]["name"] for tool in payload["tools"]] == ["NotebookEdit"]
     assert payload["format"]["properties"]["name"]["enum"] == ["NotebookEdit"]
@@ -693,7 +698,7 @@ def test_system_entries_in_messages_become_reminders_at_their_place():
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t2", "content": "b.txt"},
                                      {"type": "text", "text": "keep going"}]},
     ])
-    messages = proxy.anthropic_to_ollama(body, MODEL, config())["messages"]
+    messages = ollama_body(body, MODEL, config())["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "user", "assistant", "tool", "user"]
     assert messages[0] == {"role": "system", "content": "You are Claude Code."}
     assert messages[1]["content"] == "go\n\n<system-reminder>\n# Environment\nlinux\n</system-reminder>"
@@ -709,7 +714,7 @@ def test_parallel_tool_results_follow_the_order_of_their_calls():
     results = [{"type": "tool_result", "tool_use_id": call_id, "content": call_id} for call_id in ("t3", "tx", "t1", "t2")]
     body = request_body(messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": calls},
                                   {"role": "user", "content": results + [{"type": "text", "text": "and?"}]}])
-    messages = proxy.anthropic_to_ollama(body, MODEL, config())["messages"]
+    messages = ollama_body(body, MODEL, config())["messages"]
     assert [(m["role"], m.get("tool_call_id")) for m in messages[2:]] == [
         ("tool", "t1"), ("tool", "t2"), ("tool", "t3"), ("tool", "tx"), ("user", None)]
 
@@ -748,8 +753,8 @@ def read_result_body(sizes, window=32768, max_tokens=32000, tail_text="final wor
 def test_largest_tool_results_are_cut_middle_out_to_fit_the_window():
     notes = []
     body = read_result_body([80_000, 3_000])
-    payload = proxy.anthropic_to_ollama(body, MODEL, config(), notes=notes)
-    estimate = proxy.estimate_tokens(payload)
+    payload, estimate = proxy.anthropic_to_ollama(body, MODEL, config(), notes=notes)
+    assert estimate == proxy.estimate_tokens(payload)
     assert estimate <= 32768 - proxy.answer_room(32000, 32768) == 32768 - 4096
     big, small = (m["content"] for m in payload["messages"] if m["role"] == "tool")
     original = body["messages"][2]["content"][0]["content"]
@@ -763,10 +768,10 @@ def test_largest_tool_results_are_cut_middle_out_to_fit_the_window():
     assert payload["options"]["num_predict"] == 32768 - estimate
     # The next turn adds a small result: the cut result stays byte for byte the same.
     grown = read_result_body([80_000, 3_000, 2_000])
-    assert proxy.anthropic_to_ollama(grown, MODEL, config())["messages"][:len(payload["messages"])] == payload["messages"]
+    assert ollama_body(grown, MODEL, config())["messages"][:len(payload["messages"])] == payload["messages"]
     # Nothing to cut that would make it fit: the request stays as sent, for `prompt is too long`.
     hopeless = dict(read_result_body([80_000]), system="base prompt " * 12000)
-    payload = proxy.anthropic_to_ollama(hopeless, MODEL, config())
+    payload = ollama_body(hopeless, MODEL, config())
     assert payload["messages"][3]["content"] == hopeless["messages"][2]["content"][0]["content"]
     assert proxy.estimate_tokens(payload) > 32768 and payload["options"]["num_predict"] == 32000
 
@@ -790,7 +795,7 @@ def test_prompt_of_a_growing_session_extends_the_previous_one():
                                     {"type": "text", "text": "base " * 6000}],
                             messages=messages, max_tokens=32000,
                             tools=[{"name": "Read", "input_schema": {"type": "object"}}])
-        payload = proxy.anthropic_to_ollama(body, MODEL, config())
+        payload = ollama_body(body, MODEL, config())
         assert proxy.estimate_tokens(payload) <= 32768 - 4096
         prompts.append(ollama_prompt(payload))
     assert "characters cut from the middle" in prompts[-1]
@@ -799,10 +804,10 @@ def test_prompt_of_a_growing_session_extends_the_previous_one():
 
 
 def test_num_predict_is_capped_at_what_the_window_has_left():
-    payload = proxy.anthropic_to_ollama(request_body("hi", max_tokens=128000), MODEL, config())
+    payload = ollama_body(request_body("hi", max_tokens=128000), MODEL, config())
     assert payload["options"]["num_predict"] == 32768 - proxy.estimate_tokens(payload)
-    assert proxy.anthropic_to_ollama(request_body("hi", max_tokens=500), MODEL, config())["options"]["num_predict"] == 500
-    assert proxy.anthropic_to_ollama(request_body("hi", max_tokens=0), MODEL, config())["options"]["num_predict"] == 0
+    assert ollama_body(request_body("hi", max_tokens=500), MODEL, config())["options"]["num_predict"] == 500
+    assert ollama_body(request_body("hi", max_tokens=0), MODEL, config())["options"]["num_predict"] == 0
 
 
 def test_a_prompt_that_leaves_the_answer_no_room_is_too_long_not_cut_off(ollama):
@@ -844,8 +849,8 @@ def test_validation_names_the_field(body, message):
 
 
 def test_token_estimate_grows_with_prompt_and_tools():
-    small = proxy.estimate_tokens(proxy.anthropic_to_ollama(request_body("hi"), MODEL, config()))
-    large = proxy.estimate_tokens(proxy.anthropic_to_ollama(request_body("word " * 7000), MODEL, config()))
+    small = proxy.estimate_tokens(ollama_body(request_body("hi"), MODEL, config()))
+    large = proxy.estimate_tokens(ollama_body(request_body("word " * 7000), MODEL, config()))
     assert small < 10 and 9000 < large < 11000
 
 
@@ -1141,6 +1146,33 @@ def test_big_tool_results_are_cut_to_fit_and_num_predict_capped_through_the_prox
     status, _, body = gateway.messages(dict(read_result_body([100_000]), system="base prompt " * 12000))
     assert status == 400 and body["error"]["message"].startswith("prompt is too long: ")
     assert len(ollama.chats()) == 1
+
+
+def test_a_prompt_no_cut_brings_within_the_limit_is_refused_at_the_size_sent(gateway, ollama):
+    """At 32k with max_tokens 4096 the limit is 31,744 tokens: a prompt whose smallest cut lands
+    between that and the window is refused uncut, with the size the client sent."""
+    body = dict(read_result_body([80_000], max_tokens=4096), system="base prompt " * 9100)
+    limit = proxy.prompt_limit(4096, 32768)
+    payload, sent = proxy.anthropic_to_ollama(body, MODEL, config())
+    result = payload["messages"][-1]
+    assert result["content"] == body["messages"][-1]["content"][0]["content"]  # not cut
+    result["content"] = proxy.trimmed_tool_text(result["content"], proxy.TRIM_LADDER[-1], 32768)
+    assert limit == 31744 < proxy.estimate_tokens(payload) <= 32768  # the smallest cut: between
+    status, _, error = gateway.messages(body)
+    assert status == 400 and error["error"]["message"] == f"prompt is too long: {sent} tokens > 32768 maximum"
+    assert ollama.chats() == []
+    count = dict(body)
+    del count["max_tokens"]  # count_tokens takes none; DEFAULT_MAX_TOKENS is 4096 too
+    assert gateway.json("POST", "/v1/messages/count_tokens", count)[2] == {"input_tokens": sent}
+
+
+def test_count_tokens_counts_the_prompt_messages_would_send(gateway, ollama):
+    body = read_result_body([100_000])
+    status, _, counted = gateway.json("POST", "/v1/messages/count_tokens", dict(body))
+    assert gateway.messages(body)[0] == 200
+    sent = ollama.chats()[-1]
+    assert "characters cut" in sent["messages"][-1]["content"]
+    assert counted == {"input_tokens": proxy.estimate_tokens(sent)}
 
 
 def test_images_reach_only_models_that_can_see(gateway, ollama, caplog):
@@ -1444,7 +1476,7 @@ def test_sdk_sees_gateway_timeout_and_unreachable_ollama(ollama):
 def key_of(body, **config_settings):
     request = proxy.validate_messages_request(body, default_max_tokens=4096)
     settings = config(**config_settings)
-    payload = proxy.anthropic_to_ollama(request, proxy.resolve_model(request["model"], settings), settings)
+    payload = ollama_body(request, proxy.resolve_model(request["model"], settings), settings)
     return proxy.cache_key(payload, request, settings.tool_call_recovery)
 
 
@@ -3959,14 +3991,14 @@ def forced_reply(name, arguments):
 
 
 def test_forced_tool_use_constrains_ollama_and_answers_with_tool_use(gateway, ollama):
-    one = proxy.anthropic_to_ollama(request_body(tools=WEATHER_TOOLS, tool_choice={"type": "tool", "name": "get_time"}),
+    one = ollama_body(request_body(tools=WEATHER_TOOLS, tool_choice={"type": "tool", "name": "get_time"}),
                                     MODEL, config())
     assert one["format"] == {"type": "object", "required": ["name", "arguments"], "properties": {
         "name": {"type": "string", "enum": ["get_time"]}, "arguments": WEATHER_TOOLS[1]["input_schema"]}}
     assert [t["function"]["name"] for t in one["tools"]] == ["get_time"]
-    both = proxy.anthropic_to_ollama(request_body(tools=WEATHER_TOOLS, tool_choice={"type": "any"}), MODEL, config())
+    both = ollama_body(request_body(tools=WEATHER_TOOLS, tool_choice={"type": "any"}), MODEL, config())
     assert both["format"]["properties"]["arguments"] == {"anyOf": [t["input_schema"] for t in WEATHER_TOOLS]}
-    assert "format" not in proxy.anthropic_to_ollama(request_body(tools=WEATHER_TOOLS), MODEL, config())
+    assert "format" not in ollama_body(request_body(tools=WEATHER_TOOLS), MODEL, config())
     for stream in (False, True):
         ollama.script(forced_reply("get_weather", {"city": "Paris"}))
         body = request_body(f"weather {stream}", tools=WEATHER_TOOLS, tool_choice={"type": "any"}, stream=stream)
@@ -5660,7 +5692,7 @@ def test_errors_name_the_clients_own_message_index():
                                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t1",
                                                                      "name": "Bash", "input": "ls"}]}])
     with pytest.raises(proxy.ProxyError) as caught:
-        proxy.anthropic_to_ollama(body, MODEL, config())
+        ollama_body(body, MODEL, config())
     assert caught.value.message.startswith("messages.2.content.0.input")
 
 

@@ -166,7 +166,7 @@ class Soak:
         """Plant a bad value under the cache key this request will look up."""
         client, config = self.redis
         model = standin.proxy.resolve_model(body["model"], config)
-        payload = standin.proxy.anthropic_to_ollama(body, model, config)
+        payload, _ = standin.proxy.anthropic_to_ollama(body, model, config)
         key = standin.proxy.cache_key(payload, body, config.tool_call_recovery)
         with contextlib.suppress(Exception):  # Redis may be restarting: then nothing was planted
             client.set(key, value)
