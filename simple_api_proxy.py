@@ -12,10 +12,11 @@ Run it with the standard library alone: ``python3 simple_api_proxy.py``.
 ``python3 simple_api_proxy.py --help`` lists every setting. redis-py is the
 one optional import, used only when a Redis server is configured.
 
-Sections, in the order a request flows through them: configuration, errors,
-translation (pure functions), tool calls written as text, upstream client, upstream pool
-(several Ollama hosts, warm-up), cache, request reader, origin and host checks, metrics,
-HTTP handler, main().
+Sections, in the order a request flows through them: configuration; errors; translation:
+Anthropic <-> Ollama (pure functions); fitting the context window; tool calls written as text;
+translation: Ollama's stream -> Anthropic events; upstream client; upstream pool (several
+Ollama hosts, warm-up); cache; request reader; origin and host checks; metrics; HTTP handler;
+main().
 """
 
 from __future__ import annotations
@@ -1059,7 +1060,83 @@ def estimate_tokens(ollama_payload):
     return math.ceil(chars / CHARS_PER_TOKEN) + extra
 
 
-# --- fitting the context window -----------------------------------------------
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+_decode_json = json.JSONDecoder().decode
+
+
+def json_bytes(value):
+    return _compact_json(value).encode()
+
+
+# The JSON string encoder _compact_json itself uses (ensure_ascii), so a template filled with it
+# gives the very bytes json would.
+_json_string = json.encoder.encode_basestring_ascii
+# Per-token events from pre-encoded templates: only the index and the text vary.
+DELTA_EVENT = {"text_delta": ("text", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                                     b'"index":%d,"delta":{"type":"text_delta","text":%s}}\n\n'),
+               "thinking_delta": ("thinking", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                                              b'"index":%d,"delta":{"type":"thinking_delta","thinking":%s}}\n\n')}
+STOP_EVENT = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+FIXED_EVENTS = {"ping": ({"type": "ping"}, b'event: ping\ndata: {"type":"ping"}\n\n'),
+                "message_stop": ({"type": "message_stop"}, b'event: message_stop\ndata: {"type":"message_stop"}\n\n')}
+
+
+def sse_event(name, data):
+    """One event as SSE bytes: the same as the generic JSON encoding, faster for the events every
+    token and every block sends."""
+    if name == "content_block_delta" and len(data) == 3:
+        delta = data["delta"]
+        field, template = DELTA_EVENT.get(delta["type"], (None, None))
+        if field in delta and len(delta) == 2:
+            text = delta[field]
+            if text.__class__ is str and data["index"].__class__ is int:
+                return template % (data["index"], _json_string(text).encode())
+    elif name == "content_block_stop" and len(data) == 2 and data["index"].__class__ is int:
+        return STOP_EVENT % data["index"]
+    else:
+        fixed = FIXED_EVENTS.get(name)
+        if fixed is not None and data == fixed[0]:
+            return fixed[1]
+    return b"event: " + name.encode() + b"\ndata: " + _compact_json(data).encode() + b"\n\n"
+
+
+def empty_message(model, input_tokens, stop_reason="end_turn"):
+    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": 0,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+
+
+def message_to_events(message):
+    """A complete Anthropic message as the SSE events that would have streamed it (cache replays)."""
+    start = dict(message, content=[], stop_reason=None, stop_sequence=None,
+                 usage=dict(message["usage"], output_tokens=0))
+    events = [("message_start", {"type": "message_start", "message": start})]
+    for index, block in enumerate(message["content"]):
+        kind = block["type"]
+        if kind == "text":
+            opening, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+        elif kind == "thinking":
+            opening = {"type": "thinking", "thinking": "", "signature": ""}
+            delta = {"type": "thinking_delta", "thinking": block["thinking"]}
+        else:
+            opening = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        events.append(("content_block_start", {"type": "content_block_start", "index": index,
+                                               "content_block": opening}))
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+    events.append(("message_delta", {"type": "message_delta",
+                                     "delta": {"stop_reason": message["stop_reason"],
+                                               "stop_sequence": message["stop_sequence"]},
+                                     "usage": message["usage"]}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
+###############################################################################
+# Fitting the context window
+###############################################################################
 # Claude Code caps one Read at 25,000 tokens on top of a ~14k-token base prompt: at a 32k
 # window a single full-size read would end the session with `prompt is too long`. Tool results
 # are what grows, so when the prompt would not leave room for an answer, the largest ones are
@@ -1137,80 +1214,6 @@ def fit_to_window(payload, max_tokens, num_ctx):
     if estimate <= num_ctx and max_tokens > 0:
         payload["options"]["num_predict"] = max(1, min(max_tokens, num_ctx - estimate))
     return note, estimate
-
-
-_compact_json = json.JSONEncoder(separators=(",", ":")).encode
-_decode_json = json.JSONDecoder().decode
-
-
-def json_bytes(value):
-    return _compact_json(value).encode()
-
-
-# The JSON string encoder _compact_json itself uses (ensure_ascii), so a template filled with it
-# gives the very bytes json would.
-_json_string = json.encoder.encode_basestring_ascii
-# Per-token events from pre-encoded templates: only the index and the text vary.
-DELTA_EVENT = {"text_delta": ("text", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
-                                     b'"index":%d,"delta":{"type":"text_delta","text":%s}}\n\n'),
-               "thinking_delta": ("thinking", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
-                                              b'"index":%d,"delta":{"type":"thinking_delta","thinking":%s}}\n\n')}
-STOP_EVENT = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
-FIXED_EVENTS = {"ping": ({"type": "ping"}, b'event: ping\ndata: {"type":"ping"}\n\n'),
-                "message_stop": ({"type": "message_stop"}, b'event: message_stop\ndata: {"type":"message_stop"}\n\n')}
-
-
-def sse_event(name, data):
-    """One event as SSE bytes: the same as the generic JSON encoding, faster for the events every
-    token and every block sends."""
-    if name == "content_block_delta" and len(data) == 3:
-        delta = data["delta"]
-        field, template = DELTA_EVENT.get(delta["type"], (None, None))
-        if field in delta and len(delta) == 2:
-            text = delta[field]
-            if text.__class__ is str and data["index"].__class__ is int:
-                return template % (data["index"], _json_string(text).encode())
-    elif name == "content_block_stop" and len(data) == 2 and data["index"].__class__ is int:
-        return STOP_EVENT % data["index"]
-    else:
-        fixed = FIXED_EVENTS.get(name)
-        if fixed is not None and data == fixed[0]:
-            return fixed[1]
-    return b"event: " + name.encode() + b"\ndata: " + _compact_json(data).encode() + b"\n\n"
-
-
-def empty_message(model, input_tokens, stop_reason="end_turn"):
-    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": stop_reason, "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": 0,
-                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
-
-
-def message_to_events(message):
-    """A complete Anthropic message as the SSE events that would have streamed it (cache replays)."""
-    start = dict(message, content=[], stop_reason=None, stop_sequence=None,
-                 usage=dict(message["usage"], output_tokens=0))
-    events = [("message_start", {"type": "message_start", "message": start})]
-    for index, block in enumerate(message["content"]):
-        kind = block["type"]
-        if kind == "text":
-            opening, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
-        elif kind == "thinking":
-            opening = {"type": "thinking", "thinking": "", "signature": ""}
-            delta = {"type": "thinking_delta", "thinking": block["thinking"]}
-        else:
-            opening = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
-            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
-        events.append(("content_block_start", {"type": "content_block_start", "index": index,
-                                               "content_block": opening}))
-        events.append(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
-        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
-    events.append(("message_delta", {"type": "message_delta",
-                                     "delta": {"stop_reason": message["stop_reason"],
-                                               "stop_sequence": message["stop_sequence"]},
-                                     "usage": message["usage"]}))
-    events.append(("message_stop", {"type": "message_stop"}))
-    return events
 
 
 ###############################################################################
@@ -3473,6 +3476,40 @@ class RequestHead:
         return self.chunked or bool(self.content_length)
 
 
+class ReadDeadlines:
+    """Ends connections whose client takes too long to send its request.
+
+    A socket timeout bounds each read, not the whole request: a client trickling one byte at a
+    time could otherwise hold a thread for ever."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.deadlines = {}
+        self.stopped = threading.Event()
+        threading.Thread(target=self._watch, name="read-deadlines", daemon=True).start()
+
+    def arm(self, sock, seconds):
+        with self.lock:
+            self.deadlines[sock] = time.monotonic() + seconds
+
+    def disarm(self, sock):
+        with self.lock:
+            self.deadlines.pop(sock, None)
+
+    def _watch(self):
+        while not self.stopped.wait(0.25):
+            now = time.monotonic()
+            with self.lock:
+                late = [sock for sock, deadline in self.deadlines.items() if deadline < now]
+                for sock in late:
+                    del self.deadlines[sock]
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 class RequestReader:
     """Reads requests from one client connection: strict framing (RFC 9112 §2-7), bounded everywhere.
 
@@ -3966,40 +4003,6 @@ def describe_failure(exc):
     where = f" at {os.path.basename(frame.tb_frame.f_code.co_filename)}:{frame.tb_lineno} in " \
             f"{frame.tb_frame.f_code.co_name}" if frame is not None else ""
     return f"{type(exc).__name__}: {str(exc)[:300]}{where}"
-
-
-class ReadDeadlines:
-    """Ends connections whose client takes too long to send its request.
-
-    A socket timeout bounds each read, not the whole request: a client trickling one byte at a
-    time could otherwise hold a thread for ever."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.deadlines = {}
-        self.stopped = threading.Event()
-        threading.Thread(target=self._watch, name="read-deadlines", daemon=True).start()
-
-    def arm(self, sock, seconds):
-        with self.lock:
-            self.deadlines[sock] = time.monotonic() + seconds
-
-    def disarm(self, sock):
-        with self.lock:
-            self.deadlines.pop(sock, None)
-
-    def _watch(self):
-        while not self.stopped.wait(0.25):
-            now = time.monotonic()
-            with self.lock:
-                late = [sock for sock, deadline in self.deadlines.items() if deadline < now]
-                for sock in late:
-                    del self.deadlines[sock]
-            for sock in late:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 _date_cache = (0, "")
