@@ -621,6 +621,7 @@ BOX_PY=$(cat <<'PY'
 # Ollama and the proxy back after a reboot with the settings of the last deploy.
 # Lines starting with "@" are for the launcher; every other line is shown to the user.
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -631,6 +632,7 @@ import sys
 import sysconfig
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 FOLDER = os.path.join(os.path.expanduser("~"), ".simple_api_proxy")
@@ -708,17 +710,56 @@ def env_settings():
     return settings
 
 
+def proxy_rules():
+    """The box's copy of simple_api_proxy.py as a module, so that OLLAMA_HOST and model names mean
+    here what they mean to the proxy; None where there is no usable copy: `ollama` and
+    `ollama_probe` (several boxes) ready Ollama only and get no proxy file, and a probe may meet a
+    box whose proxy was started by hand. `up` writes the file (step_files) before anything asks."""
+    global PROXY_RULES
+    if PROXY_RULES is None:
+        PROXY_RULES = False
+        try:
+            spec = importlib.util.spec_from_file_location("simple_api_proxy_on_box", path(PROXY_SCRIPT))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up there
+            spec.loader.exec_module(module)
+            if hasattr(module, "parse_ollama_hosts") and hasattr(module, "same_model"):
+                PROXY_RULES = module
+        except Exception:  # missing, or an old or broken copy: the fallbacks below apply
+            sys.modules.pop("simple_api_proxy_on_box", None)
+    return PROXY_RULES or None
+
+
+PROXY_RULES = None
+
+
 def ollama_url(settings):
-    host = settings.get("OLLAMA_HOST") or os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434"
-    if "://" not in host:
-        host = "http://" + host
-    scheme, rest = host.split("://", 1)
-    rest = rest.rstrip("/")
-    if rest.startswith("0.0.0.0"):
-        rest = "127.0.0.1" + rest[len("0.0.0.0"):]
-    if ":" not in rest.rsplit("]", 1)[-1]:
-        rest += ":11434" if scheme == "http" else ":443"
-    return scheme + "://" + rest
+    """The Ollama this box readies: the first address of OLLAMA_HOST (the rest are the user's own)."""
+    value = settings.get("OLLAMA_HOST") or os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434"
+    try:
+        rules = proxy_rules()
+        if rules:
+            return rules.parse_ollama_hosts(value)[0].url
+        return ollama_address(value.split(",")[0])
+    except ValueError as error:
+        raise Failed("OLLAMA_HOST=%s: %s" % (value, error)) from None
+
+
+def ollama_address(value):
+    """Ollama's own rules, where the proxy's copy is not there to apply them: no scheme means
+    http and 11434, a scheme without a port means 80 or 443; a bind address means loopback."""
+    value = value.strip().rstrip("/")
+    scheme, default_port = "http", 11434
+    if "://" in value:
+        scheme, value = value.split("://", 1)
+        default_port = 443 if scheme == "https" else 80
+    if scheme not in ("http", "https"):
+        raise ValueError("the scheme must be http or https, not %r" % scheme)
+    parsed = urllib.parse.urlsplit("//" + value)
+    host = parsed.hostname or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return "%s://%s:%d" % (scheme, "[%s]" % host if ":" in host else host, parsed.port or default_port)
 
 
 def http_json(url, timeout, headers=None):
@@ -836,6 +877,10 @@ def exit_status(pid):
 
 
 def installed(name, models):
+    """Ollama's naming: a model without a tag is its :latest (the proxy's same_model where it is here)."""
+    rules = proxy_rules()
+    if rules:
+        return any(rules.same_model(name, model) for model in models)
     return name in models or (":" not in name and name + ":latest" in models)
 
 

@@ -4581,6 +4581,36 @@ def test_launcher_passes_on_every_proxy_setting_but_the_ones_it_decides(launcher
     assert all(name in result.stdout for name in launcher_settings)
 
 
+_BOX_RULES_CHECK = r'''
+import json, re, sys
+source = re.search(r"^BOX_PY=\$\(cat <<'PY'\n(.*?)^PY\n", open(sys.argv[1]).read(), re.S | re.M).group(1)
+box = {"__name__": "box", "BOX_SOURCE": source}
+exec(compile(source, "box.py", "exec"), box)
+urls = [box["ollama_url"]({"OLLAMA_HOST": value}) for value in json.loads(sys.argv[2])]
+print(json.dumps({"from_proxy": box["proxy_rules"]() is not None, "urls": urls,
+                  "installed": [box["installed"]("llama3.2", ["llama3.2:latest"]),
+                                box["installed"]("llama3.2", ["llama3.2:3b"])]}))
+'''
+
+
+@pytest.mark.parametrize("with_proxy_copy", [True, False])
+def test_box_program_reads_ollama_host_by_the_proxys_rules(tmp_path, with_proxy_copy):
+    hosts = {"gpu": "http://gpu:11434", "http://gpu": "http://gpu:80", "https://gpu": "https://gpu:443",
+             "0.0.0.0": "http://127.0.0.1:11434", "[::1]:11500": "http://[::1]:11500",
+             "http://127.0.0.1:11500/,http://other:11434": "http://127.0.0.1:11500"}
+    folder = tmp_path / ".simple_api_proxy"
+    folder.mkdir()
+    if with_proxy_copy:
+        shutil.copy(HERE / "simple_api_proxy.py", folder)
+    result = subprocess.run([sys.executable, "-c", _BOX_RULES_CHECK, str(LAUNCHER_SCRIPT), json.dumps(list(hosts))],
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, HOME=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer == {"from_proxy": with_proxy_copy, "urls": list(hosts.values()), "installed": [True, False]}
+    for value in hosts:
+        assert proxy.parse_ollama_hosts(value)[0].url == hosts[value]
+
+
 def test_launcher_remote_happy_path(launcher_sandbox):
     sb = launcher_sandbox
     remote = sb.remote_proxy()
