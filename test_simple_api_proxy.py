@@ -5350,12 +5350,32 @@ class SshLab:
         self.procs = []
 
 
+def _mount_namespaces_work():
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_box_tests_probe_mount_namespaces_not_just_unshare(tmp_path, monkeypatch):
+    need(shutil.which("unshare"), "unshare is not installed (util-linux)")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        need(_mount_namespaces_work(), "`unshare -m true` fails here")
+    refusing = tmp_path / "unshare"
+    refusing.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    refusing.chmod(0o755)
+    monkeypatch.setenv("PATH", "%s%s%s" % (tmp_path, os.pathsep, os.environ["PATH"]))
+    assert not _mount_namespaces_work()
+
+
 @pytest.fixture(scope="module")
 def ssh_lab(tmp_path_factory):
     need(hasattr(os, "geteuid") and os.geteuid() == 0, "the box tests run sshd in a mount namespace (need root)")
     for tool in ("unshare", "ssh", "ssh-keygen"):
         need(shutil.which(tool), "%s is not installed (openssh-client, util-linux)" % tool)
     need(shutil.which("sshd") or os.access("/usr/sbin/sshd", os.X_OK), "sshd is not installed (openssh-server)")
+    need(_mount_namespaces_work(), "`unshare -m true` fails: the box tests need mount namespaces (a container "
+                                   "may forbid them; run it with --privileged or CAP_SYS_ADMIN)")
     lab = SshLab(tmp_path_factory.mktemp("ssh-lab"))
     try:
         yield lab
