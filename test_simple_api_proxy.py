@@ -4611,6 +4611,22 @@ def test_box_program_reads_ollama_host_by_the_proxys_rules(tmp_path, with_proxy_
         assert proxy.parse_ollama_hosts(value)[0].url == hosts[value]
 
 
+def test_readme_lists_what_the_launcher_sets_for_claude_code():
+    run_claude = re.search(r"^run_claude\(\) \{\n(.*?)^\}", LAUNCHER_SCRIPT.read_text(), re.S | re.M).group(1)
+    exported = set(re.findall(r"^\s*export (\w+)=", run_claude, re.M))
+    unset = set(re.findall(r"^\s*unset (\w+)", run_claude, re.M))
+    readme = (HERE / "README.md").read_text()
+    by_hand = readme.split("**Set it up by hand** instead:", 1)[1].split("```", 2)[1]
+    assert exported and unset
+    assert exported == set(re.findall(r"\b([A-Z][A-Z0-9_]+)=", by_hand))
+    assert unset == set(re.findall(r"^unset (\w+)", by_hand, re.M))
+    listed = readme.split("Before starting Claude Code it exports", 1)[1].split("\n\n", 1)[0]
+    listed += readme.split("**Output limits and `--lean`.**", 1)[1].split("\n\n", 1)[0]
+    families = {"ANTHROPIC_DEFAULT_%s_MODEL" % family for family in ("HAIKU", "SONNET", "OPUS")}
+    assert {name for name in exported | unset if name not in listed} == families
+    assert "ANTHROPIC_DEFAULT_{HAIKU,SONNET,OPUS}_MODEL" in listed
+
+
 def test_launcher_remote_happy_path(launcher_sandbox):
     sb = launcher_sandbox
     remote = sb.remote_proxy()

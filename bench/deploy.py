@@ -11,7 +11,7 @@ the launcher's own.
 
 For each run it reports, from the launcher's start:
   box part   until the box reports the proxy ready (ssh connection, copy if needed, Ollama, model,
-             proxy, /health): what issue 9 bounds at 3 s for a repeat;
+             proxy, /health): meant to stay under 3 s for a repeat;
   tunnel     until the tunnel answers with the box's proxy instance;
   total      until the launcher exits (after closing the tunnel).
 Loopback has no network latency: on a real link add about 2 round trips for the box part (one to
