@@ -624,6 +624,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -645,6 +646,7 @@ PROXY_INSTANCE = "proxy.instance"
 OLLAMA_PID = "ollama.pid"
 OLLAMA_LOG = "ollama.log"
 INSTALL_LOG = "ollama-install.log"
+OFFICIAL_INSTALLER = "ollama.com/install.sh"
 LAST_DEPLOY = "deploy.json"
 UPLOADS = (PROXY_SCRIPT, PROXY_ENV)
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -921,6 +923,14 @@ def step_ollama(request, settings):
         (p for p in ("/usr/local/bin/ollama", "/usr/bin/ollama") if os.access(p, os.X_OK)), None)
     if binary is None:
         command = request["install_command"]
+        if OFFICIAL_INSTALLER in command and not root_or_passwordless_sudo():
+            user = pwd.getpwuid(os.geteuid()).pw_name
+            raise Failed("Ollama is not installed, and its official install script (%s) needs root: %s is "
+                         "not root and has no passwordless sudo (there is no terminal to type a password). "
+                         "Log in as root, give %s passwordless sudo, or install ollama yourself where %s's "
+                         "PATH finds it (https://ollama.com/download/linux; or set CLAUDE_START_OLLAMA_INSTALL "
+                         "to an install command that needs no root), then run --deploy again"
+                         % (command, user, user, user))
         show("Ollama is not installed; installing it: %s (log: %s)" % (command, path(INSTALL_LOG)))
         status = run_logged(["sh", "-c", command], INSTALL_LOG, request["install_timeout"])
         binary = shutil.which("ollama") or next(
@@ -945,6 +955,20 @@ def step_ollama(request, settings):
     raise Failed("Ollama did not answer at %s within %s s%s; last lines of %s:\n%s"
                  % (url, request["ollama_wait"], "" if process_command(pid) else " (ollama serve exited)",
                     path(OLLAMA_LOG), last_lines(OLLAMA_LOG)))
+
+
+def root_or_passwordless_sudo():
+    """What Ollama's install script needs: it writes to /usr and adds a system user, through sudo
+    when not root; here sudo cannot ask for a password."""
+    if os.geteuid() == 0:
+        return True
+    if shutil.which("sudo") is None:
+        return False
+    try:
+        return subprocess.run(["sudo", "-n", "true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def run_logged(argv, log_name, timeout):

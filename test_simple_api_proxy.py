@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import os
+import pwd
 import queue
 import re
 import select
@@ -22,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -5203,11 +5205,12 @@ def _pids_in_namespace(namespace):
 
 
 class SshBox:
-    """A GPU box stand-in: sshd (root login by key) whose /root is `home`."""
+    """A GPU box stand-in: sshd (root login by key) whose /root is `home`; or, given `user`, an existing
+    normal user's login to `root`/home, with the real /root hidden (as on a box where we are not root)."""
 
-    def __init__(self, lab, name, shell, python_prefix=None, ollama_installed=True):
-        self.lab, self.name = lab, name
-        self.root = lab.root / name
+    def __init__(self, lab, name, shell, python_prefix=None, ollama_installed=True, user=None, root=None):
+        self.lab, self.name, self.user = lab, name, user
+        self.root = Path(root) if root else lab.root / name
         self.home = self.root / "home"
         self.folder = self.home / ".simple_api_proxy"
         self.state = self.home / ".standin-ollama"
@@ -5217,13 +5220,21 @@ class SshBox:
         (self.home / ".ssh").mkdir(parents=True)
         self.install_bin.mkdir()
         shutil.copy(lab.key.with_suffix(".pub"), self.home / ".ssh" / "authorized_keys")
-        path = [str(self.install_bin)] + ([str(lab.ollama_bin)] if ollama_installed else [])
+        ollama_bin = lab.ollama_bin
+        if user:  # the lab's folders are root's own: the user gets its copies in its home
+            ollama_bin = self.home / "ollama-bin"
+            ollama_bin.mkdir()
+            shutil.copy(lab.ollama_bin / "ollama", ollama_bin / "ollama")
+        path = [str(self.install_bin)] + ([str(ollama_bin)] if ollama_installed else [])
         path += ([python_prefix + "/bin"] if python_prefix else []) + ["/usr/local/bin", "/usr/bin", "/bin"]
         (self.home / ".ssh" / "environment").write_text(
             "PATH=%s\nOLLAMA_HOST=127.0.0.1:%d\n" % (":".join(path), self.ollama_port))
-        passwd = "".join(re.sub(r"^(root:[^:]*:0:0:[^:]*:/root):[^:\n]*$", r"\1:" + shell, line)
-                         for line in Path("/etc/passwd").read_text().splitlines(True))
-        (self.root / "passwd").write_text(passwd)
+        if user:
+            subprocess.run(["chown", "-R", "%s:" % user, str(self.home), str(self.install_bin)], check=True)
+        else:
+            passwd = "".join(re.sub(r"^(root:[^:]*:0:0:[^:]*:/root):[^:\n]*$", r"\1:" + shell, line)
+                             for line in Path("/etc/passwd").read_text().splitlines(True))
+            (self.root / "passwd").write_text(passwd)
         host_key = self.root / "host_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
         (self.root / "sshd_config").write_text(
@@ -5232,15 +5243,27 @@ class SshBox:
             "PermitUserEnvironment yes\nStrictModes no\nUsePAM no\nLogLevel ERROR\nMaxSessions 50\n"
             "MaxStartups 50\n" % (self.ssh_port, host_key))
         # sshd wants /run/sshd, which only its system service creates: a private /run if it is missing.
-        # A python3 under the real /root (pyenv) stays visible: it is mounted at the same place in the box's home.
+        # A python3 under the real /root (pyenv) stays visible: for root it is mounted at the same place in
+        # the box's home.
         keep = ""
-        if python_prefix and python_prefix.startswith("/root/"):
-            inside = self.home / python_prefix[len("/root/"):]
-            inside.mkdir(parents=True)
-            keep = "mount --bind %s %s && " % (python_prefix, inside)
-        setup = ("[ -d /run/sshd ] || { mount -t tmpfs tmpfs /run && mkdir /run/sshd; } && %s"
-                 "mount --rbind %s /root && mount --bind %s /etc/passwd && exec %s -D -e -f %s"
-                 % (keep, self.home, self.root / "passwd", lab.sshd, self.root / "sshd_config"))
+        if user:
+            # /root becomes an empty, readable tmpfs; a python3 kept from it stays at its own path
+            # (its libpython is found there).
+            if python_prefix and python_prefix.startswith("/root/"):
+                staged = self.root / "python"
+                staged.mkdir()
+                keep = ("mount --bind {p} {s} && mount -t tmpfs -o mode=755 tmpfs /root && mkdir -p {p} && "
+                        "mount --move {s} {p} && ").format(p=python_prefix, s=staged)
+            setup = ("[ -d /run/sshd ] || { mount -t tmpfs tmpfs /run && mkdir /run/sshd; } && %s"
+                     "exec %s -D -e -f %s" % (keep, lab.sshd, self.root / "sshd_config"))
+        else:
+            if python_prefix and python_prefix.startswith("/root/"):
+                inside = self.home / python_prefix[len("/root/"):]
+                inside.mkdir(parents=True)
+                keep = "mount --bind %s %s && " % (python_prefix, inside)
+            setup = ("[ -d /run/sshd ] || { mount -t tmpfs tmpfs /run && mkdir /run/sshd; } && %s"
+                     "mount --rbind %s /root && mount --bind %s /etc/passwd && exec %s -D -e -f %s"
+                     % (keep, self.home, self.root / "passwd", lab.sshd, self.root / "sshd_config"))
         self.sshd = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", setup],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(self.root / "sshd.log", "w"))
@@ -5265,6 +5288,8 @@ class SshBox:
         self.state.mkdir()
         (self.state / "models").write_text("".join(m + "\n" for m in models))
         (self.state / "reply").write_text("Answer from box %s." % self.name)
+        if self.user:
+            subprocess.run(["chown", "-R", "%s:" % self.user, str(self.state)], check=True)
 
     def kill_processes(self):
         """Everything the box runs (proxy, ollama serve, sessions) but its sshd."""
@@ -5661,6 +5686,71 @@ def test_changed_host_key_says_how_to_clear_it(lab):
         known.write_text(saved)
     assert result.returncode == 1
     assert "host key" in result.stdout and "ssh-keygen -R '[127.0.0.1]:%d'" % box.ssh_port in result.stdout
+
+
+PYTHON_3_8 = "/root/.pyenv/versions/3.8.18"  # where this machine keeps the oldest python3 the box may have
+
+
+@pytest.fixture
+def user_box(ssh_lab):
+    """A box where we log in as a normal user, created for the test and removed after it; its python3 is
+    3.8 where this machine has one."""
+    need(shutil.which("useradd") and shutil.which("userdel"), "useradd/userdel are not installed (passwd)")
+    user = "sapbox%s" % os.urandom(4).hex()
+    root = Path(tempfile.mkdtemp(prefix=user + "."))  # not under pytest's folder, which only root may enter
+    root.chmod(0o755)
+    # "*", not useradd's locked "!": sshd without PAM refuses a locked account even with a key.
+    subprocess.run(["useradd", "-M", "-d", str(root / "home"), "-s", "/bin/sh", "-p", "*", user], check=True)
+    config = ssh_lab.laptop / "ssh_config"
+    saved = config.read_text()
+    box = None
+    try:
+        box = SshBox(ssh_lab, "user", "/bin/sh", user=user, root=root,
+                     python_prefix=PYTHON_3_8 if os.access(PYTHON_3_8 + "/bin/python3", os.X_OK) else None)
+        config.write_text(saved + "Host box-user\n  HostName 127.0.0.1\n  Port %d\n  User %s\n  IdentityFile %s\n"
+                          "  UserKnownHostsFile %s\n  BatchMode yes\n\n"
+                          % (box.ssh_port, user, ssh_lab.key, ssh_lab.laptop / "known_hosts"))
+        yield box
+    finally:
+        ssh_lab.cleanup()
+        config.write_text(saved)
+        if box:
+            box.stop()
+        subprocess.run(["userdel", user], check=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_deploy_as_a_normal_user_then_stop_and_say_that_installing_ollama_needs_root(user_box):
+    box, lab = user_box, user_box.lab
+    uid = pwd.getpwnam(box.user).pw_uid
+    result = lab.run(box, "--deploy")
+    assert result.returncode == 0, result.stderr
+    assert "started ollama serve" in result.stderr and "started the proxy" in result.stderr
+    env_file = box.folder / "proxy.env"
+    assert env_file.stat().st_mode & 0o777 == 0o600 and env_file.stat().st_uid == uid
+    assert all(item.stat().st_uid == uid for item in [box.folder, *box.folder.iterdir()])
+    pid = box.pid("proxy.pid")
+    assert _process_alive(pid) and os.stat("/proc/%d" % pid).st_uid == uid
+    if box.python_prefix:  # the proxy and the box program ran on python 3.8
+        assert os.readlink("/proc/%d/exe" % pid).startswith(box.python_prefix + "/bin/python3.8")
+    check = lab.run(box, "--check")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    stopped = lab.run(box, "--stop", "--all")
+    assert stopped.returncode == 0 and "proxy stopped" in stopped.stderr, stopped.stderr
+    assert not _process_alive(pid) and not _process_alive(box.pid("ollama.pid"))
+
+    # No ollama, not root, no sudo: the official installer would fail; say what is needed instead.
+    (box.home / "ollama-bin" / "ollama").unlink()
+    (box.install_bin / "curl").write_text("#!/bin/sh\necho 'no internet in tests' >&2\nexit 1\n")
+    (box.install_bin / "curl").chmod(0o755)
+    env = lab.env()
+    del env["CLAUDE_START_OLLAMA_INSTALL"]
+    missing = lab.run(box, "--deploy", env=env)
+    assert missing.returncode == 1, missing.stderr
+    assert "no internet in tests" not in missing.stderr
+    assert "Ollama is not installed, and its official install script" in missing.stderr, missing.stderr
+    assert "needs root: %s is not root and has no passwordless sudo" % box.user in missing.stderr
 
 
 ###############################################################################
