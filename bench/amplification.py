@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from load import free_port, wait_for_port
+
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 ORDINARY = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 5,
@@ -52,21 +54,6 @@ SCENARIOS = (
     ("0.9 M tiny messages (27 MiB)", lambda: [tiny_messages(900_000)]),
     ("3 clients x 30 MiB of prompt text", lambda: [long_prompt(30 * MIB)] * 3),
 )
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port, seconds=15):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def exchange(port, body, timeout=120):

@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import math
 import re
+import socket
 import sys
 import time
 import urllib.parse
@@ -534,6 +536,23 @@ async def run_load(host, port, make_request, expect, *, connections=1, seconds=3
     for meter in meters:
         meter.stop()
     return result
+
+
+def free_port():
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port, seconds=15):
+    """Return once something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def http_request(method, path, host_header, body=b"", headers=()):

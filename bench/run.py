@@ -49,7 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import payloads
-from load import Expectation, LoadResult, run_load
+from load import Expectation, LoadResult, free_port, run_load
 from payloads import (
     NUMBER,
     claude_code_request,
@@ -69,11 +69,6 @@ CLIENT_BUSY_NOTE = 0.8  # flag a run whose load generator used this share of a c
 
 
 # --- processes -------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
 
 
 def process_cpu_clock(pid):

@@ -32,7 +32,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import test_simple_api_proxy as standin  # noqa: E402  (the tests' stand-in Ollama and its script)
+from load import free_port, wait_for_port  # noqa: E402
 
 CLIENTS = 8
 REQUEST_TIMEOUT = 30
@@ -56,12 +56,6 @@ TAMPER_WINDOW = (0.12, 0.28)  # Redis is up; fractions of the run
 TAMPER_SHARE = 0.3
 TAMPERED_VALUES = (b"garbage{{", b"[1,2,3]", b'{"id":"x"}', b'{"v":2,"message":{"type":"message"}}',
                    b'{"type":"message","role":"assistant","content":[{"type":"text","text":"stale"}]}')
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def answer_for(nonce):
@@ -214,15 +208,6 @@ def start_redis():
                                 "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port)
     return port, process
-
-
-def wait_for_port(port, seconds=10):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def health(port):
