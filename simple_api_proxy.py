@@ -1100,11 +1100,16 @@ def sse_event(name, data):
     return b"event: " + name.encode() + b"\ndata: " + _compact_json(data).encode() + b"\n\n"
 
 
-def empty_message(model, input_tokens, stop_reason="end_turn"):
-    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": stop_reason, "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": 0,
+def message_object(message_id, model, content, stop_reason, stop_sequence, input_tokens, output_tokens):
+    """An Anthropic Message; Ollama has no prompt caching to report, so its cache counts are 0."""
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
                       "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+
+
+def empty_message(model, input_tokens, stop_reason="end_turn"):
+    return message_object(new_id("msg_"), model, [], stop_reason, None, input_tokens, 0)
 
 
 def message_to_events(message):
@@ -1962,10 +1967,7 @@ class StreamTranslator:
         self.upstream_done = False
 
     def start(self):
-        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
-                   "content": [], "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": self.input_tokens, "output_tokens": 0,
-                             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+        message = message_object(self.message_id, self.model, [], None, None, self.input_tokens, 0)
         return [("message_start", {"type": "message_start", "message": message})]
 
     # -- blocks ---------------------------------------------------------------
@@ -2136,10 +2138,8 @@ class StreamTranslator:
                 content.append({"type": "thinking", "thinking": "".join(payload), "signature": ""})
             else:
                 content.append(payload)
-        return {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
-                "content": content, "stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence,
-                "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+        return message_object(self.message_id, self.model, content, self.stop_reason, self.stop_sequence,
+                              self.input_tokens, self.output_tokens)
 
 
 # Ollama's tool arguments may nest no deeper than this: the same arguments come back to us as a
