@@ -2224,6 +2224,28 @@ DECIMAL_DIGITS = re.compile(r"[0-9]{1,18}")
 MAX_UPSTREAM_LINE_BYTES = 16 << 20
 
 
+def send_nonblocking(sock, data, timeout):
+    """sock.sendall() for a socket that stays non-blocking: one send() when the socket takes it all,
+    as it does a request of usual size, and a poll() only when it is full. Under load every system
+    call hands the interpreter lock to another thread; a socket timeout would add a poll() before
+    each send and two switches of blocking mode around it."""
+    view = memoryview(data)
+    deadline = None
+    while view:
+        try:
+            view = view[sock.send(view):]
+            continue
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            pass
+        now = time.monotonic()
+        deadline = deadline or now + timeout
+        if now >= deadline:
+            raise socket.timeout(f"the send did not finish within {timeout:g} s")
+        writable = select.poll()
+        writable.register(sock, select.POLLOUT)
+        writable.poll((deadline - now) * 1000)
+
+
 class UpstreamExchange:
     """One HTTP/1.1 request to Ollama whose answer is read incrementally.
 
@@ -2235,14 +2257,11 @@ class UpstreamExchange:
     `_lines` for pop_lines(), the unterminated rest in `_tail`."""
 
     def __init__(self, sock, address, pool=None, request=b"", reused=False):
-        self.sock = sock
+        self.sock = sock  # non-blocking: one poll object waits for the whole answer
         self.address = address
         self.pool = pool
         self.request_bytes = request  # sent once more if a kept connection turns out closed
         self.reused = reused
-        # Non-blocking, with one poll object for the whole answer: a timeout set per read costs
-        # a system call each time.
-        sock.setblocking(False)
         self.fd = sock.fileno()
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
@@ -2260,7 +2279,8 @@ class UpstreamExchange:
 
     def release(self, wait=0.05):
         """The answer's last line was read: keep the connection for the next request once the body
-        has ended cleanly (its closing chunk trails the last line by a moment), else close it."""
+        has ended cleanly (its closing chunk trails the last line by a moment), else close it.
+        Bytes that come after a complete answer are found by the pool's check before reuse."""
         deadline = time.monotonic() + wait
         upstream_only = None  # the exchange's poller may still watch the client
         try:
@@ -2273,8 +2293,6 @@ class UpstreamExchange:
                         upstream_only = select.poll()
                         upstream_only.register(self.sock, select.POLLIN)
                     upstream_only.poll(remaining * 1000)
-            if self.finished and not self.unusable:
-                self.receive()  # anything already there after a complete answer makes it unusable
         except ProxyError:
             self.unusable = True
         if (self.pool is not None and self.finished and not self.unusable and self._framing != "close"
@@ -2293,11 +2311,10 @@ class UpstreamExchange:
         self.close()
         sock = self.pool._connect()
         try:
-            sock.sendall(self.request_bytes)
+            send_nonblocking(sock, self.request_bytes, self.pool.config.ollama_timeout)
         except OSError as exc:
             sock.close()
             raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
-        sock.setblocking(False)
         self.sock, self.fd = sock, sock.fileno()
         self.poller.register(sock, select.POLLIN)
         return True
@@ -2617,7 +2634,7 @@ class OllamaClient:
                 sock = self._idle.pop()
             idle = select.poll()
             idle.register(sock, select.POLLIN)
-            if not idle.poll(0):  # anything to read on an idle connection means Ollama closed it
+            if not idle.poll(0):  # readable when idle: Ollama closed it, or sent bytes after an answer
                 return sock
             sock.close()
 
@@ -2642,14 +2659,13 @@ class OllamaClient:
         sock = self._idle_connection()
         if sock is not None:
             try:
-                sock.settimeout(self.config.ollama_timeout)
-                sock.sendall(request)
+                send_nonblocking(sock, request, self.config.ollama_timeout)
                 return UpstreamExchange(sock, self.address, self, request, reused=True)
             except OSError:
                 sock.close()
         sock = self._connect()
         try:
-            sock.sendall(request)
+            send_nonblocking(sock, request, self.config.ollama_timeout)
         except OSError as exc:
             sock.close()
             raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
@@ -2670,6 +2686,7 @@ class OllamaClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls:
                 sock = self._tls.wrap_socket(sock, server_hostname=ollama.host)
+            sock.setblocking(False)  # for as long as the connection lives, reused or not
         except OSError as exc:
             sock.close()
             raise ProxyError(502, f"TLS to Ollama at {self.address} failed: {exc}") from exc

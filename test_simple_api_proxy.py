@@ -3934,18 +3934,12 @@ def test_tool_arguments_nested_too_deep_from_ollama_are_its_failure(raw_ollama, 
         assert gateway.messages(request_body())[0] == 200
 
 
-class KeptConnections:
-    def __init__(self):
-        self.kept = []
-
-    def keep(self, sock):
-        self.kept.append(sock)
-
-
 @pytest.mark.parametrize("extra", [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", b"\r\n", b""])
-def test_an_upstream_connection_with_bytes_after_its_answer_is_not_kept(extra):
-    pool = KeptConnections()
+def test_an_upstream_connection_with_bytes_after_its_answer_is_not_reused(extra):
+    settings = config(OLLAMA_HOST="127.0.0.1:9")
+    pool = proxy.OllamaClient(settings, settings.ollama_hosts[0])
     ours, ollama = socket.socketpair()
+    ours.setblocking(False)
     with ours, ollama:
         exchange = proxy.UpstreamExchange(ours, "test", pool)
         ollama.sendall(ollama_wire(text_reply("done").steps))
@@ -3955,11 +3949,13 @@ def test_an_upstream_connection_with_bytes_after_its_answer_is_not_kept(extra):
             exchange.receive()
             lines += exchange.pop_lines()
         assert json.loads(lines[-1])["done"]
-        if extra:
-            ollama.sendall(extra)  # arrives after the answer was complete, before the connection is put back
-            select.select([ours], [], [], 5)
         exchange.release()
-        assert pool.kept == ([] if extra else [ours])
+        assert pool._idle == [ours]
+        if extra:
+            ollama.sendall(extra)  # arrives after the answer was complete, while the connection is kept
+            select.select([ours], [], [], 5)
+        assert pool._idle_connection() is (None if extra else ours)
+        assert ours.fileno() == (-1 if extra else exchange.fd)
 
 
 def test_bytes_after_a_complete_upstream_answer_close_that_connection(raw_ollama):
