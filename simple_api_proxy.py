@@ -2058,11 +2058,20 @@ class StreamTranslator:
     # -- input --------------------------------------------------------------------
     def feed(self, chunk):
         """One Ollama NDJSON object -> events. Raises ProxyError for an error chunk."""
+        message = chunk.get("message") or {}
+        # Most chunks are one more piece of text for the open text block, with nothing to hold back.
+        if (self.open_kind == "text" and not self.gated and self.stop_reason is None and self.forced_call is None
+                and message.__class__ is dict and len(message) == 2 and not chunk.get("done") and "error" not in chunk):
+            content = message.get("content")  # the other key is the role
+            if content and content.__class__ is str:
+                self.chunks += 1
+                self.open_parts.append(content)
+                return [("content_block_delta", {"type": "content_block_delta", "index": len(self.blocks) - 1,
+                                                 "delta": {"type": "text_delta", "text": content}})]
         if "error" in chunk:
             raise upstream_stream_error(chunk["error"])
         events = []
         self.chunks += 1
-        message = chunk.get("message") or {}
         thinking = message.get("thinking")
         if thinking and self.show_thinking and self.stop_reason is None:
             self._delta("thinking", thinking, events)
@@ -2276,6 +2285,7 @@ class UpstreamExchange:
         self._left = 0  # bytes of the current chunk's data (or of a Content-Length body) to come
         self._need_crlf = False
         self._in_trailer = False
+        self._other_chunks = False  # a chunk not one whole line came: no more fast path
 
     def release(self, wait=0.05):
         """The answer's last line was read: keep the connection for the next request once the body
@@ -2453,7 +2463,7 @@ class UpstreamExchange:
                         raise self.broken("sent a chunk without the CRLF after its data")
                     pos += 2
                     self._need_crlf = False
-                if not self._tail:
+                if not self._tail and not self._other_chunks:
                     pos = self._whole_line_chunks(raw, pos, size)
                 end = raw.find(b"\r\n", pos)
                 if end < 0:
@@ -2489,27 +2499,33 @@ class UpstreamExchange:
 
     def _whole_line_chunks(self, raw, pos, size):
         """Take the chunks from pos on that are whole and hold one whole non-blank line each, as
-        Ollama sends them, straight into the lines; where the first other one starts."""
+        Ollama sends them, straight into the lines; where the first other one starts. One split
+        at C speed finds every chunk's size line and data, which then only need checking. After
+        the first chunk of another shape the answer is parsed the careful way only: a split per
+        chunk would make a broken answer of many small chunks cost quadratic time."""
+        parts = raw[pos:].split(b"\r\n")
         lines = self._lines
-        find = raw.find
-        while True:
-            end = find(b"\r\n", pos)
-            if end < 0:
-                return pos
-            field = raw[pos:end]
+        last = len(parts) - 2  # a chunk needs its size line, its data and the CRLF after both
+        index = 0
+        while index < last:
+            field = parts[index]
+            data = parts[index + 1]
             if not field.isalnum() or field[1:2] in (b"x", b"X") or len(field) > 16:
-                return pos
+                break
             try:
                 length = int(field, 16)
             except ValueError:
-                return pos
-            start = end + 2
-            after = start + length
-            if (not length or after + 2 > size or raw[start] <= 32 or raw[after:after + 2] != b"\r\n"
-                    or find(b"\n", start, after) != after - 1):
-                return pos
-            lines.append(raw[start:after - 1])
-            pos = after + 2
+                break
+            # The data must be exactly the declared bytes (a CRLF inside it would have split it),
+            # a line of its own: not blank at its start, one LF, at its end.
+            if not length or length != len(data) or data[0] <= 32 or data.find(b"\n") != length - 1:
+                break
+            lines.append(data[:-1])
+            pos += len(field) + length + 4
+            index += 2
+        if index < last:
+            self._other_chunks = True
+        return pos
 
     def _take(self, data):
         """Body bytes: complete non-blank lines to `_lines`, the rest to `_tail`."""
@@ -3121,8 +3137,9 @@ def cache_key(ollama_payload, request, recover_tool_calls):
     return CACHE_KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def encode_cache_entry(message):
-    return json_bytes({"v": CACHE_ENTRY_VERSION, "message": message})
+def encode_cache_entry(message_json):
+    """The stored form of a message, from the JSON the client gets: {"v": ..., "message": ...}."""
+    return b'{"v":%d,"message":%s}' % (CACHE_ENTRY_VERSION, message_json)
 
 
 def decode_cache_entry(value):
@@ -3174,6 +3191,60 @@ def is_replayable_message(message):
     return isinstance(content, list) and all(_is_replayable_block(block) for block in content)
 
 
+# Where replays of one answer differ (the message id, the model, each tool_use id): strings no real
+# id or model name is, encoded once into the answer's JSON, found again as json writes them.
+_REPLAY_SLOTS = {"id": "\0i\0", "model": "\0m\0", "tool": "\0t\0"}
+_REPLAY_SLOT = re.compile(rb'"\\u0000([imt])\\u0000"')
+
+
+class ReplayableAnswer:
+    """A cached answer, checked once, ready to be replayed many times. A non-streamed replay joins
+    pre-encoded pieces around fresh ids and the client's model name, where decoding, checking and
+    encoding the whole message each time would cost several times more. `message` is shared by
+    every replay and never changed."""
+
+    __slots__ = ("message", "size", "_pieces")
+
+    def __init__(self, message, size):
+        self.message = message
+        self.size = size  # bytes of its stored entry: what the memory tier's bound counts
+        self._pieces = None  # built at the first non-streamed replay
+
+    def fresh_message(self, model):
+        message = self.message
+        content = [dict(block, id=new_id("toolu_")) if block["type"] == "tool_use" else block
+                   for block in message["content"]]
+        return dict(message, id=new_id("msg_"), model=model, content=content)
+
+    def body(self, model):
+        """The JSON body of a non-streamed replay: what json_bytes(fresh_message(model)) gives."""
+        pieces = self._pieces
+        if pieces is None:
+            pieces = self._pieces = self._split()
+        if not pieces:  # the text holds a slot's own bytes: encode it all
+            return json_bytes(self.fresh_message(model))
+        out = [pieces[0]]
+        for index in range(1, len(pieces), 2):
+            slot = pieces[index]
+            out.append(_json_string(model).encode() if slot == b"m" else
+                       b'"%s"' % (new_id("msg_") if slot == b"i" else new_id("toolu_")).encode())
+            out.append(pieces[index + 1])
+        return b"".join(out)
+
+    def _split(self):
+        """[bytes, slot, bytes, slot, ..., bytes], or [] when the text holds what looks like a slot."""
+        message = self.message
+        content = [dict(block, id=_REPLAY_SLOTS["tool"]) if block["type"] == "tool_use" else block
+                   for block in message["content"]]
+        template = json_bytes(dict(message, id=_REPLAY_SLOTS["id"], model=_REPLAY_SLOTS["model"], content=content))
+        pieces = _REPLAY_SLOT.split(template)
+        slots = pieces[1::2]
+        tools = sum(block["type"] == "tool_use" for block in content)
+        if slots.count(b"i") == 1 and slots.count(b"m") == 1 and len(slots) == 2 + tools:
+            return pieces
+        return []
+
+
 class TierStats:
     def __init__(self):
         self.hits = 0
@@ -3187,7 +3258,8 @@ class TierStats:
 
 
 class MemoryTier:
-    """An LRU of encoded answers, bounded by entries and bytes, each with an expiry."""
+    """An LRU of answers, bounded by entries and by the bytes their stored form takes, each with
+    an expiry."""
 
     name = "memory"
 
@@ -3203,7 +3275,7 @@ class MemoryTier:
     def get(self, key):
         with self.lock:
             entry = self.entries.get(key)
-            if entry is not None and entry[1] > time.monotonic():
+            if entry is not None and entry[2] > time.monotonic():
                 self.entries.move_to_end(key)
                 self.stats.hits += 1
                 return entry[0]
@@ -3212,28 +3284,20 @@ class MemoryTier:
             self.stats.misses += 1
             return None
 
-    def put(self, key, value):
-        if len(value) > self.max_bytes:
+    def put(self, key, value, size):
+        if size > self.max_bytes:
             return
         with self.lock:
             if key in self.entries:
                 self._remove(key)
-            self.entries[key] = (value, time.monotonic() + self.ttl)
-            self.bytes += len(value)
+            self.entries[key] = (value, size, time.monotonic() + self.ttl)
+            self.bytes += size
             while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
                 self._remove(next(iter(self.entries)))
 
     def _remove(self, key):
-        value, _ = self.entries.pop(key)
-        self.bytes -= len(value)
-
-    def discard(self, key):
-        """Drop an entry that turned out unusable; its lookup counts as a miss."""
-        with self.lock:
-            if key in self.entries:
-                self._remove(key)
-            self.stats.hits -= 1
-            self.stats.misses += 1
+        _, size, _ = self.entries.pop(key)
+        self.bytes -= size
 
     def health(self):
         with self.lock:
@@ -3355,27 +3419,29 @@ class ResponseCache:
             if self.enabled and config.redis_url else None
 
     def get(self, key):
-        """The cached message to replay, or None. An entry that is not a valid answer is a miss:
-        logged, dropped, and replaced when the fresh answer is stored."""
-        for tier in (self.memory, self.redis):
-            if tier is None:
-                continue
-            value = tier.get(key)
-            if value is None:
-                continue
-            message = decode_cache_entry(value)
-            if message is not None:
-                if tier is not self.memory:
-                    self.memory.put(key, value)
-                return message
-            log.warning("cache: the %s entry %s is not an answer this proxy stored (%d bytes); "
-                        "treated as a miss and replaced", tier.name, key, len(value))
-            tier.discard(key)
-        return None
+        """The ReplayableAnswer for key, or None. The memory tier holds only answers this process
+        made or checked; a Redis entry that is not a valid answer is a miss: logged, dropped, and
+        replaced when the fresh answer is stored."""
+        answer = self.memory.get(key)
+        if answer is not None or self.redis is None:
+            return answer
+        value = self.redis.get(key)
+        if value is None:
+            return None
+        message = decode_cache_entry(value)
+        if message is None:
+            log.warning("cache: the redis entry %s is not an answer this proxy stored (%d bytes); "
+                        "treated as a miss and replaced", key, len(value))
+            self.redis.discard(key)
+            return None
+        answer = ReplayableAnswer(message, len(value))
+        self.memory.put(key, answer, answer.size)
+        return answer
 
-    def put(self, key, message):
-        value = encode_cache_entry(message)
-        self.memory.put(key, value)
+    def put(self, key, message, message_json=None):
+        """Store an answer; message_json, when the caller has it, is json_bytes(message)."""
+        value = encode_cache_entry(message_json or json_bytes(message))
+        self.memory.put(key, ReplayableAnswer(message, len(value)), len(value))
         if self.redis is not None:
             self.redis.put(key, value)
 
@@ -4134,7 +4200,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     }
     MODEL_ROUTE = "/v1/models/"
     FAIL_FAST_SECONDS = 1.0  # how long a stream waits for Ollama's status before committing to 200
+    # Lines that arrived together leave together: the first EVENTS_PER_WRITE events at once, so
+    # the first text need not wait for the last, then writes twice as large each time up to
+    # MAX_EVENTS_PER_WRITE, as each send() costs a system call and a hand-off of the interpreter lock.
     EVENTS_PER_WRITE = 16
+    MAX_EVENTS_PER_WRITE = 256
 
     def setup(self):
         super().setup()
@@ -4326,7 +4396,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.answered = time.monotonic()  # the answer's last byte, once no more follow
 
     def send_json(self, status, payload, headers=None):
-        body = json_bytes(payload)
+        self.send_json_body(status, json_bytes(payload), headers)
+
+    def send_json_body(self, status, body, headers=None):
         all_headers = {"Content-Type": "application/json", "Content-Length": len(body)}
         all_headers.update(headers or {})
         head = self.response_head(status, all_headers)
@@ -4573,11 +4645,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.log_extra.update(input_tokens=message["usage"]["input_tokens"],
                                       output_tokens=message["usage"]["output_tokens"],
                                       calls_from_text=translator.calls_from_text)
+                body = None if stream else json_bytes(message)
                 if store:
-                    cache.put(key, message)
+                    cache.put(key, message, body)
                 if not stream:
                     self.generation_over()
-                    self.send_json(200, message, {"x-cache": cache_state})
+                    self.send_json_body(200, body, {"x-cache": cache_state})
         except ClientGone:
             self.log_extra.update(input_tokens=translator.input_tokens, output_tokens=translator.chunks)
             raise
@@ -4630,15 +4703,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         key = cache_key(payload, request, self.config.tool_call_recovery)
         return cache, key, not no_store and "no-cache" not in directives, not no_store
 
-    def replay(self, message, model, stream):
-        message["id"] = new_id("msg_")
-        message["model"] = model
-        for block in message["content"]:
-            if block["type"] == "tool_use":
-                block["id"] = new_id("toolu_")
-        self.log_extra.update(cache="HIT", input_tokens=message["usage"]["input_tokens"],
-                              output_tokens=message["usage"]["output_tokens"])
-        self.respond_message(message, stream, "HIT")
+    def replay(self, answer, model, stream):
+        usage = answer.message["usage"]
+        self.log_extra.update(cache="HIT", input_tokens=usage["input_tokens"], output_tokens=usage["output_tokens"])
+        if stream:
+            self.respond_message(answer.fresh_message(model), stream, "HIT")
+        else:
+            self.send_json_body(200, answer.body(model), {"x-cache": "HIT"})
 
     def respond_message(self, message, stream, cache_state):
         if not stream:
@@ -4766,6 +4837,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         Failures before the commit keep their HTTP status; after it they end the stream with an
         error event, which is all a client can still be told."""
         events = []
+        write_at = self.EVENTS_PER_WRITE
 
         def commit(now=True):
             """Begin the stream. Unless now, its opening events wait to leave with the first text,
@@ -4784,11 +4856,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     events += translator.feed(chunk)
                     if translator.done:
                         break
-                    # Lines that arrived together leave together, a few at a time so the first
-                    # text need not wait for the last.
-                    if len(events) >= self.EVENTS_PER_WRITE:
+                    if len(events) >= write_at:
                         self.write_events(events)
                         events = []
+                        write_at = min(2 * write_at, self.MAX_EVENTS_PER_WRITE)
                 if translator.done:
                     break
                 self.write_events(events)

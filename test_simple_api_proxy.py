@@ -1524,22 +1524,47 @@ def test_cache_key_ignores_what_does_not_change_the_answer():
 def test_memory_tier_is_bounded_by_entries_and_bytes():
     tier = proxy.MemoryTier(max_entries=3, max_bytes=100, ttl=60)
     for name in "abcd":
-        tier.put(name, b"x" * 10)
-    assert tier.get("a") is None and tier.get("d") == b"x" * 10
+        tier.put(name, name * 10, 10)
+    assert tier.get("a") is None and tier.get("d") == "d" * 10
     tier.get("b")
-    tier.put("e", b"y" * 10)
+    tier.put("e", "e", 10)
     assert tier.get("c") is None and tier.get("b") is not None
-    tier.put("big", b"z" * 90)
+    tier.put("big", "z", 90)
     assert tier.bytes <= 100 and tier.get("big") is not None
-    tier.put("huge", b"z" * 101)
+    tier.put("huge", "z", 101)
     assert tier.get("huge") is None
     health = tier.health()
     assert health["state"] == "up" and health["entries"] == len(tier.entries) and health["hits"] >= 3
 
 
+@pytest.mark.parametrize("text", ["plain", "\x00i\x00", '"\x00m\x00"', "\x00t\x00 and \x00i\x00", "é \u2028 \\u0000i\\u0000"])
+def test_a_replayed_answer_is_the_stored_one_with_fresh_ids_and_the_callers_model(text):
+    stored = proxy.message_object("msg_old", "claude-x", [
+        {"type": "thinking", "thinking": text, "signature": ""},
+        {"type": "text", "text": text},
+        {"type": "tool_use", "id": "toolu_a", "name": "Bash", "input": {"command": text}},
+        {"type": "tool_use", "id": "toolu_b", "name": "Read", "input": {"path": "/x"}}], "tool_use", None, 12, 34)
+    original = json.loads(json.dumps(stored))
+    answer = proxy.ReplayableAnswer(stored, 1)
+    bodies = [answer.body(model) for model in ("claude-opus-5-5", 'odd "model" \u00e9', "claude-opus-5-5")]
+    replays = [json.loads(body) for body in bodies] + [answer.fresh_message("claude-y")]
+    ids = set()
+    for replay, model in zip(replays, ("claude-opus-5-5", 'odd "model" \u00e9', "claude-opus-5-5", "claude-y")):
+        assert replay["model"] == model
+        ids.add(replay["id"])
+        ids.update(block["id"] for block in replay["content"] if block["type"] == "tool_use")
+        expected = dict(original, id=replay["id"], model=model, content=[
+            dict(block, id=replay_block["id"]) if block["type"] == "tool_use" else block
+            for block, replay_block in zip(original["content"], replay["content"])])
+        assert replay == expected
+    assert len(ids) == 12 and not ids & {"msg_old", "toolu_a", "toolu_b"}
+    assert bodies[0] == proxy.json_bytes(replays[0])  # the very bytes json gives
+    assert stored == original  # replays never change what is stored
+
+
 def test_memory_tier_entries_expire():
     tier = proxy.MemoryTier(max_entries=3, max_bytes=100, ttl=0.05)
-    tier.put("a", b"1")
+    tier.put("a", "1", 1)
     time.sleep(0.1)
     assert tier.get("a") is None and tier.bytes == 0
 
@@ -3515,7 +3540,7 @@ def tampered_values(valid_entry):
                      valid_entry.replace(b'"v":2', b'"v":2,"x":1e400')]
 
 
-def assert_tampered_entries_are_misses(gateway, tier_name, tamper, read, caplog):
+def assert_tampered_entries_are_misses(gateway, tamper, read, caplog):
     caplog.set_level("WARNING", logger="simple_api_proxy")
     assert gateway.messages(request_body("cached"))[1]["x-cache"] == "MISS"
     (key,) = gateway.server.cache.memory.entries
@@ -3530,17 +3555,10 @@ def assert_tampered_entries_are_misses(gateway, tier_name, tamper, read, caplog)
         assert b"stand-in" in raw
         if stream:
             assert_valid_stream(parse_sse(raw))
-        warned = [r for r in caplog.records if key in r.getMessage() and tier_name in r.getMessage()]
+        warned = [r for r in caplog.records if key in r.getMessage() and "redis" in r.getMessage()]
         assert len(warned) == 1, value
         assert proxy.decode_cache_entry(read(key)) is not None  # replaced by the fresh answer
         assert gateway.messages(request_body("cached"))[1]["x-cache"] == "HIT"
-
-
-def test_tampered_memory_entries_are_misses_and_replaced(ollama, caplog):
-    with running_proxy(ollama.url, CACHE="on") as gateway:
-        memory = gateway.server.cache.memory
-        assert_tampered_entries_are_misses(gateway, "memory", lambda key, value: memory.put(key, value),
-                                           lambda key: memory.entries[key][0], caplog)
 
 
 def test_tampered_redis_entries_are_misses_never_copied_to_memory(ollama, shared_redis, caplog):
@@ -3553,7 +3571,7 @@ def test_tampered_redis_entries_are_misses_never_copied_to_memory(ollama, shared
             memory.bytes = 0
             client.set(key, value)
 
-        assert_tampered_entries_are_misses(gateway, "redis", tamper, client.get, caplog)
+        assert_tampered_entries_are_misses(gateway, tamper, client.get, caplog)
 
 
 def test_logs_cannot_be_forged_and_odd_model_names_still_reach_the_log_file(ollama, tmp_path):
@@ -3770,6 +3788,25 @@ def test_chunk_parser_matches_the_whole_body_on_random_splits_of_real_streams():
             assert exchange.finished and not exchange.unusable
             splits += 1
     assert splits >= 600
+
+
+def test_an_answer_of_many_odd_chunks_is_split_once_not_once_per_chunk():
+    """Chunks that are not one whole line each (here a blank start) leave the fast path for good:
+    splitting the rest of the buffer again after each would take quadratic time."""
+    body = b"".join(b"%x\r\n %s\n\r\n" % (len(json.dumps(chunk(content=str(n)))) + 2, json.dumps(chunk(content=str(n))).encode())
+                    for n in range(2000))
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n"
+    with socket.socket() as fd_holder:
+        exchange = proxy.UpstreamExchange(ScriptedSocket([wire], fd_holder.fileno()), "test")
+        calls = []
+        fast = exchange._whole_line_chunks
+        exchange._whole_line_chunks = lambda *args: calls.append(args[1]) or fast(*args)
+        lines = []
+        while not exchange.finished:
+            exchange.receive()
+            lines += exchange.pop_lines()
+    assert [json.loads(line)["message"]["content"] for line in lines] == [str(n) for n in range(2000)]
+    assert len(calls) == 1
 
 
 class RawOllama:
@@ -5895,6 +5932,19 @@ def test_benchmark_smoke_run_completes():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| cache hit, memory tier |" in result.stdout and "every scenario completed without errors" in result.stdout
     assert "| two Ollama hosts vs one" in result.stdout and "metrics: recording one request" in result.stdout
+
+
+def test_hot_path_profile_prints_every_component_for_this_file_and_the_baseline():
+    against = ["--against", "bcac229"] if subprocess.run(["git", "-C", str(HERE), "cat-file", "-e", "bcac229"],
+                                                          capture_output=True).returncode == 0 else []
+    result = subprocess.run([sys.executable, str(HERE / "bench" / "hot_path.py"), "--loops", "5", "--repeat", "1"]
+                            + against, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
+    for component in ("request line and headers", "upstream chunked parse and line split", "NDJSON decode",
+                      "StreamTranslator feeds", "SSE encode", "everything else", "**total**"):
+        assert re.search(r"\d+ µs", rows[component]), result.stdout
+    assert ("bcac229" in rows["component"]) == bool(against)
 
 
 def test_benchmark_without_git_history_leaves_the_default_baseline_out(tmp_path):

@@ -16,7 +16,8 @@ system calls for the client and Ollama are not in the figures.
   as it arrives, in one read (the 0 ms stream) or one read per token (--per-token);
 - NDJSON decode: decode_ndjson() on the lines of each read;
 - StreamTranslator feeds: feed() per decoded line;
-- SSE encode: the handler's framed() on the events, EVENTS_PER_WRITE at a time, as stream_reply sends them;
+- SSE encode: the handler's framed() on the events in the groups stream_reply sends them in
+  (EVENTS_PER_WRITE, then twice as many each write up to MAX_EVENTS_PER_WRITE where the proxy has it);
 - everything else: a whole request (handle_one_request() of a unique request: a miss; of a cached
   one: a memory hit) less the components above, that is validation, the Ollama payload, the cache
   key and store, ids, the translator's set-up, the response head and sending.
@@ -218,12 +219,15 @@ class Profile:
     def feed(self):
         translator = self.proxy.StreamTranslator("claude-opus-5-5", 10)
         groups, events = [], translator.start()
+        handler = self.proxy.ProxyHandler
+        write_at = handler.EVENTS_PER_WRITE
         for chunks in self.decoded:
             for chunk in chunks:
                 events += translator.feed(chunk)
-                if len(events) >= self.proxy.ProxyHandler.EVENTS_PER_WRITE:
+                if len(events) >= write_at:
                     groups.append(events)
                     events = []
+                    write_at = min(2 * write_at, getattr(handler, "MAX_EVENTS_PER_WRITE", write_at))
         groups.append(events)
         return groups
 
