@@ -2058,20 +2058,28 @@ class StreamTranslator:
     # -- input --------------------------------------------------------------------
     def feed(self, chunk):
         """One Ollama NDJSON object -> events. Raises ProxyError for an error chunk."""
-        message = chunk.get("message") or {}
-        # Most chunks are one more piece of text for the open text block, with nothing to hold back.
-        if (self.open_kind == "text" and not self.gated and self.stop_reason is None and self.forced_call is None
-                and message.__class__ is dict and len(message) == 2 and not chunk.get("done") and "error" not in chunk):
-            content = message.get("content")  # the other key is the role
-            if content and content.__class__ is str:
-                self.chunks += 1
-                self.open_parts.append(content)
-                return [("content_block_delta", {"type": "content_block_delta", "index": len(self.blocks) - 1,
-                                                 "delta": {"type": "text_delta", "text": content}})]
+        events = []
+        self.translate((chunk,), events)
+        return events
+
+    def translate(self, chunks, events=None):
+        """feed() for each of the chunks until the reply is done, its events appended to events
+        (a reply nobody streams passes None: the same message, without events). True once done."""
+        index, count = 0, len(chunks)
+        while index < count:
+            index = self._text_run(chunks, index, events)
+            if index < count:
+                self._feed_one(chunks[index], [] if events is None else events)
+                index += 1
+                if self.done:
+                    break
+        return self.done
+
+    def _feed_one(self, chunk, events):
         if "error" in chunk:
             raise upstream_stream_error(chunk["error"])
-        events = []
         self.chunks += 1
+        message = chunk.get("message") or {}
         thinking = message.get("thinking")
         if thinking and self.show_thinking and self.stop_reason is None:
             self._delta("thinking", thinking, events)
@@ -2093,7 +2101,29 @@ class StreamTranslator:
             self.upstream_done = True  # Ollama finished; a stop sequence leaves it generating
         if chunk.get("done") or self.stop_reason == "stop_sequence":
             self._finish(chunk, events)
-        return events
+
+    def _text_run(self, chunks, index, events):
+        """Take the chunks from index on that are each one more piece of text for the open text
+        block with nothing to hold back, as most of a reply is, in a few checks each; where the
+        run ends. events, unless None, gets their deltas."""
+        if self.open_kind != "text" or self.gated or self.stop_reason is not None or self.forced_call is not None:
+            return index
+        parts, block, start = self.open_parts, len(self.blocks) - 1, index
+        while index < len(chunks):
+            chunk = chunks[index]
+            message = chunk.get("message")
+            if message.__class__ is not dict or len(message) != 2 or chunk.get("done") or "error" in chunk:
+                break
+            content = message.get("content")  # the other key is the role
+            if not content or content.__class__ is not str:
+                break
+            parts.append(content)
+            if events is not None:
+                events.append(("content_block_delta", {"type": "content_block_delta", "index": block,
+                                                       "delta": {"type": "text_delta", "text": content}}))
+            index += 1
+        self.chunks += index - start
+        return index
 
     def _offered(self, function):
         """Whether a structured call names a tool the client offered. A call to any other tool (or
@@ -4792,9 +4822,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
                 self.wait(exchange, deadline, silence)
                 continue
-            # The first line of the answer goes on alone, so that the first text need not wait
-            # for the lines that came with it to be decoded.
-            parts = (lines[:1], lines[1:]) if self.first_token_at is None and len(lines) > 1 else (lines,)
+            # The first line of a stream goes on alone, so that the first text need not wait for
+            # the lines that came with it to be decoded.
+            parts = (lines[:1], lines[1:]) if commit and self.first_token_at is None and len(lines) > 1 else (lines,)
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
             deadline = time.monotonic() + config.ollama_timeout
@@ -4823,10 +4853,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def collect_reply(self, exchange, translator, ollama_model):
         try:
             for batch in self.upstream_batches(exchange, ollama_model):
-                for chunk in batch:
-                    translator.feed(chunk)
-                    if translator.done:
-                        return translator.message
+                if translator.translate(batch):
+                    return translator.message
         except RecursionError:
             raise upstream_nested_too_deeply() from None
         raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
@@ -4852,11 +4880,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
         try:
             for batch in self.upstream_batches(exchange, ollama_model, commit):
-                for chunk in batch:
-                    events += translator.feed(chunk)
-                    if translator.done:
+                start = 0
+                while start < len(batch):  # write_at lines at a time: a text line makes one event
+                    end = start + write_at
+                    if translator.translate(batch[start:end], events):
                         break
-                    if len(events) >= write_at:
+                    start = end
+                    if start < len(batch):  # more of this burst to come
                         self.write_events(events)
                         events = []
                         write_at = min(2 * write_at, self.MAX_EVENTS_PER_WRITE)

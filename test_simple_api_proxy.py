@@ -3496,7 +3496,7 @@ def test_any_failure_frees_the_slot_and_the_upstream_connection(ollama, monkeypa
     caplog.set_level("INFO", logger="simple_api_proxy")
     with running_proxy(ollama.url, MAX_CONCURRENT=1, CACHE="on") as gateway:
         owner, name = {"open": (proxy.OllamaClient, "open"), "decode": (proxy, "decode_ndjson"),
-                       "feed": (proxy.StreamTranslator, "feed"), "cache": (proxy.ResponseCache, "put"),
+                       "feed": (proxy.StreamTranslator, "translate"), "cache": (proxy.ResponseCache, "put"),
                        "release": (proxy.UpstreamExchange, "release")}[stage]
         assert gateway.messages(request_body("warm-up"))[0] == 200  # the model's capabilities are known
         wait_until(lambda: gateway.server.active_requests == 0, what="the warm-up to end")
@@ -3809,6 +3809,23 @@ def test_an_answer_of_many_odd_chunks_is_split_once_not_once_per_chunk():
     assert len(calls) == 1
 
 
+def test_a_burst_of_lines_reaches_the_client_whole_once_and_in_order(raw_ollama):
+    """300 lines in one write, as after a stall: the stream's writes grow through the burst and a
+    non-streamed reply takes the lines in runs; every piece arrives once, in order, either way."""
+    pieces = [f" w{n}" for n in range(300)] + ["\u00e9 <b>&"]
+    wire = ollama_wire(text_reply(pieces=pieces).steps)
+    raw_ollama.script(wire, wire)
+    with running_proxy(raw_ollama.url, CACHE="off") as gateway:
+        status, _, raw = gateway.stream(request_body("burst"))
+        events = parse_sse(raw)
+        assert status == 200
+        assert_valid_stream(events)
+        assert [data["delta"]["text"] for name, data in events if name == "content_block_delta"] == pieces
+        assert events[-2][1]["usage"]["output_tokens"] == len(pieces)
+        status, _, body = gateway.messages(request_body("burst"))
+        assert status == 200 and body["content"] == [{"type": "text", "text": "".join(pieces)}]
+
+
 class RawOllama:
     """An Ollama whose /api/chat answers are raw bytes chosen by the test, to break HTTP on purpose.
 
@@ -4006,6 +4023,8 @@ def test_bytes_after_a_complete_upstream_answer_close_that_connection(raw_ollama
             assert status == 200 and body["content"][0]["text"] == expected
         assert raw_ollama.written.wait(10)
         for attempt in range(3):
+            # A connection goes back to the pool just after the client has its answer.
+            wait_until(lambda: gateway.server.active_requests == 0, what="the connection to be kept")
             status, _, body = gateway.messages(request_body(f"next {attempt}"))
             assert status == 200 and body["content"][0]["text"] == "Hello! I am the stand-in model."
     assert raw_ollama.connections == 3  # the first two were closed, the third kept
@@ -5817,9 +5836,9 @@ def test_taken_port_is_a_one_line_error(tmp_path):
 ###############################################################################
 
 def test_internal_failure_mid_stream_ends_the_stream_instead_of_hanging(gateway, monkeypatch):
-    def broken_feed(self, chunk):
+    def broken_translate(self, chunks, events=None):
         raise RuntimeError("simulated bug")
-    monkeypatch.setattr(proxy.StreamTranslator, "feed", broken_feed)
+    monkeypatch.setattr(proxy.StreamTranslator, "translate", broken_translate)
     status, _, raw = gateway.stream(request_body())
     events = parse_sse(raw)
     assert status == 200 and events[-1][0] == "error" and events[-1][1]["error"]["type"] == "api_error"

@@ -15,7 +15,8 @@ system calls for the client and Ollama are not in the figures.
 - upstream chunked parse and line split: UpstreamExchange.receive() and pop_lines() on the reply
   as it arrives, in one read (the 0 ms stream) or one read per token (--per-token);
 - NDJSON decode: decode_ndjson() on the lines of each read;
-- StreamTranslator feeds: feed() per decoded line;
+- StreamTranslator feeds: the decoded lines through the translator as the handler passes them
+  (translate() per batch where the proxy has it, without events for a miss; else feed() per line);
 - SSE encode: the handler's framed() on the events in the groups stream_reply sends them in
   (EVENTS_PER_WRITE, then twice as many each write up to MAX_EVENTS_PER_WRITE where the proxy has it);
 - everything else: a whole request (handle_one_request() of a unique request: a miss; of a cached
@@ -216,19 +217,35 @@ class Profile:
         for lines in self.batches:
             self.proxy.decode_ndjson(lines, "x")
 
-    def feed(self):
+    def feed(self, stream=True):
+        """The events in the groups the handler writes them in (a miss: the message only)."""
         translator = self.proxy.StreamTranslator("claude-opus-5-5", 10)
-        groups, events = [], translator.start()
+        if not hasattr(translator, "translate"):  # 1.0.0: feed() per line, EVENTS_PER_WRITE events a write
+            groups, events = [], translator.start()
+            for chunks in self.decoded:
+                for chunk in chunks:
+                    events += translator.feed(chunk)
+                    if len(events) >= self.proxy.ProxyHandler.EVENTS_PER_WRITE:
+                        groups.append(events)
+                        events = []
+            return groups + [events]
+        if not stream:
+            for chunks in self.decoded:
+                translator.translate(chunks)
+            return []
         handler = self.proxy.ProxyHandler
-        write_at = handler.EVENTS_PER_WRITE
-        for chunks in self.decoded:
-            for chunk in chunks:
-                events += translator.feed(chunk)
-                if len(events) >= write_at:
+        groups, events, write_at = [], translator.start(), handler.EVENTS_PER_WRITE
+        for chunks in self.decoded:  # as stream_reply: write_at lines, then twice as many
+            start = 0
+            while start < len(chunks):
+                translator.translate(chunks[start:start + write_at], events)
+                start += write_at
+                if start < len(chunks):
                     groups.append(events)
                     events = []
-                    write_at = min(2 * write_at, getattr(handler, "MAX_EVENTS_PER_WRITE", write_at))
-        groups.append(events)
+                    write_at = min(2 * write_at, handler.MAX_EVENTS_PER_WRITE)
+            groups.append(events)
+            events = []
         return groups
 
     def encode(self):
@@ -250,8 +267,9 @@ class Profile:
         headers = {stream: measure(lambda handler: handler.handle_one_request(), loops, repeat,
                                    handlers(lambda: self.unique(stream), stop_before_dispatch=False),
                                    patch_dispatch=True) for stream in (False, True)}
-        parse, decode, feed, encode = (measure(function, loops, repeat) for function in
-                                       (self.parse, self.decode, self.feed, self.encode))
+        parse, decode, encode = (measure(function, loops, repeat) for function in
+                                 (self.parse, self.decode, self.encode))
+        feeds = {stream: measure(lambda: self.feed(stream), loops, repeat) for stream in (False, True)}
         totals = {"miss": measure(answer, loops, repeat, handlers(lambda: self.unique(False))),
                   "stream": measure(answer, loops, repeat, handlers(lambda: self.unique(True))),
                   "hit": measure(answer, loops, repeat, handlers(lambda: self.fixed[False]))}
@@ -259,7 +277,8 @@ class Profile:
         for scenario, stream, total in (("miss (non-stream)", False, totals["miss"]),
                                         ("stream (100 tokens)", True, totals["stream"])):
             parts = {"request line and headers": headers[stream], "upstream chunked parse and line split": parse,
-                     "NDJSON decode": decode, "StreamTranslator feeds": feed, "SSE encode": encode if stream else None}
+                     "NDJSON decode": decode, "StreamTranslator feeds": feeds[stream],
+                     "SSE encode": encode if stream else None}
             parts["everything else"] = total - sum(v for v in parts.values() if v is not None)
             table[scenario] = parts
         table["memory hit"] = dict.fromkeys(COMPONENTS)
