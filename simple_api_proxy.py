@@ -1931,8 +1931,9 @@ class StreamTranslator:
     """Ollama /api/chat stream chunks -> Anthropic SSE events, and the complete message alongside.
 
     One instance per response. feed() takes one parsed NDJSON object and returns the events to
-    send; `message` is the finished Anthropic message once `done` is true. Non-streaming clients
-    use the same path and ignore the events, so both shapes always agree.
+    send; `message` is the finished Anthropic message once `done` is true. translate() takes a
+    batch of objects; a reply nobody streams goes through it without an events list, so both
+    shapes always agree.
 
     Text passes a gate: it is held back while it may still be the start of a stop sequence
     (which the proxy enforces, so it can report which one matched) or, when tools were offered,
@@ -2112,9 +2113,10 @@ class StreamTranslator:
         while index < len(chunks):
             chunk = chunks[index]
             message = chunk.get("message")
-            if message.__class__ is not dict or len(message) != 2 or chunk.get("done") or "error" in chunk:
+            if (message.__class__ is not dict or len(message) != 2 or "role" not in message or chunk.get("done")
+                    or "error" in chunk):
                 break
-            content = message.get("content")  # the other key is the role
+            content = message.get("content")
             if not content or content.__class__ is not str:
                 break
             parts.append(content)
@@ -2274,15 +2276,17 @@ def send_nonblocking(sock, data, timeout):
         try:
             view = view[sock.send(view):]
             continue
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            pass
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            wanted = select.POLLOUT
+        except ssl.SSLWantReadError:  # TLS must read (a renegotiation, a key update) before it can write
+            wanted = select.POLLIN
         now = time.monotonic()
         deadline = deadline or now + timeout
         if now >= deadline:
             raise socket.timeout(f"the send did not finish within {timeout:g} s")
-        writable = select.poll()
-        writable.register(sock, select.POLLOUT)
-        writable.poll((deadline - now) * 1000)
+        ready = select.poll()
+        ready.register(sock, wanted)
+        ready.poll((deadline - now) * 1000)
 
 
 class UpstreamExchange:
@@ -2397,8 +2401,6 @@ class UpstreamExchange:
             return True
         if not data:
             self._at_eof()
-        elif self.finished:
-            self.unusable = True  # bytes after a complete answer: the connection is out of step
         else:
             self._raw = self._raw + data if self._raw else data
             self._parse()
@@ -3222,37 +3224,26 @@ def is_replayable_message(message):
 
 
 # Where replays of one answer differ (the message id, the model, each tool_use id): strings no real
-# id or model name is, encoded once into the answer's JSON, found again as json writes them.
-_REPLAY_SLOTS = {"id": "\0i\0", "model": "\0m\0", "tool": "\0t\0"}
+# id or model name is, encoded into the answer's JSON once and found again as json writes them.
 _REPLAY_SLOT = re.compile(rb'"\\u0000([imt])\\u0000"')
 
 
 class ReplayableAnswer:
-    """A cached answer, checked once, ready to be replayed many times. A non-streamed replay joins
-    pre-encoded pieces around fresh ids and the client's model name, where decoding, checking and
-    encoding the whole message each time would cost several times more. `message` is shared by
-    every replay and never changed."""
+    """A checked answer in the cache, held as its JSON split where replays differ: a non-streamed
+    replay joins the pieces around fresh ids and the client's model name, where decoding,
+    checking and encoding the whole message each time would cost several times more. The pieces
+    are about the size of the stored entry, which is what the memory tier's bound counts."""
 
-    __slots__ = ("message", "size", "_pieces")
+    __slots__ = ("input_tokens", "output_tokens", "_pieces")
 
-    def __init__(self, message, size):
-        self.message = message
-        self.size = size  # bytes of its stored entry: what the memory tier's bound counts
-        self._pieces = None  # built at the first non-streamed replay
-
-    def fresh_message(self, model):
-        message = self.message
-        content = [dict(block, id=new_id("toolu_")) if block["type"] == "tool_use" else block
-                   for block in message["content"]]
-        return dict(message, id=new_id("msg_"), model=model, content=content)
+    def __init__(self, message):
+        self.input_tokens = message["usage"]["input_tokens"]
+        self.output_tokens = message["usage"]["output_tokens"]
+        self._pieces = self._split(message)
 
     def body(self, model):
-        """The JSON body of a non-streamed replay: what json_bytes(fresh_message(model)) gives."""
+        """The JSON body of a replay: the stored message with fresh ids and this model."""
         pieces = self._pieces
-        if pieces is None:
-            pieces = self._pieces = self._split()
-        if not pieces:  # the text holds a slot's own bytes: encode it all
-            return json_bytes(self.fresh_message(model))
         out = [pieces[0]]
         for index in range(1, len(pieces), 2):
             slot = pieces[index]
@@ -3261,18 +3252,25 @@ class ReplayableAnswer:
             out.append(pieces[index + 1])
         return b"".join(out)
 
-    def _split(self):
-        """[bytes, slot, bytes, slot, ..., bytes], or [] when the text holds what looks like a slot."""
-        message = self.message
-        content = [dict(block, id=_REPLAY_SLOTS["tool"]) if block["type"] == "tool_use" else block
-                   for block in message["content"]]
-        template = json_bytes(dict(message, id=_REPLAY_SLOTS["id"], model=_REPLAY_SLOTS["model"], content=content))
-        pieces = _REPLAY_SLOT.split(template)
-        slots = pieces[1::2]
-        tools = sum(block["type"] == "tool_use" for block in content)
-        if slots.count(b"i") == 1 and slots.count(b"m") == 1 and len(slots) == 2 + tools:
-            return pieces
-        return []
+    def fresh_message(self, model):
+        """The message of a streamed replay, its own copy."""
+        return _decode_json(self.body(model).decode())
+
+    @staticmethod
+    def _split(message):
+        """[bytes, slot, bytes, slot, ..., bytes]: the message's JSON cut at its slots."""
+        pattern, tag = _REPLAY_SLOT, ""
+        tools = sum(block["type"] == "tool_use" for block in message["content"])
+        while True:
+            content = [dict(block, id=f"\0t{tag}\0") if block["type"] == "tool_use" else block
+                       for block in message["content"]]
+            pieces = pattern.split(json_bytes(dict(message, id=f"\0i{tag}\0", model=f"\0m{tag}\0", content=content)))
+            slots = pieces[1::2]
+            if slots.count(b"i") == 1 and slots.count(b"m") == 1 and len(slots) == 2 + tools:
+                return pieces
+            # The text holds a slot's bytes: slots with a random tag in them, which no text can guess.
+            tag = new_id("")
+            pattern = re.compile(rb'"\\u0000([imt])' + tag.encode() + rb'\\u0000"')
 
 
 class TierStats:
@@ -3464,14 +3462,20 @@ class ResponseCache:
                         "treated as a miss and replaced", key, len(value))
             self.redis.discard(key)
             return None
-        answer = ReplayableAnswer(message, len(value))
-        self.memory.put(key, answer, answer.size)
+        answer = ReplayableAnswer(message)
+        self.memory.put(key, answer, len(value))
         return answer
 
     def put(self, key, message, message_json=None):
-        """Store an answer; message_json, when the caller has it, is json_bytes(message)."""
+        """Store an answer; message_json, when the caller has it, is json_bytes(message). One that
+        would not pass the checks a stored entry gets when read back (Ollama's usage counts not
+        counts, say) is not stored at all."""
+        if not is_replayable_message(message):
+            log.warning("cache: the answer for %s is not stored: it does not have the shape of one that "
+                        "can be replayed", key)
+            return
         value = encode_cache_entry(message_json or json_bytes(message))
-        self.memory.put(key, ReplayableAnswer(message, len(value)), len(value))
+        self.memory.put(key, ReplayableAnswer(message), len(value))
         if self.redis is not None:
             self.redis.put(key, value)
 
@@ -4230,9 +4234,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     }
     MODEL_ROUTE = "/v1/models/"
     FAIL_FAST_SECONDS = 1.0  # how long a stream waits for Ollama's status before committing to 200
-    # Lines that arrived together leave together: the first EVENTS_PER_WRITE events at once, so
-    # the first text need not wait for the last, then writes twice as large each time up to
-    # MAX_EVENTS_PER_WRITE, as each send() costs a system call and a hand-off of the interpreter lock.
+    # Lines that arrived together leave together: the events of the first EVENTS_PER_WRITE lines at
+    # once, so the first text need not wait for the last, then of twice as many lines each write up
+    # to MAX_EVENTS_PER_WRITE, as each send() costs a system call and a hand-off of the interpreter
+    # lock. A text line makes one event.
     EVENTS_PER_WRITE = 16
     MAX_EVENTS_PER_WRITE = 256
 
@@ -4734,8 +4739,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return cache, key, not no_store and "no-cache" not in directives, not no_store
 
     def replay(self, answer, model, stream):
-        usage = answer.message["usage"]
-        self.log_extra.update(cache="HIT", input_tokens=usage["input_tokens"], output_tokens=usage["output_tokens"])
+        self.log_extra.update(cache="HIT", input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)
         if stream:
             self.respond_message(answer.fresh_message(model), stream, "HIT")
         else:
@@ -4865,7 +4869,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         Failures before the commit keep their HTTP status; after it they end the stream with an
         error event, which is all a client can still be told."""
         events = []
-        write_at = self.EVENTS_PER_WRITE
 
         def commit(now=True):
             """Begin the stream. Unless now, its opening events wait to leave with the first text,
@@ -4880,8 +4883,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
         try:
             for batch in self.upstream_batches(exchange, ollama_model, commit):
-                start = 0
-                while start < len(batch):  # write_at lines at a time: a text line makes one event
+                start, write_at = 0, self.EVENTS_PER_WRITE
+                while start < len(batch):
                     end = start + write_at
                     if translator.translate(batch[start:end], events):
                         break

@@ -890,6 +890,16 @@ def test_stream_text_then_tool_calls_in_protocol_order():
     assert events[-2][1]["usage"] == {"input_tokens": 412, "output_tokens": 38}
 
 
+def test_a_chunk_without_a_role_keeps_its_tool_calls_and_thinking():
+    events, translator = translate([
+        chunk(content="Checking"),
+        {"message": {"content": " now", "tool_calls": [ollama_call("get_weather", {"city": "Oslo"})]}, "done": False},
+        {"message": {"content": " and", "thinking": "hmm"}, "done": False}, final_chunk()],
+        tool_names=["get_weather"], recover_tool_calls=False, show_thinking=True)
+    kinds = [block["type"] for block in translator.message["content"]]
+    assert kinds == ["text", "tool_use", "thinking", "text"] and translator.message["stop_reason"] == "tool_use"
+
+
 def test_one_final_chunk_holding_everything_converts_whole():
     translator = proxy.StreamTranslator("claude-x", 5, show_thinking=True)
     translator.feed({"message": {"role": "assistant", "content": "Hi", "thinking": "hmm"}, "done": True,
@@ -1545,7 +1555,7 @@ def test_a_replayed_answer_is_the_stored_one_with_fresh_ids_and_the_callers_mode
         {"type": "tool_use", "id": "toolu_a", "name": "Bash", "input": {"command": text}},
         {"type": "tool_use", "id": "toolu_b", "name": "Read", "input": {"path": "/x"}}], "tool_use", None, 12, 34)
     original = json.loads(json.dumps(stored))
-    answer = proxy.ReplayableAnswer(stored, 1)
+    answer = proxy.ReplayableAnswer(stored)
     bodies = [answer.body(model) for model in ("claude-opus-5-5", 'odd "model" \u00e9', "claude-opus-5-5")]
     replays = [json.loads(body) for body in bodies] + [answer.fresh_message("claude-y")]
     ids = set()
@@ -1560,6 +1570,17 @@ def test_a_replayed_answer_is_the_stored_one_with_fresh_ids_and_the_callers_mode
     assert len(ids) == 12 and not ids & {"msg_old", "toolu_a", "toolu_b"}
     assert bodies[0] == proxy.json_bytes(replays[0])  # the very bytes json gives
     assert stored == original  # replays never change what is stored
+
+
+def test_an_answer_that_would_not_be_replayed_is_not_stored(caplog):
+    cache = proxy.ResponseCache(config(CACHE="on"))
+    good = proxy.message_object("msg_a", "claude-x", [{"type": "text", "text": "hi"}], "end_turn", None, 3, 2)
+    bad = proxy.message_object("msg_b", "claude-x", [{"type": "text", "text": "hi"}], "end_turn", None, 2.5, -3)
+    cache.put("good", good)
+    cache.put("bad", bad)
+    assert cache.get("bad") is None and list(cache.memory.entries) == ["good"]
+    assert json.loads(cache.get("good").body("claude-y"))["content"] == good["content"]
+    assert any("bad" in r.getMessage() and "not stored" in r.getMessage() for r in caplog.records)
 
 
 def test_memory_tier_entries_expire():

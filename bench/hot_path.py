@@ -234,9 +234,9 @@ class Profile:
                 translator.translate(chunks)
             return []
         handler = self.proxy.ProxyHandler
-        groups, events, write_at = [], translator.start(), handler.EVENTS_PER_WRITE
-        for chunks in self.decoded:  # as stream_reply: write_at lines, then twice as many
-            start = 0
+        groups, events = [], translator.start()
+        for chunks in self.decoded:  # as stream_reply: EVENTS_PER_WRITE lines, then twice as many
+            start, write_at = 0, handler.EVENTS_PER_WRITE
             while start < len(chunks):
                 translator.translate(chunks[start:start + write_at], events)
                 start += write_at
