@@ -3229,21 +3229,30 @@ _REPLAY_SLOT = re.compile(rb'"\\u0000([imt])\\u0000"')
 
 
 class ReplayableAnswer:
-    """A checked answer in the cache, held as its JSON split where replays differ: a non-streamed
-    replay joins the pieces around fresh ids and the client's model name, where decoding,
-    checking and encoding the whole message each time would cost several times more. The pieces
-    are about the size of the stored entry, which is what the memory tier's bound counts."""
+    """A checked answer in the cache, held as its JSON; at its first replay that JSON is split
+    where replays differ, and each replay joins the pieces around fresh ids and the client's model
+    name, where decoding, checking and encoding the whole message each time would cost several
+    times more. Either form is about the size of the stored entry, which is what the memory
+    tier's bound counts; a miss that is never replayed pays for no split."""
 
-    __slots__ = ("input_tokens", "output_tokens", "_pieces")
+    __slots__ = ("input_tokens", "output_tokens", "_json", "_pieces")
 
-    def __init__(self, message):
+    def __init__(self, message, message_json):
         self.input_tokens = message["usage"]["input_tokens"]
         self.output_tokens = message["usage"]["output_tokens"]
-        self._pieces = self._split(message)
+        self._json = message_json  # json_bytes(message), until the split replaces it
+        self._pieces = None
 
     def body(self, model):
         """The JSON body of a replay: the stored message with fresh ids and this model."""
         pieces = self._pieces
+        if pieces is None:
+            stored = self._json
+            if stored is None:  # another thread split it a moment ago
+                pieces = self._pieces
+            else:
+                pieces = self._pieces = self._split(_decode_json(stored.decode()))
+                self._json = None
         out = [pieces[0]]
         for index in range(1, len(pieces), 2):
             slot = pieces[index]
@@ -3462,7 +3471,7 @@ class ResponseCache:
                         "treated as a miss and replaced", key, len(value))
             self.redis.discard(key)
             return None
-        answer = ReplayableAnswer(message)
+        answer = ReplayableAnswer(message, json_bytes(message))
         self.memory.put(key, answer, len(value))
         return answer
 
@@ -3474,8 +3483,9 @@ class ResponseCache:
             log.warning("cache: the answer for %s is not stored: it does not have the shape of one that "
                         "can be replayed", key)
             return
-        value = encode_cache_entry(message_json or json_bytes(message))
-        self.memory.put(key, ReplayableAnswer(message), len(value))
+        message_json = message_json or json_bytes(message)
+        value = encode_cache_entry(message_json)
+        self.memory.put(key, ReplayableAnswer(message, message_json), len(value))
         if self.redis is not None:
             self.redis.put(key, value)
 

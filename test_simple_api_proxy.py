@@ -1555,7 +1555,7 @@ def test_a_replayed_answer_is_the_stored_one_with_fresh_ids_and_the_callers_mode
         {"type": "tool_use", "id": "toolu_a", "name": "Bash", "input": {"command": text}},
         {"type": "tool_use", "id": "toolu_b", "name": "Read", "input": {"path": "/x"}}], "tool_use", None, 12, 34)
     original = json.loads(json.dumps(stored))
-    answer = proxy.ReplayableAnswer(stored)
+    answer = proxy.ReplayableAnswer(stored, proxy.json_bytes(stored))
     bodies = [answer.body(model) for model in ("claude-opus-5-5", 'odd "model" \u00e9', "claude-opus-5-5")]
     replays = [json.loads(body) for body in bodies] + [answer.fresh_message("claude-y")]
     ids = set()
@@ -1570,6 +1570,31 @@ def test_a_replayed_answer_is_the_stored_one_with_fresh_ids_and_the_callers_mode
     assert len(ids) == 12 and not ids & {"msg_old", "toolu_a", "toolu_b"}
     assert bodies[0] == proxy.json_bytes(replays[0])  # the very bytes json gives
     assert stored == original  # replays never change what is stored
+
+
+def test_the_first_replays_of_an_answer_may_come_at_once_from_many_threads():
+    stored = proxy.message_object("msg_old", "claude-x", [
+        {"type": "text", "text": "hi " * 200},
+        {"type": "tool_use", "id": "toolu_a", "name": "Bash", "input": {"command": "ls"}}], "tool_use", None, 3, 4)
+    expected = dict(json.loads(proxy.json_bytes(stored)), id=None, model="m")
+    for _ in range(30):
+        answer = proxy.ReplayableAnswer(stored, proxy.json_bytes(stored))
+        start, bodies = threading.Barrier(8), []
+
+        def replay():
+            start.wait(10)
+            bodies.append(answer.body("m"))
+        threads = [threading.Thread(target=replay) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        replays = [json.loads(body) for body in bodies]
+        assert len(replays) == 8
+        for replay in replays:
+            replay["id"] = None
+            assert replay["content"][1].pop("id").startswith("toolu_")
+            assert replay == dict(expected, content=[expected["content"][0], {k: v for k, v in expected["content"][1].items() if k != "id"}])
 
 
 def test_an_answer_that_would_not_be_replayed_is_not_stored(caplog):
