@@ -3776,9 +3776,6 @@ class ScriptedSocket:
         self.pieces = list(pieces)
         self.fd = fd
 
-    def setblocking(self, flag):
-        pass
-
     def fileno(self):
         return self.fd
 
@@ -3994,14 +3991,19 @@ def test_an_upstream_line_over_the_bound_is_a_502_not_a_buffer(raw_ollama):
         assert "longer than" in assert_upstream_failure(status, body)
 
 
-def test_tool_arguments_as_deep_as_allowed_come_back_in_the_next_request(raw_ollama):
-    depth = proxy.MAX_UPSTREAM_NESTING
-    arguments = '{"a":' * (depth - 1) + '{"b":1}' + "}" * (depth - 1)
+def bash_call_answer(arguments):
+    """Ollama's answer calling Bash with arguments written as given (raw JSON text)."""
     line = ('{"model":"%s","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"Bash",'
             '"arguments":%s}}]},"done":false}\n' % (MODEL, arguments)).encode()
     final = json.dumps(final_chunk()).encode() + b"\n"
-    raw_ollama.script(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
-                      % (len(line), line, len(final), final))
+    return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
+            % (len(line), line, len(final), final))
+
+
+def test_tool_arguments_as_deep_as_allowed_come_back_in_the_next_request(raw_ollama):
+    depth = proxy.MAX_UPSTREAM_NESTING
+    arguments = '{"a":' * (depth - 1) + '{"b":1}' + "}" * (depth - 1)
+    raw_ollama.script(bash_call_answer(arguments))
     tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
     with running_proxy(raw_ollama.url) as gateway:
         status, _, body = gateway.messages(request_body(tools=tools))
@@ -4017,11 +4019,7 @@ def test_tool_arguments_as_deep_as_allowed_come_back_in_the_next_request(raw_oll
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_arguments_nested_too_deep_from_ollama_are_its_failure(raw_ollama, depth, stream):
     arguments = '{"a":' * depth + "1" + "}" * depth
-    line = ('{"model":"%s","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"Bash",'
-            '"arguments":%s}}]},"done":false}\n' % (MODEL, arguments)).encode()
-    final = json.dumps(final_chunk()).encode() + b"\n"
-    raw_ollama.script(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
-                      % (len(line), line, len(final), final))
+    raw_ollama.script(bash_call_answer(arguments))
     tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
     with running_proxy(raw_ollama.url) as gateway:
         if stream:
