@@ -3298,8 +3298,6 @@ class MemoryTier:
     """An LRU of answers, bounded by entries and by the bytes their stored form takes, each with
     an expiry."""
 
-    name = "memory"
-
     def __init__(self, max_entries, max_bytes, ttl):
         self.max_entries = max_entries
         self.max_bytes = max_bytes
@@ -3345,7 +3343,6 @@ class RedisTier:
     """A shared Redis cache that is never in the way: short timeouts, marked down at the first failure,
     reconnected by a background check."""
 
-    name = "redis"
     RECHECK_SECONDS = 3.0
 
     def __init__(self, url, ttl, timeout):
@@ -4244,12 +4241,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     }
     MODEL_ROUTE = "/v1/models/"
     FAIL_FAST_SECONDS = 1.0  # how long a stream waits for Ollama's status before committing to 200
-    # Lines that arrived together leave together: the events of the first EVENTS_PER_WRITE lines at
+    # Lines that arrived together leave together: the events of the first LINES_PER_WRITE lines at
     # once, so the first text need not wait for the last, then of twice as many lines each write up
-    # to MAX_EVENTS_PER_WRITE, as each send() costs a system call and a hand-off of the interpreter
+    # to MAX_LINES_PER_WRITE, as each send() costs a system call and a hand-off of the interpreter
     # lock. A text line makes one event.
-    EVENTS_PER_WRITE = 16
-    MAX_EVENTS_PER_WRITE = 256
+    LINES_PER_WRITE = 16
+    MAX_LINES_PER_WRITE = 256
 
     def setup(self):
         super().setup()
@@ -4893,7 +4890,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
         try:
             for batch in self.upstream_batches(exchange, ollama_model, commit):
-                start, write_at = 0, self.EVENTS_PER_WRITE
+                start, write_at = 0, self.LINES_PER_WRITE
                 while start < len(batch):
                     end = start + write_at
                     if translator.translate(batch[start:end], events):
@@ -4902,7 +4899,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     if start < len(batch):  # more of this burst to come
                         self.write_events(events)
                         events = []
-                        write_at = min(2 * write_at, self.MAX_EVENTS_PER_WRITE)
+                        write_at = min(2 * write_at, self.MAX_LINES_PER_WRITE)
                 if translator.done:
                     break
                 self.write_events(events)

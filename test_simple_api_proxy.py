@@ -2975,6 +2975,16 @@ def test_api_key_guards_v1_but_not_liveness(ollama):
         assert reply.content[0].text
 
 
+def read_until_closed(connection):
+    """Every byte the proxy sends until it closes the connection."""
+    received = b""
+    while True:
+        part = connection.recv(65536)
+        if not part:
+            return received
+        received += part
+
+
 def raw_exchange(port, data, read_timeout=5):
     """Send raw bytes; return the proxy's first response (b"" if it closed without one)."""
     with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as connection:
@@ -6099,12 +6109,7 @@ def test_ambiguous_framing_is_refused_and_closes(gateway):
         connection.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                            b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) + post_head(len(body), b"Connection: close\r\n")
                            + body)
-        answer = b""
-        while True:
-            part = connection.recv(65536)
-            if not part:
-                break
-            answer += part
+        answer = read_until_closed(connection)
     assert [r[:3] for r in answer.split(b"HTTP/1.1 ")[1:]] == [b"200", b"200"]
 
 
@@ -6114,12 +6119,7 @@ def test_a_head_ended_by_bare_line_feeds_keeps_its_body_with_blank_lines_in_it(g
     head = b"POST /v1/messages/count_tokens HTTP/1.1\nHost: localhost\nContent-Length: %d\n\n" % len(body)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
         connection.sendall(head + body + b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        answer = b""
-        while True:
-            part = connection.recv(65536)
-            if not part:
-                break
-            answer += part
+        answer = read_until_closed(connection)
     assert [r[:3] for r in answer.split(b"HTTP/1.1 ")[1:]] == [b"200", b"200"], answer[:600]
     assert b'"input_tokens"' in answer
 
@@ -6251,12 +6251,7 @@ def test_bodies_of_tiny_values_neither_bloat_nor_starve_the_proxy(ollama, tmp_pa
             connection.sendall(body[:1 << 20])
             sending.release()
             connection.sendall(body[1 << 20:])
-            answer = b""
-            while True:
-                part = connection.recv(65536)
-                if not part:
-                    break
-                answer += part
+            answer = read_until_closed(connection)
             answers.append(answer)
 
     try:

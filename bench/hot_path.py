@@ -18,7 +18,8 @@ system calls for the client and Ollama are not in the figures.
 - StreamTranslator feeds: the decoded lines through the translator as the handler passes them
   (translate() per batch where the proxy has it, without events for a miss; else feed() per line);
 - SSE encode: the handler's framed() on the events in the groups stream_reply sends them in
-  (EVENTS_PER_WRITE, then twice as many each write up to MAX_EVENTS_PER_WRITE where the proxy has it);
+  (LINES_PER_WRITE lines, then twice as many each write up to MAX_LINES_PER_WRITE;
+  1.0.0: EVENTS_PER_WRITE events a write);
 - everything else: a whole request (handle_one_request() of a unique request: a miss; of a cached
   one: a memory hit) less the components above, that is validation, the Ollama payload, the cache
   key and store, ids, the translator's set-up, the response head and sending.
@@ -235,15 +236,15 @@ class Profile:
             return []
         handler = self.proxy.ProxyHandler
         groups, events = [], translator.start()
-        for chunks in self.decoded:  # as stream_reply: EVENTS_PER_WRITE lines, then twice as many
-            start, write_at = 0, handler.EVENTS_PER_WRITE
+        for chunks in self.decoded:  # as stream_reply: LINES_PER_WRITE lines, then twice as many
+            start, write_at = 0, handler.LINES_PER_WRITE
             while start < len(chunks):
                 translator.translate(chunks[start:start + write_at], events)
                 start += write_at
                 if start < len(chunks):
                     groups.append(events)
                     events = []
-                    write_at = min(2 * write_at, handler.MAX_EVENTS_PER_WRITE)
+                    write_at = min(2 * write_at, handler.MAX_LINES_PER_WRITE)
             groups.append(events)
             events = []
         return groups
