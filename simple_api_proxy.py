@@ -4174,6 +4174,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         # Readable once SHUTDOWN_GRACE is over: every request waiting on Ollama polls it too.
         self.grace_over_fd, self._grace_over_signal = os.pipe()
         self.started = time.time()
+        # When a client last asked for a generation or a count, or a generation ended: /health's
+        # idle_s, which the box's idle watchdog (claude_vast.py) reads.
+        self.last_request = time.monotonic()
         # Tells one proxy run from another behind the same address: the launcher compares the id
         # seen through its tunnel with the one on the box, so it never talks to a stranger's proxy.
         self.instance_id = secrets.token_hex(8)
@@ -4558,7 +4561,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         payload = {"status": "ok" if healthy else "degraded", "service": "simple_api_proxy",
                    "version": __version__, "uptime_s": round(time.time() - self.server.started, 1),
                    "ollama": ollama, "cache": self.server.cache.health(),
-                   "in_flight": self.server.in_flight, "instance_id": self.server.instance_id}
+                   "in_flight": self.server.in_flight, "instance_id": self.server.instance_id,
+                   "idle_s": round(time.monotonic() - self.server.last_request, 1)}
         if self.config.proxy_api_key and not self.has_api_key():
             # Without the key, say only whether it works: no addresses, models or errors.
             payload = {"status": payload["status"], "service": "simple_api_proxy", "version": __version__,
@@ -4615,6 +4619,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 "created_at": (match.group(1) + "Z") if match else "1970-01-01T00:00:00Z"}
 
     def route_count_tokens(self):
+        self.server.last_request = time.monotonic()
         request = validate_messages_request(self.read_json(), default_max_tokens=self.config.default_max_tokens,
                                             for_count=True)
         ollama_model = resolve_model(request["model"], self.config)
@@ -4633,6 +4638,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(200, {"input_tokens": input_tokens})
 
     def route_messages(self):
+        self.server.last_request = time.monotonic()
         request = validate_messages_request(self.read_json(), default_max_tokens=self.config.default_max_tokens)
         model = request["model"]
         ollama_model = resolve_model(model, self.config)
@@ -4730,6 +4736,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not self.holds_generation:
             return
         self.holds_generation = False
+        self.server.last_request = time.monotonic()
         self.server.count("in_flight", -1)
         self.server.slots.release()
         if self.upstream_route is not None:
