@@ -803,7 +803,6 @@ class Watchdog:
         self.folder = folder or box_folder()
         self.clock = clock
         self.born = clock()
-        self.last_decision = None
         self.acted = False
 
     def path(self, name):
@@ -883,9 +882,7 @@ class Watchdog:
 
     def tick(self):
         kind, why = self.decide()
-        if (kind, why.split(" (")[0] if kind != "keep" else kind) != self.last_decision or kind == "act":
-            log.info("%s: %s", kind, why)
-        self.last_decision = (kind, why.split(" (")[0] if kind != "keep" else kind)
+        log.info("%s: %s", kind, why)
         if kind != "act" or self.acted:
             return kind
         settings = self.settings()
@@ -899,13 +896,15 @@ class Watchdog:
             VastApi(creds["CONTAINER_API_KEY"], "the instance's CONTAINER_API_KEY", url, timeout=30),
             instance_id=creds["CONTAINER_ID"])
         action = settings.get("idle_action") or "stop"
+        # Said first: a stop that works ends this process with the container.
+        log.info("asking vast.ai to %s instance %s with its own key", action, creds["CONTAINER_ID"])
         try:
             provider.self_stop(action)
         except VastError as error:
             log.error("%s of instance %s failed, trying again next tick: %s", action, creds["CONTAINER_ID"], error)
             return kind
         self.acted = True
-        log.info("asked vast.ai to %s instance %s with its own key", action, creds["CONTAINER_ID"])
+        log.info("vast.ai accepted the %s", action)
         return kind
 
     def run(self):

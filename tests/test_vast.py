@@ -1,0 +1,258 @@
+"""claude_start.sh --vast against a stand-in vast.ai API whose instances are real sshd boxes.
+
+The provider (claude_vast.py) talks to tests/standins/vast_api.py over real HTTP; the rented boxes
+are sshd servers in private mount namespaces on 127.0.0.1, which boot after a delay, lose their
+processes when stopped, and come back on a new port with a new host key, running the on-start script.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent / "standins")]
+
+import claude_vast  # noqa: E402
+from vast_api import VastStandIn, offer  # noqa: E402
+
+
+def need(condition, reason):
+    if not condition:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run this test: " + reason)
+        pytest.skip(reason)
+
+
+def _mount_namespaces_work():
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def laptop(tmp_path_factory):
+    need(hasattr(os, "geteuid") and os.geteuid() == 0, "the vast boxes run sshd in a mount namespace (need root)")
+    for tool in ("unshare", "ssh", "ssh-keygen"):
+        need(shutil.which(tool), "%s is not installed (openssh-client, util-linux)" % tool)
+    need(shutil.which("sshd") or os.access("/usr/sbin/sshd", os.X_OK), "sshd is not installed (openssh-server)")
+    need(_mount_namespaces_work(), "`unshare -m true` fails: the box tests need mount namespaces")
+    root = tmp_path_factory.mktemp("vast-laptop")
+    home = root / "home"
+    (home / ".ssh").mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / ".ssh" / "id_ed25519")],
+                   check=True)
+    return home
+
+
+@pytest.fixture
+def vast(laptop, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(laptop))
+    standin = VastStandIn(tmp_path / "vast", laptop / ".ssh" / "id_ed25519.pub", boot_delay=0.2,
+                          offers=[offer(1, "RTX 4090", dph_base=0.40), offer(2, "RTX 3090", dph_base=0.20),
+                                  offer(3, "RTX 4090", dph_base=0.30, reliability=0.90),
+                                  offer(4, "RTX 4090", dph_base=0.31, cuda=11.8)])
+    yield standin
+    standin.close()
+
+
+def provider_for(vast, key=None, source="VAST_API_KEY", timeout=10.0):
+    return claude_vast.VastProvider(claude_vast.VastApi(key or vast.key, source, vast.url, timeout=timeout,
+                                                        backoff=(0.05, 0.05, 0.05)))
+
+
+def rental(vast, tmp_path, provider=None, said=None, **options):
+    options.setdefault("poll", 0.05)
+    options.setdefault("boot_timeout", 30)
+    return claude_vast.Rental(provider or provider_for(vast), state_dir=str(tmp_path / "state"),
+                              say=(said.append if said is not None else lambda text: None), vast_url=vast.url,
+                              **options)
+
+
+def ssh(target, *command, timeout=30):
+    return subprocess.run(target.command(*command), capture_output=True, text=True, timeout=timeout)
+
+
+def test_rent_from_nothing_picks_the_cheapest_fitting_offer_and_ssh_answers(vast, tmp_path):
+    said = []
+    query = claude_vast.OfferQuery(gpus=["RTX 4090"], max_price=0.50, disk_gb=40)
+    target = rental(vast, tmp_path, said=said, query=query).acquire()
+    assert ssh(target, "echo", "hello").stdout == "hello\n"
+    # offer 3 is cheaper but unreliable, offer 4 has CUDA 11.8, offer 2 is another GPU
+    (instance,) = vast.instances.values()
+    assert instance["offer"] == 1 and instance["label"] == "simple_api_proxy"
+    assert vast.count("PUT", r"^/api/v0/asks/") == 1
+    assert any("renting RTX 4090 at $0.408/h in Sweden, SE, reliability 99.5%" in line for line in said), said
+    assert any(line.startswith("credit: $25.00") for line in said), said
+    assert [k["ssh_key"] for k in vast.ssh_keys] == [(Path(os.environ["HOME"]) / ".ssh/id_ed25519.pub").read_text().strip()]
+    # the key only ever travelled as a Bearer header
+    assert all(vast.key not in query for _, _, query, _ in vast.requests)
+    assert {whose for _, _, _, whose in vast.requests} == {"account"}
+
+
+def test_the_create_body_is_the_clis_with_cancel_unavail_and_no_public_ports(vast, tmp_path):
+    rental(vast, tmp_path).acquire()
+    (row,) = vast.instances.values()
+    assert row["image_runtype"] == "ssh_direc ssh_proxy"
+    env = dict(row["extra_env"])
+    assert env["OLLAMA_HOST"] == "127.0.0.1:11434" and not any(k.startswith("-p") for k in env)
+    assert row["onstart"] == claude_vast.ON_START
+
+
+def test_reuse_a_running_instance_and_resume_a_stopped_one_on_its_new_port(vast, tmp_path):
+    first = rental(vast, tmp_path).acquire()
+    said = []
+    again = rental(vast, tmp_path, said=said).acquire()
+    assert (again.host, again.port) == (first.host, first.port) and vast.count("PUT", r"^/api/v0/asks/") == 1
+    assert any(line.startswith("using running instance") for line in said), said
+    (instance_id,) = vast.instances
+    provider_for(vast).stop(instance_id)
+    assert ssh(first, "true").returncode != 0  # its sshd went with the stop
+    said = []
+    resumed = rental(vast, tmp_path, said=said).acquire()
+    assert resumed.port != first.port and ssh(resumed, "true").returncode == 0  # new host key accepted
+    assert any(line.startswith("starting stopped instance %d" % instance_id) for line in said), said
+    assert vast.count("PUT", r"^/api/v0/asks/") == 1
+    # the on-start script ran at each container start, and is safe to run twice
+    home = vast.containers[instance_id].home
+    assert (home / ".no_auto_tmux").exists()
+    env = claude_vast.read_env_file(home / ".simple_api_proxy" / "instance.env")
+    assert env["CONTAINER_ID"] == str(instance_id) and env["CONTAINER_API_KEY"] == vast.instances[instance_id]["instance_api_key"]
+    assert ssh(resumed, "sh", "/root/onstart.sh", "&&", "sh", "/root/onstart.sh", "&&", "echo", "twice").stdout == "twice\n"
+
+
+def test_a_boot_that_never_finishes_is_destroyed(vast, tmp_path):
+    for row in vast.offers.values():
+        row["boots"] = False
+    said = []
+    with pytest.raises(claude_vast.BootFailed, match="not usable within 1s"):
+        rental(vast, tmp_path, said=said, boot_timeout=1).acquire()
+    assert vast.instances == {} and vast.count("DELETE", r"^/api/v0/instances/\d+/$") == 1
+    assert any("destroying instance" in line and "nothing keeps billing" in line for line in said), said
+
+
+def test_no_matching_offer_rents_nothing_and_names_the_filter_to_loosen(vast, tmp_path):
+    cheap = claude_vast.OfferQuery(gpus=["RTX 4090"], max_price=0.10)
+    with pytest.raises(claude_vast.NoOffer, match=r"cheapest that fits otherwise is RTX 4090 at \$0.408/h.*raise --max-price"):
+        rental(vast, tmp_path, query=cheap).acquire()
+    absent = claude_vast.OfferQuery(gpus=["H100 SXM"])
+    with pytest.raises(claude_vast.NoOffer, match="no H100 SXM is offered.*RTX 3090, RTX 4090"):
+        rental(vast, tmp_path, query=absent).acquire()
+    assert vast.count("PUT", r"^/api/v0/asks/") == 0 and vast.instances == {}
+
+
+def test_out_of_credit_says_so_before_renting(vast, tmp_path):
+    vast.credit = 0.05
+    with pytest.raises(claude_vast.OutOfCredit, match="credit is \\$0.050.*add credit at https://cloud.vast.ai/billing/"):
+        rental(vast, tmp_path).acquire()
+    assert vast.count("PUT", r"^/api/v0/asks/") == 0
+
+
+def test_a_rejected_key_says_where_it_was_read(vast, tmp_path, monkeypatch):
+    key_file = tmp_path / "vast_api_key"
+    monkeypatch.delenv("VAST_API_KEY", raising=False)
+    (Path(os.environ["HOME"]) / ".config" / "vastai").mkdir(parents=True, exist_ok=True)
+    key_path = Path(os.environ["HOME"]) / ".config" / "vastai" / "vast_api_key"
+    key_path.write_text("not-the-key\n")
+    try:
+        key, source = claude_vast.read_api_key(os.environ)
+        assert (key, source) == ("not-the-key", str(key_path))
+        with pytest.raises(claude_vast.KeyRejected, match="rejected the API key read from %s \\(HTTP 401" % key_path):
+            rental(vast, tmp_path, provider=provider_for(vast, key, source)).acquire()
+    finally:
+        key_path.unlink()
+    assert vast.count("PUT", r"^/api/v0/asks/") == 0 and key_file.exists() is False
+
+
+def test_429_is_retried_and_success_false_is_a_failure(vast, tmp_path):
+    vast.fail("GET", r"^/api/v0/users/current", "429", times=2)
+    assert provider_for(vast).credit() == 25.0
+    assert vast.count("GET", r"^/api/v0/users/current") == 3
+    vast.fail("PUT", r"^/api/v0/asks/", "success_false")
+    with pytest.raises(claude_vast.ApiFailure, match="told to refuse"):
+        rental(vast, tmp_path).acquire()
+    assert vast.instances == {}
+
+
+def test_a_timeout_on_create_does_not_rent_twice(vast, tmp_path):
+    vast.fail("PUT", r"^/api/v0/asks/", ("late", 3))
+    said = []
+    target = rental(vast, tmp_path, provider=provider_for(vast, timeout=1), said=said).acquire()
+    assert ssh(target, "true").returncode == 0
+    assert vast.count("PUT", r"^/api/v0/asks/") == 1 and len(vast.instances) == 1
+    assert any("looking for it by its label instead of renting again" in line for line in said), said
+
+
+def _upload_claude_vast(vast, instance_id):
+    folder = vast.containers[instance_id].home / ".simple_api_proxy"
+    shutil.copy(ROOT / "claude_vast.py", folder / "claude_vast.py")
+    return folder
+
+
+def _deploy_watchdog(vast, target, instance_id, **settings):
+    """What the launcher leaves on the box: claude_vast.py and watchdog.json; then the watchdog."""
+    folder = _upload_claude_vast(vast, instance_id)
+    values = {"provider": "vast", "vast_url": vast.url, "idle_stop": 1.0, "idle_action": "stop",
+              "proxy_port": None, "tick": 0.1}
+    values.update(settings)
+    (folder / "watchdog.json").write_text(__import__("json").dumps(values))
+    done = ssh(target, "cd ~/.simple_api_proxy && (nohup python3 claude_vast.py watchdog >/dev/null 2>&1 </dev/null &)")
+    assert done.returncode == 0, done.stderr
+    return folder
+
+
+def test_the_watchdog_stops_an_idle_box_with_the_instance_key_and_comes_back_with_it(vast, tmp_path):
+    target = rental(vast, tmp_path).acquire()
+    (instance_id,) = vast.instances
+    folder = _deploy_watchdog(vast, target, instance_id)
+    vast.wait_for(lambda: vast.instances[instance_id]["intended_status"] == "stopped")
+    stops = [whose for method, path, _, whose in vast.requests
+             if method == "PUT" and path == "/api/v0/instances/%d/" % instance_id]
+    assert stops == ["instance"]
+    log = (folder / "watchdog.log").read_text()
+    assert "act: idle" in log and "no launcher attached: stop the instance" in log
+    assert "asking vast.ai to stop instance %d with its own key" % instance_id in log
+    # started again, the on-start script brings the watchdog back, which stops it again when idle
+    rental(vast, tmp_path).acquire()
+    vast.wait_for(lambda: vast.instances[instance_id]["intended_status"] == "stopped")
+    assert (folder / "watchdog.log").read_text().count("watchdog started") == 2
+
+
+def test_the_watchdog_never_stops_a_box_with_a_launcher_attached(vast, tmp_path):
+    target = rental(vast, tmp_path).acquire()
+    (instance_id,) = vast.instances
+    _upload_claude_vast(vast, instance_id)
+    attachment = claude_vast.Attachment(lambda remote: target.command(remote), interval=0.2).start()
+    try:
+        assert attachment.attached.wait(30)
+        folder = _deploy_watchdog(vast, target, instance_id, idle_stop=0.5)
+        log = folder / "watchdog.log"
+        # many ticks, each well past idle_stop since boot, all keeping the box
+        deadline = time.monotonic() + 30
+        while (log.read_text() if log.exists() else "").count("keep: a launcher is attached") < 15:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "act:" not in log.read_text() and vast.instances[instance_id]["intended_status"] == "running"
+    finally:
+        attachment.close()
+    vast.wait_for(lambda: vast.instances[instance_id]["intended_status"] == "stopped")
+    assert os.listdir(folder / "attached") == []
+
+
+def test_status_stop_and_destroy(vast, tmp_path):
+    run = rental(vast, tmp_path)
+    run.acquire()
+    (instance_id,) = vast.instances
+    lines = run.status_lines()
+    assert lines[0] == "credit: $25.00"
+    assert lines[1].startswith("instance %d  running    RTX 3090       $0.208/h  up " % instance_id), lines
+    assert run.stop_all() == [instance_id] and vast.instances[instance_id]["intended_status"] == "stopped"
+    assert "stopped" in run.status_lines()[1]
+    assert run.destroy_all(lambda instance: False) == [] and instance_id in vast.instances
+    assert run.destroy_all(lambda instance: True) == [instance_id] and vast.instances == {}
+    assert run.status_lines()[1] == "no instance labelled simple_api_proxy: nothing bills"
