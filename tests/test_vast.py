@@ -256,3 +256,39 @@ def test_status_stop_and_destroy(vast, tmp_path):
     assert run.destroy_all(lambda instance: False) == [] and instance_id in vast.instances
     assert run.destroy_all(lambda instance: True) == [instance_id] and vast.instances == {}
     assert run.status_lines()[1] == "no instance labelled simple_api_proxy: nothing bills"
+
+
+def test_the_official_vastai_cli_is_a_second_client_of_the_stand_in(vast, tmp_path):
+    """The stand-in answers what the official `vastai` package (its api layer, which needs only
+    requests; `pip install --no-deps vastai`) sends, and it reads what the stand-in answers."""
+    try:
+        from vastai.api import billing, instances, keys, offers
+        from vastai.api.client import VastClient
+    except ImportError:
+        need(False, "the official vastai package is not installed (pip install --no-deps vastai)")
+    client = VastClient(api_key=vast.key, server_url=vast.url, retry=2)
+    assert billing.show_user(client)["credit"] == 25.0
+    found = offers.search_offers(client, query={"gpu_name": {"in": ["RTX 4090"]}, "reliability": {"gte": 0.98},
+                                                "cuda_max_good": {"gte": 12.0}},
+                                 order=[["dph_total", "asc"]], storage=40)
+    assert [o["id"] for o in found] == [1]
+    assert keys.create_ssh_key(client, (Path(os.environ["HOME"]) / ".ssh/id_ed25519.pub").read_text())["success"]
+    created = instances.create_instance(client, 1, image="ollama/ollama:latest", disk=40, label="by-the-cli",
+                                        onstart_cmd=claude_vast.ON_START, env="-e OLLAMA_HOST=127.0.0.1:11434",
+                                        cancel_unavail=True, ssh=True, direct=True)
+    instance_id = created["new_contract"]
+    row = vast.instances[instance_id]
+    assert row["image_runtype"] == "ssh_direc ssh_proxy" and dict(row["extra_env"]) == {"OLLAMA_HOST": "127.0.0.1:11434"}
+    vast.wait_for(lambda: vast.instances[instance_id]["actual_status"] == "running")
+    assert instances.show_instance(client, instance_id)["ssh_port"] == vast.containers[instance_id].ssh_port
+    listed = instances.show_instances(client, select_filters={"label": {"in": ["by-the-cli"]}})
+    assert [r["id"] for r in listed] == [instance_id]
+    # what the CLI created, our provider finds and reads
+    (ours,) = provider_for(vast).list_by_label("by-the-cli")
+    assert (ours.state, ours.ssh_host, ours.ssh_port) == ("running", "127.0.0.1", vast.containers[instance_id].ssh_port)
+    assert instances.stop_instance(client, instance_id)["success"]
+    assert provider_for(vast).show(instance_id).state == "stopped"
+    assert instances.start_instance(client, instance_id)["success"]
+    vast.wait_for(lambda: vast.instances[instance_id]["actual_status"] == "running")
+    assert instances.destroy_instance(client, instance_id)["success"]
+    assert instances.show_instance(client, instance_id) is None and provider_for(vast).show(instance_id) is None
