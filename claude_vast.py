@@ -990,6 +990,26 @@ class Attachment:
         self.thread.join(timeout=15)
 
 
+def arm_watchdog(ssh_command, settings, timeout=60):
+    """From the laptop: put this file and watchdog.json (`settings`) on the box and make sure the
+    watchdog runs (one that runs already keeps going and reads the new settings at its next tick).
+    ssh_command(remote) -> argv. VastError when the box does not do it."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        source = f.read()
+    data = json.dumps(settings).encode()
+    remote = ("umask 077 && mkdir -p ~/{folder} && cd ~/{folder} && head -c {n} > claude_vast.py.part && "
+              "mv claude_vast.py.part claude_vast.py && cat > {settings}.part && mv {settings}.part {settings} && "
+              "(nohup python3 claude_vast.py watchdog >/dev/null 2>&1 </dev/null &) && echo armed").format(
+                  folder=BOX_FOLDER, n=len(source), settings=WATCHDOG_SETTINGS)
+    try:
+        done = subprocess.run(ssh_command(remote), input=source + data, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise VastError("the box did not start its idle watchdog within %ds" % timeout) from None
+    if done.stdout.strip() != b"armed":
+        raise VastError("the box did not start its idle watchdog: %s"
+                        % (done.stderr.decode("utf-8", "replace").strip() or "no answer"))
+
+
 def idle_report(folder=None):
     """--vast --status asks the box this: the watchdog's view, as JSON."""
     watchdog = Watchdog(folder)

@@ -195,15 +195,12 @@ def _upload_claude_vast(vast, instance_id):
 
 
 def _deploy_watchdog(vast, target, instance_id, **settings):
-    """What the launcher leaves on the box: claude_vast.py and watchdog.json; then the watchdog."""
-    folder = _upload_claude_vast(vast, instance_id)
+    """What the launcher leaves on the box: claude_vast.py, watchdog.json, and the watchdog running."""
     values = {"provider": "vast", "vast_url": vast.url, "idle_stop": 1.0, "idle_action": "stop",
               "proxy_port": None, "tick": 0.1}
     values.update(settings)
-    (folder / "watchdog.json").write_text(__import__("json").dumps(values))
-    done = ssh(target, "cd ~/.simple_api_proxy && (nohup python3 claude_vast.py watchdog >/dev/null 2>&1 </dev/null &)")
-    assert done.returncode == 0, done.stderr
-    return folder
+    claude_vast.arm_watchdog(lambda remote: target.command(remote), values)
+    return vast.containers[instance_id].home / ".simple_api_proxy"
 
 
 def test_the_watchdog_stops_an_idle_box_with_the_instance_key_and_comes_back_with_it(vast, tmp_path):
