@@ -5,11 +5,14 @@ are sshd servers in private mount namespaces on 127.0.0.1, which boot after a de
 processes when stopped, and come back on a new port with a new host key, running the on-start script.
 """
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent / "standins")]
 
 import claude_vast  # noqa: E402
-from vast_api import VastStandIn, offer  # noqa: E402
+from vast_api import VastStandIn, free_port, offer  # noqa: E402
 
 
 def need(condition, reason):
@@ -289,3 +292,31 @@ def test_the_official_vastai_cli_is_a_second_client_of_the_stand_in(vast, tmp_pa
     vast.wait_for(lambda: vast.instances[instance_id]["actual_status"] == "running")
     assert instances.destroy_instance(client, instance_id)["success"]
     assert instances.show_instance(client, instance_id) is None and provider_for(vast).show(instance_id) is None
+
+
+def test_the_proxys_health_says_how_long_it_has_been_idle_and_the_watchdog_reads_it(tmp_path):
+    port, dead = free_port(), free_port()
+    env = dict(os.environ, API_HOST="127.0.0.1", API_PORT=str(port), OLLAMA_HOST="127.0.0.1:%d" % dead,
+               LOG_FILE="", OLLAMA_WARMUP="off")
+    proxy = subprocess.Popen([sys.executable, str(ROOT / "simple_api_proxy.py")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        watchdog = claude_vast.Watchdog(str(tmp_path))
+        deadline = time.monotonic() + 30
+        while watchdog.proxy_activity(port) is None:  # a 503 (no Ollama) still reports idle_s
+            assert proxy.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        idle, in_flight = watchdog.proxy_activity(port)
+        while idle < 0.5:  # /health itself is not a request that counts
+            time.sleep(0.05)
+            idle, in_flight = watchdog.proxy_activity(port)
+        assert in_flight == 0
+        request = urllib.request.Request("http://127.0.0.1:%d/v1/messages" % port, method="POST", data=json.dumps(
+            {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError):  # no Ollama: an error, but a request all the same
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30)
+        assert watchdog.proxy_activity(port)[0] < idle
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
