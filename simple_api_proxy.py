@@ -358,7 +358,8 @@ ERROR_TYPES = {
 class ProxyError(Exception):
     """A failure to report to the client as an Anthropic error envelope."""
 
-    def __init__(self, status, message, error_type=None, *, retry=None, retry_after=None, allow=None):
+    def __init__(self, status, message, error_type=None, *, retry=None, retry_after=None, allow=None,
+                 upstream_failure=None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -367,6 +368,7 @@ class ProxyError(Exception):
         self.retry = retry
         self.retry_after = retry_after
         self.allow = allow  # a 405's methods (RFC 9110 §15.5.6)
+        self.upstream_failure = upstream_failure  # why an Ollama host failed, when no OSError says
 
     def headers(self):
         headers = {"Allow": self.allow} if self.allow else {}
@@ -1259,7 +1261,12 @@ ARGUMENT_KEYS = ("arguments", "parameters", "args", "input")
 NESTED_CALL_KEYS = frozenset({"type", "function", "id", "index"})  # OpenAI's {"function": {...}}
 FIRST_KEYS = CALL_KEYS | NESTED_CALL_KEYS | {"tool_calls"}
 
-JSON_FENCE = re.compile(r"```(?:json)?[ \t]*\n?(.*?)\n?[ \t]*```", re.S)
+# Every pattern and loop below is linear in the reply's length: the parse holds the interpreter lock,
+# so a reply of whitespace, unclosed fences or thousands of tags must not stall other clients.
+# Closing markers are found with str.find or one search from where the call starts, never by a lazy
+# (.*?) that a missing close turns into a rescan per character.
+SPACE = re.compile(r"\s*")
+END_TOKEN = re.compile("|".join(map(re.escape, END_TOKENS)))
 QWEN_PARAMETER = re.compile(r"<parameter=(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|\Z)", re.S)
 INVOKE = re.compile(r'\s*<invoke name="([^"]*)">(.*?)(?:</invoke>|\Z)', re.S)
 INVOKE_PARAMETER = re.compile(r'\s*<parameter name="([^"]*)">(.*?)</parameter>', re.S)
@@ -1277,17 +1284,16 @@ def offered_tools(tools):
 
 
 def _skip_space(text, position):
-    while position < len(text) and text[position].isspace():
-        position += 1
-    return position
+    return SPACE.match(text, position).end()
 
 
 def _json_values(text, separators=""):
-    """Consecutive JSON values making up the whole text, or None."""
+    """Consecutive JSON values making up the whole text, or None. separators: one character that
+    may stand, with whitespace around it, between two values."""
     values, position = [], 0
+    skip = re.compile(r"[\s%s]*" % re.escape(separators)) if separators else SPACE
     while True:
-        while position < len(text) and (text[position].isspace() or text[position] in separators):
-            position += 1
+        position = skip.match(text, position).end()
         if position == len(text):
             return values or None
         try:
@@ -1454,12 +1460,12 @@ def _invoke_block(text, position, tools):
     body = text[position:] if close < 0 else text[position:close]
     end = len(text) if close < 0 else close + len("</function_calls>")
     calls, at = [], 0
-    while body[at:].strip():
+    while _skip_space(body, at) < len(body):
         invoke = INVOKE.match(body, at)
         if not invoke or invoke.group(1) not in tools:
             return None
         name, inner, arguments, inside = invoke.group(1), invoke.group(2), {}, 0
-        while inner[inside:].strip():
+        while _skip_space(inner, inside) < len(inner):
             parameter = INVOKE_PARAMETER.match(inner, inside)
             if not parameter:
                 return None
@@ -1472,8 +1478,8 @@ def _invoke_block(text, position, tools):
 
 def _python_tag(text, position, tools):
     """Llama 3.1's <|python_tag|> then JSON calls (several separated by ;) to the end of the turn."""
-    ends = [index for index in (text.find(token, position) for token in END_TOKENS) if index >= 0]
-    end = min(ends, default=len(text))
+    token = END_TOKEN.search(text, position)
+    end = token.start() if token else len(text)
     return _calls_from_json_text(text[position:end], tools, separators=";"), end
 
 
@@ -1590,15 +1596,31 @@ def _tagged_calls(text, position, tools):
         position = parsed[1]
 
 
+def _fence_bodies(text):
+    """What the ```json fences that make up the whole text hold, or None: an unclosed fence, or
+    anything but whitespace between them."""
+    bodies, position = [], 0
+    while True:
+        position = _skip_space(text, position)
+        if position == len(text):
+            return bodies or None
+        if not text.startswith("```", position):
+            return None
+        position += 3
+        if text.startswith("json", position):
+            position += 4
+        close = text.find("```", position)
+        if close < 0:
+            return None
+        bodies.append(text[position:close])
+        position = close + 3
+
+
 def _untagged_calls(text, tools):
     """A reply that is JSON calls, bare or in ```json fences with nothing around them."""
-    if text.startswith("```"):
-        fences = list(JSON_FENCE.finditer(text))
-        if not fences or JSON_FENCE.sub("", text).strip():
-            return None
-        bodies = [match.group(1) for match in fences]
-    else:
-        bodies = [text]
+    bodies = _fence_bodies(text) if text.startswith("```") else [text]
+    if bodies is None:
+        return None
     calls = []
     for body in bodies:
         found = _calls_from_json_text(body, tools)
@@ -1760,8 +1782,8 @@ def call_prospect(text, tools, untagged):
     JSON and fences count too."""
     head = text[:PROSPECT_HEAD]
     head = head.lstrip() if untagged else head.lstrip(" \t")
-    if not head:
-        return MAYBE
+    if not head:  # a long run of whitespace is held to the end too, not re-read for each token
+        return MAYBE if len(text) < PROSPECT_HEAD else CALL
     openers = TAGGED_OPENERS + UNTAGGED_OPENERS if untagged else TAGGED_OPENERS
     if any(opener.startswith(head) and opener != head for opener in TAGGED_OPENERS):
         return MAYBE  # "[" may still become [TOOL_CALLS]
@@ -1959,6 +1981,7 @@ class StreamTranslator:
         self.had_tool = False
         self.calls_from_text = 0  # tool calls recovered from text, for /metrics
         self.pending = ""  # text not yet released
+        self.held_to_end = None  # pieces of a call written as text, held whole to the end of the reply
         self.gated = bool(self.stop_sequences) or self.call_gate is not None
         self.stop_reason = None
         self.stop_sequence = None
@@ -2011,21 +2034,29 @@ class StreamTranslator:
         if not self.gated:
             self._delta("text", piece, events)
             return
+        if self.held_to_end is not None:
+            # A list, not pending += piece: a long held call would be copied whole for each token.
+            self.held_to_end.append(piece)
+            found = self.stop_matcher.scan(piece) if self.stop_matcher else None
+            if found:
+                self.pending, self.held_to_end = "".join(self.held_to_end), None
+                self._cut_at_stop_sequence(piece, found)
+            return
         if self.stop_matcher and not self.pending:
             self.stop_matcher.reset()  # whatever began a stop sequence has been released
         self.pending += piece
         if self.stop_matcher:
             found = self.stop_matcher.scan(piece)
             if found:
-                end, self.stop_sequence = found
-                self.pending = self.pending[:len(self.pending) - len(piece) + end - len(self.stop_sequence)]
-                self.stop_reason = "stop_sequence"
+                self._cut_at_stop_sequence(piece, found)
                 return
         keep = min(self.stop_matcher.held, len(self.pending)) if self.stop_matcher else 0
         gate = self.call_gate
         if gate is not None:
             keep = max(keep, len(self.pending) - gate.hold_from(self.pending))
             if keep == len(self.pending):
+                if gate.settled:
+                    self.held_to_end, self.pending = [self.pending], ""
                 return
             gate.released(self.pending[:len(self.pending) - keep])
         self._release(self.pending[:len(self.pending) - keep], events)
@@ -2033,13 +2064,20 @@ class StreamTranslator:
         if gate is not None and not gate.open and not self.pending:
             self.call_gate, self.gated = None, bool(self.stop_sequences)  # no call can come: stream freely
 
+    def _cut_at_stop_sequence(self, piece, found):
+        """pending ends with piece, in which a stop sequence ends at found[0]: the reply ends before it."""
+        end, self.stop_sequence = found
+        self.pending = self.pending[:len(self.pending) - len(piece) + end - len(self.stop_sequence)]
+        self.stop_reason = "stop_sequence"
+
     def _release(self, text, events):
         if text:
             self._delta("text", text, events)
 
     def _flush(self, events, *, before_tool=False, cut_short=False):
         """Release held text: the reply ended (maybe cut short), or a structured tool call came after it."""
-        text, self.pending = self.pending, ""
+        text = self.pending if self.held_to_end is None else self.pending + "".join(self.held_to_end)
+        self.pending, self.held_to_end = "", None
         found = self.call_gate.calls(text) if self.call_gate is not None and not before_tool else None
         if found and cut_short and not text.rstrip().endswith(CLOSED_CALL_ENDINGS):
             found = None  # the reply stopped inside its last call
@@ -2299,19 +2337,24 @@ class UpstreamExchange:
     The body is split into lines as it arrives, each byte looked at once: complete lines wait in
     `_lines` for pop_lines(), the unterminated rest in `_tail`."""
 
-    def __init__(self, sock, address, pool=None, request=b"", reused=False):
+    def __init__(self, sock, address, client=None, request=b"", reused=False):
         self.sock = sock  # non-blocking: one poll object waits for the whole answer
         self.address = address
-        self.pool = pool
+        self.client = client  # the OllamaClient that keeps the connection afterwards, if any
         self.request_bytes = request  # sent once more if a kept connection turns out closed
         self.reused = reused
         self.fd = sock.fileno()
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
+        self.unusable = False  # the connection must not carry another request
+        self._begin_answer()
+
+    def _begin_answer(self):
+        """Nothing of an answer read yet: at the start, and after a failover to another host."""
         self.status = None
         self.headers = {}
         self.finished = False  # the body is complete
-        self.unusable = False  # the connection must not carry another request
+        self.delivered = False  # pop_lines() has given out a line: the answer can no longer move
         self._raw = b""  # received, not yet parsed
         self._lines = []
         self._tail = bytearray()
@@ -2339,10 +2382,10 @@ class UpstreamExchange:
                     upstream_only.poll(remaining * 1000)
         except ProxyError:
             self.unusable = True
-        if (self.pool is not None and self.finished and not self.unusable and self._framing != "close"
+        if (self.client is not None and self.finished and not self.unusable and self._framing != "close"
                 and not self._lines and not self._tail
                 and self.headers.get("connection", "").lower() != "close"):
-            self.pool.keep(self.sock)
+            self.client.keep(self.sock)
         else:
             self.close()
 
@@ -2351,17 +2394,15 @@ class UpstreamExchange:
         if not (self.reused and self.status is None and not self._raw):
             return False
         self.reused = False
+        # Connect first: if the host is gone, the exchange stays as it was, for a failover to take over.
+        self._switch_to(self.client.send_on_new_connection(self.request_bytes))
+        return True
+
+    def _switch_to(self, sock):
         self.poller.unregister(self.fd)
         self.close()
-        sock = self.pool._connect()
-        try:
-            send_nonblocking(sock, self.request_bytes, self.pool.config.ollama_timeout)
-        except OSError as exc:
-            sock.close()
-            raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
         self.sock, self.fd = sock, sock.fileno()
         self.poller.register(sock, select.POLLIN)
-        return True
 
     def close(self):
         try:
@@ -2369,18 +2410,14 @@ class UpstreamExchange:
         except OSError:
             pass
 
-    def answered(self):
-        """Whether any byte of Ollama's answer has arrived."""
-        return self.status is not None or bool(self._raw)
-
     def take_over(self, other):
-        """Go on with another host's exchange of the same request: failover before any answer.
-        The poller stays, with what else it watches (the client)."""
-        self.poller.unregister(self.fd)
-        self.close()
-        self.sock, self.fd, self.address, self.pool = other.sock, other.fd, other.address, other.pool
+        """Go on with another host's exchange of the same request: failover before any line of the
+        answer was given out. Whatever the failed host had begun to answer is forgotten; the poller
+        stays, with what else it watches (the client)."""
+        self._switch_to(other.sock)
+        self.address, self.client = other.address, other.client
         self.request_bytes, self.reused, self.unusable = other.request_bytes, other.reused, other.unusable
-        self.poller.register(self.sock, select.POLLIN)
+        self._begin_answer()
 
     def tls_pending(self):
         """Decrypted bytes that poll() cannot see, because they left the socket already."""
@@ -2408,11 +2445,11 @@ class UpstreamExchange:
 
     def _at_eof(self):
         if self.status is None:
-            raise self.broken("closed the connection without answering")
+            raise self.broken("closed the connection without answering", "closed")
         if self._framing == "close":
             self._end_of_body()
         elif not self.finished:
-            raise self.broken("closed the connection mid-reply")
+            raise self.broken("closed the connection mid-reply", "closed")
         self.unusable = True
 
     def _parse(self):
@@ -2578,10 +2615,10 @@ class UpstreamExchange:
             self._lines.append(bytes(self._tail))
         self._tail = bytearray()
 
-    def broken(self, what):
+    def broken(self, what, failure="other"):
         """The error for an answer that breaks HTTP: a 502, and a connection never used again."""
         self.unusable = True
-        return ProxyError(502, f"Ollama at {self.address} {what}")
+        return ProxyError(502, f"Ollama at {self.address} {what}", upstream_failure=failure)
 
     def has_lines(self):
         return bool(self._lines)
@@ -2590,6 +2627,8 @@ class UpstreamExchange:
         """The non-empty complete lines of the body so far, and the unterminated rest once the
         body is complete."""
         lines, self._lines = self._lines, []
+        if lines:
+            self.delivered = True
         return lines
 
     def read_body(self, timeout):
@@ -2711,13 +2750,17 @@ class OllamaClient:
                 return UpstreamExchange(sock, self.address, self, request, reused=True)
             except OSError:
                 sock.close()
+        return UpstreamExchange(self.send_on_new_connection(request), self.address, self, request)
+
+    def send_on_new_connection(self, request):
+        """A new connection to the host with the request sent on it."""
         sock = self._connect()
         try:
             send_nonblocking(sock, request, self.config.ollama_timeout)
         except OSError as exc:
             sock.close()
             raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
-        return UpstreamExchange(sock, self.address, self, request)
+        return sock
 
     def _connect(self):
         ollama = self.ollama
@@ -2810,9 +2853,7 @@ def failure_kind(error):
         return "reset"
     if error.status == 504 or isinstance(cause, socket.timeout):
         return "timeout"
-    if "closed the connection" in error.message:
-        return "closed"
-    return "other"
+    return error.upstream_failure or "other"
 
 
 class UpstreamPool:
@@ -3060,16 +3101,34 @@ class UpstreamRoute:
 
     def open(self, path, payload):
         """Send the request to the best host, moving on from hosts that cannot be reached."""
+        return self._send(lambda host: host.open("POST", path, payload))
+
+    def fail_over(self, exchange, error):
+        """After `error` and before any line of the answer was given out: send the request to the
+        next host and go on there. False when it cannot be moved (the error stands);
+        every_host_failed() when no host is left to move to."""
+        if error.status != 502 or exchange.delivered or self.host is None:
+            return False
+        failed, self.host = self.host, None
+        self.pool.release(failed)
+        self._host_failed(failed, error)
+        moved = self._send(lambda host: host.resend(exchange.request_bytes))
+        exchange.take_over(moved)
+        log.info("upstream: moved a request from Ollama at %s to %s", failed.address, self.host.address)
+        return True
+
+    def _send(self, send):
+        """send(host) on the next host until one takes the request; that host's exchange. Every host
+        reserved is released on every path but the one that returns."""
         while True:
             host = self.pool.reserve(self)
             if host is None:
                 raise every_host_failed(self.failures)
             try:
-                exchange = host.open("POST", path, payload)
+                exchange = send(host)
             except ProxyError as error:
                 self.pool.release(host)
-                self.pool.mark_down(host, error)
-                self.failures.append(error)
+                self._host_failed(host, error)
                 continue
             except BaseException:  # not the host's fault: give its place back and let the error stand
                 self.pool.release(host)
@@ -3078,31 +3137,9 @@ class UpstreamRoute:
             self.pool.remember(self, host)
             return exchange
 
-    def fail_over(self, exchange, error):
-        """After `error` and before any byte of an answer: send the request to the next host and
-        go on there. False when it cannot be moved (the error stands); every_host_failed() when no
-        host is left to move to."""
-        if error.status != 502 or exchange.answered():
-            return False
-        self.pool.release(self.host)
-        self.pool.mark_down(self.host, error)
-        self.host = None
+    def _host_failed(self, host, error):
+        self.pool.mark_down(host, error)
         self.failures.append(error)
-        while True:
-            host = self.pool.reserve(self)
-            if host is None:
-                raise every_host_failed(self.failures)
-            try:
-                exchange.take_over(host.resend(exchange.request_bytes))
-            except ProxyError as error:
-                self.pool.release(host)
-                self.pool.mark_down(host, error)
-                self.failures.append(error)
-                continue
-            log.info("upstream: moved a request to Ollama at %s", host.address)
-            self.host = host
-            self.pool.remember(self, host)
-            return True
 
     def finish(self):
         if self.host is not None:
@@ -4812,8 +4849,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         commit_at = time.monotonic() + self.FAIL_FAST_SECONDS if commit else None
         first_wait = (f"Ollama sent nothing for {config.ollama_first_token_timeout:g} s "
                       "(OLLAMA_FIRST_TOKEN_TIMEOUT): the model may still be loading or the prompt is very long")
-        while exchange.status is None:
-            if commit_at is not None and time.monotonic() >= commit_at:
+        # Until a line of the answer is given out, a host that fails costs the client nothing: the
+        # request moves to the next host (a stream's message_start says nothing a move changes).
+        while exchange.status in (None, 200) and not (exchange.has_lines() or exchange.finished):
+            if commit_at is not None and (exchange.status == 200 or time.monotonic() >= commit_at):
                 commit()
                 commit_at = None
             try:
