@@ -948,12 +948,152 @@ def forces_tool_use(request):
 
 def forced_tool_format(tools):
     """Ollama's `format` (a JSON schema its sampler enforces) that leaves the model no answer but a
-    call to one of the tools: {"name": one of them, "arguments": that tool's input}."""
-    schemas = [tool["input_schema"] for tool in tools]
-    return {"type": "object",
-            "properties": {"name": {"type": "string", "enum": [tool["name"] for tool in tools]},
-                           "arguments": schemas[0] if len(schemas) == 1 else {"anyOf": schemas}},
-            "required": ["name", "arguments"]}
+    call to one of the tools: {"name": N, "arguments": N's input}, one branch per tool, so that one
+    tool's name never comes with another tool's arguments."""
+    calls = [{"type": "object",
+              "properties": {"name": {"const": tool["name"]}, "arguments": lean_schema(tool["input_schema"])},
+              "required": ["name", "arguments"]}
+             for tool in tools]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+# How much of a schema one check may walk: a $ref cycle or nested anyOf branches (a client's
+# schema, so possibly made to explode) must end. What lies beyond is taken as valid: Ollama's
+# sampler has already held the output to the schema where it can.
+SCHEMA_CHECK_STEPS = 10000
+SCHEMA_CHECK_DEPTH = 64  # and how deep: each level of a value or a $ref is a call
+JSON_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
+              "number": (int, float), "integer": int}
+
+
+def schema_violation(value, schema):
+    """Where decoded JSON breaks a tool's input_schema, or None."""
+    return SchemaCheck(schema).violation(value, schema, "input")
+
+
+class SchemaCheck:
+    """One check of a value against a JSON schema. The keywords that say what a valid value is are
+    checked (type, enum, const, properties, required, additionalProperties, items, prefixItems,
+    lengths and bounds, anyOf, oneOf, allOf, not, local $refs); `pattern` is not, as a client's
+    regular expression run on a model's text could take any time."""
+
+    def __init__(self, root):
+        self.root = root
+        self.steps_left = SCHEMA_CHECK_STEPS
+
+    def violation(self, value, schema, path, depth=0):
+        self.steps_left -= 1
+        if not isinstance(schema, dict) or self.steps_left < 0 or depth > SCHEMA_CHECK_DEPTH:
+            return None
+        reference = schema.get("$ref")
+        if isinstance(reference, str) and reference.startswith("#"):
+            found = self.violation(value, self._resolve(reference), path, depth + 1)
+            if found:
+                return found
+        kinds = schema.get("type")
+        kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else None
+        if kinds is not None and not any(_json_type_is(value, kind) for kind in kinds):
+            return f"{path} is not of type {' or '.join(map(str, kinds))}"
+        if "const" in schema and not _json_equal(value, schema["const"]):
+            return f"{path} is not {schema['const']!r}"
+        if isinstance(schema.get("enum"), list) and not any(_json_equal(value, item) for item in schema["enum"]):
+            return f"{path} is not one of the allowed values"
+        found = _bound_violation(value, schema, path)
+        if found is None and isinstance(value, dict):
+            found = self._object(value, schema, path, depth)
+        elif found is None and isinstance(value, list):
+            found = self._array(value, schema, path, depth)
+        return found or self._combined(value, schema, path, depth)
+
+    def _resolve(self, reference):
+        target = self.root
+        for part in reference[2:].split("/") if reference != "#" else ():
+            target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+        return target
+
+    def _object(self, value, schema, path, depth):
+        required = schema.get("required")
+        for name in required if isinstance(required, list) else ():
+            if isinstance(name, str) and name not in value:
+                return f"{path} lacks the required {name!r}"
+        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        additional = schema.get("additionalProperties")
+        for name, item in value.items():
+            if name in properties:
+                found = self.violation(item, properties[name], f"{path}.{name}", depth + 1)
+            elif additional is False:
+                found = f"{path} has {name!r}, which the schema does not allow"
+            else:
+                found = self.violation(item, additional, f"{path}.{name}", depth + 1)
+            if found:
+                return found
+        return None
+
+    def _array(self, value, schema, path, depth):
+        prefix = schema.get("prefixItems") if isinstance(schema.get("prefixItems"), list) else []
+        items = schema.get("items")
+        if isinstance(items, list):  # draft 4-7 tuples
+            prefix, items = items, schema.get("additionalItems")
+        for index, item in enumerate(value):
+            inner = prefix[index] if index < len(prefix) else items
+            if inner is False:
+                return f"{path} has more items than the schema allows"
+            found = self.violation(item, inner, f"{path}[{index}]", depth + 1)
+            if found:
+                return found
+        return None
+
+    def _combined(self, value, schema, path, depth):
+        for key in ("allOf", "anyOf", "oneOf"):
+            branches = schema.get(key)
+            if not isinstance(branches, list) or not branches:
+                continue
+            matching = sum(1 for inner in branches if self.violation(value, inner, path, depth + 1) is None)
+            if (key == "allOf" and matching < len(branches) or key == "anyOf" and not matching
+                    or key == "oneOf" and matching != 1):
+                return f"{path} does not match {key}"
+        if isinstance(schema.get("not"), dict) and self.violation(value, schema["not"], path, depth + 1) is None:
+            return f"{path} matches what the schema rules out"
+        return None
+
+
+def _json_type_is(value, kind):
+    wanted = JSON_TYPES.get(kind)
+    if wanted is None:
+        return True  # a type this check does not know: not ours to refuse
+    if isinstance(value, bool):
+        return kind == "boolean"
+    if kind == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, wanted)
+
+
+def _json_equal(a, b):
+    """JSON equality: true is not 1, and 1 is 1.0."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[key], b[key]) for key in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _bound_violation(value, schema, path):
+    if isinstance(value, str):
+        checks = (("minLength", lambda n: len(value) < n), ("maxLength", lambda n: len(value) > n))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        checks = (("minimum", lambda n: value < n), ("maximum", lambda n: value > n),
+                  ("exclusiveMinimum", lambda n: value <= n), ("exclusiveMaximum", lambda n: value >= n))
+    elif isinstance(value, list):
+        checks = (("minItems", lambda n: len(value) < n), ("maxItems", lambda n: len(value) > n))
+    else:
+        return None
+    for key, broken in checks:
+        bound = schema.get(key)
+        if isinstance(bound, (int, float)) and not isinstance(bound, bool) and broken(bound):
+            return f"{path} breaks {key} {bound}"
+    return None
 
 
 def ollama_tools(tools):
@@ -1925,10 +2065,11 @@ class StopSequenceMatcher:
 class ForcedToolCall:
     """The reply to a request that forces tool use: Ollama's output is held to one JSON object
     {"name", "arguments"} (forced_tool_format). It is collected rather than streamed as text and
-    becomes one tool_use block when the reply ends."""
+    becomes one tool_use block when the reply ends, if the arguments fit the named tool's schema
+    (where Ollama does not enforce `format`, nothing else holds them to it)."""
 
-    def __init__(self, tool_names):
-        self.tool_names = tool_names
+    def __init__(self, tools):
+        self.tools = tools  # {name: input_schema}
         self.parts = []
 
     def take(self, text):
@@ -1944,9 +2085,16 @@ class ForcedToolCall:
             value = decode_strict_json(self.text)
         except (ValueError, RecursionError):
             return None
-        if isinstance(value, dict) and value.get("name") in self.tool_names and isinstance(value.get("arguments"), dict):
-            return value["name"], value["arguments"]
-        return None
+        if not isinstance(value, dict) or set(value) != {"name", "arguments"} or value["name"] not in self.tools:
+            return None
+        name, arguments = value["name"], value["arguments"]
+        if not isinstance(arguments, dict):
+            return None
+        violation = schema_violation(arguments, self.tools[name])
+        if violation:
+            log.info("a forced call to %s left as text: %s", name, violation)
+            return None
+        return name, arguments
 
 
 class StreamTranslator:
@@ -1971,7 +2119,7 @@ class StreamTranslator:
         self.stop_matcher = StopSequenceMatcher(self.stop_sequences) if self.stop_sequences else None
         self.tools = offered_tools(tool_names)  # names, or {name: input_schema} to type XML parameters
         self.tool_names = frozenset(self.tools)
-        self.forced_call = ForcedToolCall(self.tool_names) if forced and self.tools else None
+        self.forced_call = ForcedToolCall(self.tools) if forced and self.tools else None
         self.dropped_calls = []  # structured calls to tools the client did not offer
         self.show_thinking = show_thinking
         self.call_gate = TextCallGate(self.tools) if recover_tool_calls and self.tools else None
@@ -2925,6 +3073,11 @@ class UpstreamPool:
 
     def has_model(self, host, model):
         return host.models is None or any(same_model(model, name) for name in host.models)
+
+    def installed(self, model):
+        """Whether a host listed the model the last time it was asked (never asks)."""
+        return any(host.models is not None and any(same_model(model, name) for name in host.models)
+                   for host in self.hosts)
 
     # -- routing ---------------------------------------------------------------------
     def route(self, model, payload):
@@ -4023,7 +4176,9 @@ FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60
 
 
 def label_value(value):
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    # backslashreplace: a lone surrogate (valid in JSON's \\uXXXX) must not make the page unencodable.
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def labels(**pairs):
@@ -4055,11 +4210,12 @@ class Metrics:
     """What GET /metrics reports, in Prometheus' text format 0.0.4. Each request costs one lock and
     a few dictionary updates; gauges and the cache and upstream counts are read when scraped."""
 
-    def __init__(self, config):
+    def __init__(self, config, installed=lambda model: False):
         self.lock = threading.Lock()
-        # A model label only for models this proxy serves: names clients make up would each
-        # become a series of their own.
+        # A model label only for models this proxy is configured with or Ollama has installed:
+        # names clients make up would each become a series of their own.
         self.known_models = {config.ollama_model, *config.model_map.values()}
+        self.installed = installed
         self.requests = collections.Counter()  # (route, status, model) -> count
         self.durations = {}  # route -> Histogram
         self.first_token = Histogram(FIRST_TOKEN_BUCKETS)
@@ -4069,7 +4225,7 @@ class Metrics:
 
     def request_done(self, route, status, model, seconds, first_token_seconds, input_tokens, output_tokens,
                      calls_from_text=0):
-        if model != "none" and status >= 400 and model not in self.known_models:
+        if model != "none" and model not in self.known_models and not self.installed(model):
             model = "other"
         with self.lock:
             self.requests[route, status, model] += 1
@@ -4199,7 +4355,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.config = config
         self.ollama = UpstreamPool(config)
         self.cache = ResponseCache(config)
-        self.metrics = Metrics(config)
+        self.metrics = Metrics(config, installed=self.ollama.installed)
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
         self.origin_policy = OriginPolicy(config)
         self.read_deadlines = ReadDeadlines()
@@ -4661,13 +4817,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if type(max_tokens) is not int or max_tokens < 0:
             max_tokens = self.config.default_max_tokens
         _, input_tokens = anthropic_to_ollama(dict(request, max_tokens=max_tokens), ollama_model, self.config)
+        self.require_model(ollama_model)
+        self.send_json(200, {"input_tokens": input_tokens})
+
+    def require_model(self, ollama_model):
+        """A 404 for a model Ollama lacks, on a route that answers without generating. Ollama
+        unreachable is no error there: the answer needs no Ollama."""
         try:
-            self.server.ollama.capabilities(ollama_model)  # a model Ollama lacks is a 404 here too
+            self.server.ollama.capabilities(ollama_model)
         except ProxyError as error:
             if error.status == 404:
                 raise
-            # Ollama unreachable: the estimate needs no Ollama, so it is still the answer.
-        self.send_json(200, {"input_tokens": input_tokens})
 
     def route_messages(self):
         request = validate_messages_request(self.read_json(), default_max_tokens=self.config.default_max_tokens)
@@ -4697,6 +4857,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.input_estimate = input_tokens
 
         if request["max_tokens"] == 0:
+            self.require_model(ollama_model)
             return self.respond_message(empty_message(model, input_tokens, "max_tokens"), stream, cache_state)
         if "thinking" in ollama.capabilities(ollama_model):
             payload["think"] = ollama_think(request)
