@@ -17,18 +17,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent / "standins")]
-
-import claude_vast  # noqa: E402
-from vast_api import VastStandIn, free_port, offer  # noqa: E402
-
-
-def need(condition, reason):
-    if not condition:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must run this test: " + reason)
-        pytest.skip(reason)
+import claude_vast
+from standins.proxy import free_port
+from standins.support import ROOT, need
+from standins.vast_api import VastStandIn, offer
 
 
 def _mount_namespaces_work():

@@ -32,21 +32,8 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pids_in_namespace(namespace):
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if os.readlink("/proc/%s/ns/mnt" % entry) == namespace:
-                    pids.append(int(entry))
-    return pids
+from standins.proxy import free_port
+from standins.sshlab import _pids_in_namespace
 
 
 ###############################################################################
