@@ -20,7 +20,6 @@ import fcntl
 import json
 import logging
 import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -711,6 +710,26 @@ class Rental:
         return lines
 
     # -- management -----------------------------------------------------------
+    def target_of(self, instance):
+        identity, _ = ssh_public_key()
+        return SshTarget(instance.ssh_host, instance.ssh_port, identity,
+                         os.path.join(self.state_dir, "known_hosts-%s" % instance.id))
+
+    def idle_of(self, instance):
+        """The box's own view of its idleness (over SSH, 20 s at most), as text; None if it does not say."""
+        if not instance.ssh_host:
+            return None
+        try:
+            done = subprocess.run(self.target_of(instance).command(
+                "python3 ~/%s/claude_vast.py idle" % BOX_FOLDER, connect_timeout=10),
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
+            report = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError, OSError):
+            return None
+        idle = "idle %s" % show_duration(report["idle_s"]) if report.get("idle_s") is not None else "proxy not answering"
+        attached = ", %d launcher(s) attached" % report["attached"] if report.get("attached") else ""
+        return idle + attached
+
     def status_lines(self, idle_of=None):
         """--vast --status: our instances and the account's credit. idle_of(instance) -> text or None."""
         ours = self.provider.list_by_label(self.label)
@@ -1011,10 +1030,13 @@ def arm_watchdog(ssh_command, settings, timeout=60):
 
 
 def idle_report(folder=None):
-    """--vast --status asks the box this: the watchdog's view, as JSON."""
+    """What --vast --status shows of a running box, as the watchdog sees it: the proxy's idle
+    seconds (None when it does not answer), launchers attached, and the watchdog's verdict."""
     watchdog = Watchdog(folder)
+    activity = watchdog.proxy_activity(watchdog.settings().get("proxy_port"))
     kind, why = watchdog.decide()
-    return {"decision": kind, "why": why}
+    return {"idle_s": activity[0] if activity else None, "attached": len(watchdog.heartbeats(time.time())),
+            "decision": kind, "why": why}
 
 
 ###############################################################################
