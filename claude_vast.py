@@ -834,13 +834,32 @@ class Watchdog:
         except (OSError, ValueError):
             return {}
 
+    def proxy_key(self):
+        """The key the deployed proxy checks: the user's PROXY_API_KEY in proxy.json, else the one
+        the deploy generated (proxy.key); proxy.env of launchers before 1.1."""
+        try:
+            with open(self.path("proxy.json")) as f:
+                key = json.load(f).get("PROXY_API_KEY")
+            if key:
+                return key
+        except (OSError, ValueError, AttributeError):
+            pass
+        try:
+            with open(self.path("proxy.key")) as f:
+                key = f.read().strip()
+            if key:
+                return key
+        except OSError:
+            pass
+        return read_env_file(self.path("proxy.env")).get("PROXY_API_KEY")
+
     def proxy_activity(self, port):
         """(seconds since the last request, requests in flight), or None when the proxy does not answer."""
         if not port:
             return None
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         request = urllib.request.Request("http://127.0.0.1:%d/health" % int(port))
-        key = read_env_file(self.path("proxy.env")).get("PROXY_API_KEY")
+        key = self.proxy_key()
         if key:  # without it /health says only whether it works
             request.add_header("x-api-key", key)
         try:
