@@ -538,13 +538,14 @@ class Rental:
     summary(); status(), stop_all(), destroy_all() for --vast --status/--stop/--destroy."""
 
     def __init__(self, provider, label=DEFAULT_LABEL, query=None, image=DEFAULT_IMAGE, boot_timeout=DEFAULT_BOOT_TIMEOUT,
-                 poll=3.0, auth_retry=60.0, state_dir=None, say=None, vast_url=DEFAULT_URL):
+                 poll=3.0, auth_retry=60.0, state_dir=None, say=None, vast_url=DEFAULT_URL, home=None):
         self.provider, self.label, self.query, self.image = provider, label, query or OfferQuery(), image
         self.boot_timeout, self.poll, self.auth_retry = boot_timeout, poll, auth_retry
         self.state_dir = state_dir or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "simple_api_proxy", "vast")
         self.say = say or (lambda text: sys.stderr.write("claude_start: " + text + "\n"))
         self.vast_url = vast_url
+        self.home = home  # whose ~/.ssh key is registered and used (default: $HOME)
         self.instance = None
         self.rented_now = False
         self.started_at = None
@@ -552,7 +553,7 @@ class Rental:
 
     # -- acquire -----------------------------------------------------------
     def acquire(self):
-        identity, public_key = ssh_public_key()
+        identity, public_key = ssh_public_key(self.home)
         self.credit_at_start = self.provider.credit()
         ours = self.provider.list_by_label(self.label)
         running = [i for i in ours if i.state in ("running", "starting")]
@@ -711,7 +712,7 @@ class Rental:
 
     # -- management -----------------------------------------------------------
     def target_of(self, instance):
-        identity, _ = ssh_public_key()
+        identity, _ = ssh_public_key(self.home)
         return SshTarget(instance.ssh_host, instance.ssh_port, identity,
                          os.path.join(self.state_dir, "known_hosts-%s" % instance.id))
 
