@@ -154,9 +154,11 @@ class VastStandIn:
     finishes booting), "gpu_taken": True (a restart waits for the GPU for ever), fail(...) (the next
     matching request gets a 429, a {"success": false}, or an answer later than the client waits)."""
 
-    def __init__(self, root, authorized_key, path_dirs=(), key=None, credit=25.0, boot_delay=0.3, offers=()):
+    def __init__(self, root, authorized_key, path_dirs=(), key=None, credit=25.0, boot_delay=0.3, offers=(),
+                 image_setup=None):
         self.root = Path(root)
         self.authorized_key, self.path_dirs = authorized_key, list(path_dirs)
+        self.image_setup = image_setup  # image_setup(home, instance_id): what the image puts in /root
         self.key = key or secrets.token_hex(32)
         self.credit, self.boot_delay = credit, boot_delay
         self.offers = {o["id"]: dict(o) for o in offers}
@@ -226,8 +228,10 @@ class VastStandIn:
         self.instances[instance_id] = row
         env = {k: v for k, v in (body.get("env") or {}).items() if not k.startswith("-")}
         env.update(CONTAINER_ID=str(instance_id), CONTAINER_API_KEY=row["instance_api_key"])
-        self.containers[instance_id] = Container(self.root / ("instance-%d" % instance_id), self.authorized_key,
-                                                 self.path_dirs, env)
+        container = self.containers[instance_id] = Container(self.root / ("instance-%d" % instance_id),
+                                                             self.authorized_key, self.path_dirs, env)
+        if self.image_setup:
+            self.image_setup(container.home, instance_id)
         self.schedule_boot(instance_id)
         return 200, {"success": True, "new_contract": instance_id, "instance_api_key": row["instance_api_key"]}
 
