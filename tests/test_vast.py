@@ -312,3 +312,23 @@ def test_the_proxys_health_says_how_long_it_has_been_idle_and_the_watchdog_reads
     finally:
         proxy.terminate()
         proxy.wait(timeout=30)
+
+
+def test_a_restart_that_waits_for_its_gpu_says_so_and_how_to_rent_another(vast, tmp_path):
+    rental(vast, tmp_path).acquire()
+    (instance_id,) = vast.instances
+    vast.offers[vast.instances[instance_id]["offer"]]["gpu_taken"] = True
+    provider_for(vast).stop(instance_id)
+    with pytest.raises(claude_vast.BootFailed, match="still waits for its GPU after 1s.*claude_start.sh --vast "
+                                                     "--destroy --yes && claude_start.sh --vast"):
+        rental(vast, tmp_path, boot_timeout=1).acquire()
+    assert instance_id in vast.instances  # a resumed instance holds the user's disk: never destroyed unasked
+
+
+def test_idle_action_destroy_destroys_with_the_instance_key(vast, tmp_path):
+    target = rental(vast, tmp_path).acquire()
+    (instance_id,) = vast.instances
+    _deploy_watchdog(vast, target, instance_id, idle_action="destroy")
+    vast.wait_for(lambda: instance_id not in vast.instances)
+    assert [whose for method, path, _, whose in vast.requests
+            if method == "DELETE" and path == "/api/v0/instances/%d/" % instance_id] == ["instance"]
