@@ -740,11 +740,12 @@ class Rental:
         for instance in ours:
             running = instance.state in ("running", "starting")
             idle = idle_of(instance) if idle_of and instance.state == "running" else None
-            lines.append("instance %s  %-10s %-14s %s/h  up %s  cost so far ~%s%s" % (
-                instance.id, instance.state, instance.gpu, show_money(instance.dollars_per_hour),
-                show_duration(instance.uptime) if running else "-",
-                show_money(instance.uptime / 3600 * instance.dollars_per_hour) if running else "-",
-                "  idle %s" % idle if idle else ""))
+            line = "instance %s  %-10s %-14s %s/h" % (instance.id, instance.state, instance.gpu,
+                                                     show_money(instance.dollars_per_hour))
+            if running:
+                line += "  up %s  cost so far ~%s" % (show_duration(instance.uptime),
+                                                      show_money(instance.uptime / 3600 * instance.dollars_per_hour))
+            lines.append(line + ("  " + idle if idle else ""))
         return lines
 
     def stop_all(self):
