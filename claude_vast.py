@@ -19,6 +19,7 @@ Sections, each using only those above it:
 import fcntl
 import json
 import logging
+import logging.handlers
 import os
 import socket
 import subprocess
@@ -281,8 +282,9 @@ def read_api_key(environ=os.environ):
     key = environ.get("VAST_API_KEY", "").strip()
     if key:
         return key, "VAST_API_KEY"
+    home = environ.get("HOME") or os.path.expanduser("~")
     for name in KEY_FILES:
-        path = os.path.expanduser(name)
+        path = os.path.join(home, name[len("~/"):])
         try:
             with open(path) as f:
                 key = f.read().strip()
@@ -558,23 +560,23 @@ class Rental:
         ours = self.provider.list_by_label(self.label)
         running = [i for i in ours if i.state in ("running", "starting")]
         stopped = [i for i in ours if i.state in ("stopped", "scheduling")]
-        fresh_host_key = False
         if running:
             self.instance = running[-1]
+            fresh_host_key = self.instance.state == "starting"
             self.say("using %s instance %s (%s, %s/h), up %s"
                      % (self.instance.state, self.instance.id, self.instance.gpu,
                         show_money(self.instance.dollars_per_hour), show_duration(self.instance.uptime)))
             if len(ours) > 1:
                 self.say("note: %d instances carry the label %s: see --vast --status" % (len(ours), self.label))
         elif stopped:
+            fresh_host_key = True
             self.instance = stopped[-1]
             self.say("starting stopped instance %s (%s, %s/h)"
                      % (self.instance.id, self.instance.gpu, show_money(self.instance.dollars_per_hour)))
             self.provider.start(self.instance.id)
-            fresh_host_key = True
         else:
-            self.rent(public_key)
             fresh_host_key = True
+            self.rent(public_key)
         self.say("credit: %s; this box costs %s/h" % (show_money(self.credit_at_start),
                                                        show_money(self.instance.dollars_per_hour)))
         known_hosts = os.path.join(self.state_dir, "known_hosts-%s" % self.instance.id)
@@ -624,6 +626,7 @@ class Rental:
         deadline = time.monotonic() + self.boot_timeout
         began = time.monotonic()
         last_said = None
+        python_said = False
         auth_since = None
         while True:
             instance = self.provider.show(self.instance.id)
@@ -644,6 +647,9 @@ class Rental:
                     self.say("SSH answers at %s:%s (%s)" % (target.host, target.port,
                                                           show_duration(time.monotonic() - began)))
                     return target
+                if answer == "python3" and not python_said:
+                    self.say("instance %s: waiting for its on-start script to install python3" % instance.id)
+                    python_said = True
                 if answer == "auth":
                     auth_since = auth_since or time.monotonic()
                     if time.monotonic() - auth_since > self.auth_retry:
@@ -662,19 +668,24 @@ class Rental:
 
     @staticmethod
     def ssh_answers(target):
-        """True once a login works; "auth" while the key is refused; False while nothing answers."""
+        """True once a login works and python3 is there (an image without it gets it from the
+        on-start script); "python3" while it is not; "auth" while the key is refused; False while
+        nothing answers."""
         try:
             with socket.create_connection((target.host, target.port), timeout=5):
                 pass
         except OSError:
             return False
         try:
-            done = subprocess.run(target.command("true", connect_timeout=5), stdin=subprocess.DEVNULL,
+            done = subprocess.run(target.command("command -v python3 >/dev/null 2>&1 || exit 3", connect_timeout=5),
+                                  stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
         except subprocess.TimeoutExpired:
             return False
         if done.returncode == 0:
             return True
+        if done.returncode == 3:
+            return "python3"
         return "auth" if b"Permission denied" in done.stderr else False
 
     # -- the box's watchdog --------------------------------------------------
@@ -1068,8 +1079,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else ""
     if command == "watchdog":
-        logging.basicConfig(filename=os.path.join(box_folder(), WATCHDOG_LOG), level=logging.INFO,
-                            format="%(asctime)s %(message)s")
+        os.makedirs(box_folder(), mode=0o700, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(os.path.join(box_folder(), WATCHDOG_LOG),
+                                                       maxBytes=1 << 20, backupCount=1)  # a line a tick, for months
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
         return Watchdog().run()
     if command == "attach":
         interval = float(argv[argv.index("--interval") + 1]) if "--interval" in argv else 15.0

@@ -332,3 +332,23 @@ def test_idle_action_destroy_destroys_with_the_instance_key(vast, tmp_path):
     vast.wait_for(lambda: instance_id not in vast.instances)
     assert [whose for method, path, _, whose in vast.requests
             if method == "DELETE" and path == "/api/v0/instances/%d/" % instance_id] == ["instance"]
+
+
+def test_an_image_without_python3_is_waited_for_until_the_on_start_script_installs_it(vast, tmp_path):
+    """The ollama/ollama image has no python3: the on-start script installs it; until then SSH
+    answers but the box is not usable yet."""
+    python = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), None)
+    need(python, "no python3 outside /root to install into the box (the box's /root is its own)")
+    bare = tmp_path / "bare-bin"
+    bare.mkdir()
+    for tool in ("sh", "mkdir", "chmod", "touch", "mv", "head", "cat", "nohup", "sleep", "ln"):
+        os.symlink(shutil.which(tool), bare / tool)
+    vast.path_dirs, vast.system_path = [str(bare)], False
+    # what apt-get does on the image: python3 appears after a while
+    (bare / "apt-get").write_text("#!/bin/sh\n[ \"$1\" = install ] && sleep 1 && ln -s %s %s/python3\nexit 0\n"
+                                  % (python, bare))
+    (bare / "apt-get").chmod(0o755)
+    said = []
+    target = rental(vast, tmp_path, said=said).acquire()
+    assert any("waiting for its on-start script to install python3" in line for line in said), said
+    assert ssh(target, "python3", "-c", "'print(1)'").stdout == "1\n"

@@ -45,12 +45,12 @@ class Container:
     is a new sshd on a new port with a new host key, and runs /root/onstart.sh as vast does; a
     stop kills every process in it."""
 
-    def __init__(self, root, authorized_key, path_dirs, env):
+    def __init__(self, root, authorized_key, path_dirs, env, system_path=True):
         self.root = Path(root)
         self.home = self.root / "home"
         (self.home / ".ssh").mkdir(parents=True)
         shutil.copy(authorized_key, self.home / ".ssh" / "authorized_keys")
-        self.path_dirs = [str(d) for d in path_dirs]
+        self.path_dirs = [str(d) for d in path_dirs] + (["/usr/local/bin", "/usr/bin", "/bin"] if system_path else [])
         self.env = env
         self.ollama_port = free_port()  # a real box has 11434 to itself; here boxes share the loopback
         passwd = "".join(re.sub(r"^(root:[^:]*:0:0:[^:]*:/root):[^:\n]*$", r"\1:/bin/sh", line)
@@ -74,7 +74,7 @@ class Container:
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
             "PermitUserEnvironment yes\nStrictModes no\nUsePAM no\nLogLevel ERROR\nMaxSessions 50\n"
             "MaxStartups 50\n" % (self.ssh_port, host_key))
-        path = ":".join(self.path_dirs + ["/usr/local/bin", "/usr/bin", "/bin"])
+        path = ":".join(self.path_dirs)
         ollama_host = "127.0.0.1:%d" % self.ollama_port
         (self.home / ".ssh" / "environment").write_text("PATH=%s\nOLLAMA_HOST=%s\n" % (path, ollama_host))
         (self.home / "onstart.sh").write_text(on_start or "")
@@ -84,9 +84,12 @@ class Container:
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         setup = ("[ -d /run/sshd ] || { mount -t tmpfs tmpfs /run && mkdir /run/sshd; } && "
                  "mount --rbind %s /root && mount --bind %s /etc/passwd && "
-                 "{ cd /root && setsid sh /root/onstart.sh >>/root/onstart.out 2>&1 </dev/null & } && "
-                 "exec %s -D -e -f %s" % (self.home, self.root / "passwd", sshd, self.root / "sshd_config"))
-        self.sshd = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", setup], env=env,
+                 "{ cd /root && %s %s PATH=%s /bin/sh /root/onstart.sh >>/root/onstart.out 2>&1 </dev/null & } && "
+                 "exec %s -D -e -f %s" % (self.home, self.root / "passwd", shutil.which("setsid"), shutil.which("env"),
+                                          path, sshd, self.root / "sshd_config"))
+        # The namespace is set up with this machine's tools; the container's PATH is the on-start script's.
+        self.sshd = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", setup],
+                                     env=dict(env, PATH=os.environ["PATH"]),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(self.root / "sshd.log", "a"))
         deadline = time.monotonic() + 20
@@ -159,6 +162,7 @@ class VastStandIn:
         self.root = Path(root)
         self.authorized_key, self.path_dirs = authorized_key, list(path_dirs)
         self.image_setup = image_setup  # image_setup(home, instance_id): what the image puts in /root
+        self.system_path = True  # False: the containers' PATH is path_dirs alone (an image without python3)
         self.key = key or secrets.token_hex(32)
         self.credit, self.boot_delay = credit, boot_delay
         self.offers = {o["id"]: dict(o) for o in offers}
@@ -229,7 +233,8 @@ class VastStandIn:
         env = {k: v for k, v in (body.get("env") or {}).items() if not k.startswith("-")}
         env.update(CONTAINER_ID=str(instance_id), CONTAINER_API_KEY=row["instance_api_key"])
         container = self.containers[instance_id] = Container(self.root / ("instance-%d" % instance_id),
-                                                             self.authorized_key, self.path_dirs, env)
+                                                             self.authorized_key, self.path_dirs, env,
+                                                             self.system_path)
         if self.image_setup:
             self.image_setup(container.home, instance_id)
         self.schedule_boot(instance_id)
