@@ -803,6 +803,7 @@ WATCHDOG_LOG = "watchdog.log"
 WATCHDOG_LOCK = "watchdog.lock"
 INSTANCE_ENV = "instance.env"
 ATTACHED = "attached"  # one file per attached launcher, touched at each heartbeat
+ARRIVAL_GRACE = 120  # seconds a launcher that armed the watchdog has to attach
 
 
 def box_folder():
@@ -977,24 +978,35 @@ class Watchdog:
             time.sleep(float(self.settings().get("tick") or 30))
 
 
+def _heartbeat(path, grace):
+    """A heartbeat file: its mtime is the beat, its text how long the beat means "attached"."""
+    with open(path + ".part", "w") as f:
+        f.write(str(grace))
+    os.replace(path + ".part", path)
+
+
 def attach(interval, folder=None):
     """The launcher's presence on the box: a file in attached/ touched at each line the launcher
-    sends (its heartbeat), removed when the launcher's connection ends."""
+    sends (its heartbeat). When the connection ends the file stays, marked detached (grace 0):
+    its time is the launcher's last activity, from which the idle time counts. It takes over from
+    the file arm_watchdog left for the launcher's arrival."""
     folder = os.path.join(folder or box_folder(), ATTACHED)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     path = os.path.join(folder, "%d" % os.getpid())
-    with open(path, "w") as f:
-        f.write(str(3 * interval + 5))
+    _heartbeat(path, 3 * interval + 5)
+    for name in os.listdir(folder):  # the arrival's file, and older sessions' detached ones
+        if name != os.path.basename(path) and not name.endswith(".part"):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
     sys.stdout.write("attached\n")
     sys.stdout.flush()
     try:
         for _ in sys.stdin:
             os.utime(path)
     finally:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+        _heartbeat(path, 0)
     return 0
 
 
@@ -1041,17 +1053,20 @@ class Attachment:
         self.thread.join(timeout=15)
 
 
-def arm_watchdog(ssh_command, settings, timeout=60):
+def arm_watchdog(ssh_command, settings, timeout=60, arrival_grace=ARRIVAL_GRACE):
     """From the laptop: put this file and watchdog.json (`settings`) on the box and make sure the
     watchdog runs (one that runs already keeps going and reads the new settings at its next tick).
     ssh_command(remote) -> argv. VastError when the box does not do it."""
     with open(os.path.abspath(__file__), "rb") as f:
         source = f.read()
     data = json.dumps(settings).encode()
-    remote = ("umask 077 && mkdir -p ~/{folder} && cd ~/{folder} && head -c {n} > claude_vast.py.part && "
+    # The launcher counts as attached from now (for arrival_grace seconds, until its attach takes
+    # over), so that the watchdog never stops the box between its start and the launcher's heartbeat.
+    remote = ("umask 077 && mkdir -p ~/{folder}/{attached} && cd ~/{folder} && head -c {n} > claude_vast.py.part && "
               "mv claude_vast.py.part claude_vast.py && cat > {settings}.part && mv {settings}.part {settings} && "
+              "echo {grace} > {attached}/arrival && "
               "(nohup python3 claude_vast.py watchdog >/dev/null 2>&1 </dev/null &) && echo armed").format(
-                  folder=BOX_FOLDER, n=len(source), settings=WATCHDOG_SETTINGS)
+                  folder=BOX_FOLDER, attached=ATTACHED, n=len(source), settings=WATCHDOG_SETTINGS, grace=arrival_grace)
     try:
         done = subprocess.run(ssh_command(remote), input=source + data, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:

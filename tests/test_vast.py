@@ -183,18 +183,12 @@ def test_a_timeout_on_create_does_not_rent_twice(vast, tmp_path):
     assert any("looking for it by its label instead of renting again" in line for line in said), said
 
 
-def _upload_claude_vast(vast, instance_id):
-    folder = vast.containers[instance_id].home / ".simple_api_proxy"
-    shutil.copy(ROOT / "claude_vast.py", folder / "claude_vast.py")
-    return folder
-
-
-def _deploy_watchdog(vast, target, instance_id, **settings):
+def _deploy_watchdog(vast, target, instance_id, arrival_grace=0.5, **settings):
     """What the launcher leaves on the box: claude_vast.py, watchdog.json, and the watchdog running."""
     values = {"provider": "vast", "vast_url": vast.url, "idle_stop": 1.0, "idle_action": "stop",
               "proxy_port": None, "tick": 0.1}
     values.update(settings)
-    claude_vast.arm_watchdog(lambda remote: target.command(remote), values)
+    claude_vast.arm_watchdog(lambda remote: target.command(remote), values, arrival_grace=arrival_grace)
     return vast.containers[instance_id].home / ".simple_api_proxy"
 
 
@@ -218,22 +212,25 @@ def test_the_watchdog_stops_an_idle_box_with_the_instance_key_and_comes_back_wit
 def test_the_watchdog_never_stops_a_box_with_a_launcher_attached(vast, tmp_path):
     target = rental(vast, tmp_path).acquire()
     (instance_id,) = vast.instances
-    _upload_claude_vast(vast, instance_id)
+    # as the launcher does it: arm (the launcher counts as arriving), then attach
+    folder = _deploy_watchdog(vast, target, instance_id, idle_stop=0.5, arrival_grace=30)
     attachment = claude_vast.Attachment(lambda remote: target.command(remote), interval=0.2).start()
     try:
         assert attachment.attached.wait(30)
-        folder = _deploy_watchdog(vast, target, instance_id, idle_stop=0.5)
         log = folder / "watchdog.log"
         # many ticks, each well past idle_stop since boot, all keeping the box
         deadline = time.monotonic() + 30
-        while (log.read_text() if log.exists() else "").count("keep: a launcher is attached") < 15:
+        while log.read_text().count("keep: a launcher is attached") < 15:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert "act:" not in log.read_text() and vast.instances[instance_id]["intended_status"] == "running"
+        assert vast.instances[instance_id]["intended_status"] == "running"
     finally:
         attachment.close()
     vast.wait_for(lambda: vast.instances[instance_id]["intended_status"] == "stopped")
-    assert os.listdir(folder / "attached") == []
+    (left,) = os.listdir(folder / "attached")  # detached: its last beat is where the idle time began
+    assert (folder / "attached" / left).read_text() == "0"
+    text = log.read_text()
+    assert "act:" not in text[:text.rindex("keep: a launcher is attached")]
 
 
 def test_status_stop_and_destroy(vast, tmp_path):
