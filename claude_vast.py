@@ -537,7 +537,8 @@ class Rental:
     it cost and what keeps billing.
 
     Parts: acquire() -> SshTarget (reuse, resume, rent, wait_usable), watchdog_settings(),
-    summary(); status(), stop_all(), destroy_all() for --vast --status/--stop/--destroy."""
+    summary(); status_lines() (with idle_of(), over target_of()), stop_all(), destroy_all() for
+    --vast --status/--stop/--destroy."""
 
     def __init__(self, provider, label=DEFAULT_LABEL, query=None, image=DEFAULT_IMAGE, boot_timeout=DEFAULT_BOOT_TIMEOUT,
                  poll=3.0, auth_retry=60.0, state_dir=None, say=None, vast_url=DEFAULT_URL, home=None):
