@@ -2967,6 +2967,14 @@ class OllamaClient:
             self._capabilities[model] = capabilities
         return capabilities
 
+    def has_installed(self, model):
+        """Whether the model was in the last list of models or answered /api/show (never asks)."""
+        with self._lock:
+            if model in self._capabilities:
+                return True
+        models = self.models
+        return models is not None and any(same_model(model, name) for name in models)
+
     def missing_model(self, model):
         try:
             names = sorted(m["name"] for m in self.installed_models())
@@ -3075,9 +3083,8 @@ class UpstreamPool:
         return host.models is None or any(same_model(model, name) for name in host.models)
 
     def installed(self, model):
-        """Whether a host listed the model the last time it was asked (never asks)."""
-        return any(host.models is not None and any(same_model(model, name) for name in host.models)
-                   for host in self.hosts)
+        """Whether a host is known to have the model: it listed it, or described it (never asks)."""
+        return any(host.has_installed(model) for host in self.hosts)
 
     # -- routing ---------------------------------------------------------------------
     def route(self, model, payload):
