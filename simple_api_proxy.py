@@ -2226,9 +2226,9 @@ class StreamTranslator:
         """Release held text: the reply ended (maybe cut short), or a structured tool call came after it."""
         text = self.pending if self.held_to_end is None else self.pending + "".join(self.held_to_end)
         self.pending, self.held_to_end = "", None
-        found = self.call_gate.calls(text) if self.call_gate is not None and not before_tool else None
-        if found and cut_short and not text.rstrip().endswith(CLOSED_CALL_ENDINGS):
-            found = None  # the reply stopped inside its last call
+        # A reply cut short inside its last call is text: it is not parsed at all.
+        complete = not cut_short or text.rstrip().endswith(CLOSED_CALL_ENDINGS)
+        found = self.call_gate.calls(text) if self.call_gate is not None and not before_tool and complete else None
         if found:
             prefix, calls = found
             self._release(prefix if prefix.strip() else "", events)
