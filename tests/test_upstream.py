@@ -518,7 +518,7 @@ def test_chunk_parser_matches_the_whole_body_on_random_splits_of_real_streams():
             cuts = sorted(rng.sample(range(1, len(wire)), rng.choice([1, 2, 5, 20, min(200, len(wire) - 1)])))
             lines, exchange = read_in_pieces(wire, cuts, fd_holder.fileno())
             assert lines == expected[number], cuts
-            assert exchange.finished and not exchange.unusable
+            assert exchange.finished and not exchange.response.unusable
             splits += 1
     assert splits >= 600
 
@@ -532,8 +532,8 @@ def test_an_answer_of_many_odd_chunks_is_split_once_not_once_per_chunk():
     with socket.socket() as fd_holder:
         exchange = proxy.UpstreamExchange(ScriptedSocket([wire], fd_holder.fileno()), "test")
         calls = []
-        fast = exchange._whole_line_chunks
-        exchange._whole_line_chunks = lambda *args: calls.append(args[1]) or fast(*args)
+        fast = exchange.response._whole_line_chunks
+        exchange.response._whole_line_chunks = lambda *args: calls.append(args[1]) or fast(*args)
         lines = []
         while not exchange.finished:
             exchange.receive()
