@@ -114,21 +114,22 @@ FALSE_WORDS = {"0", "off", "false", "no", ""}
 
 @dataclasses.dataclass(frozen=True)
 class OllamaAddress:
+    """Where one Ollama server listens; `url` is how logs, errors and /metrics name it."""
     scheme: str
-    host: str
+    hostname: str
     port: int
 
     @property
     def url(self):
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        hostname = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        return f"{self.scheme}://{hostname}:{self.port}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     api_host: str
     api_port: int
-    ollama_hosts: tuple  # of OllamaAddress, in OLLAMA_HOST's order
+    ollama_addresses: tuple  # of OllamaAddress, in OLLAMA_HOST's order
     ollama_model: str
     model_map: dict
     ollama_timeout: float
@@ -161,7 +162,7 @@ class Config:
         redis = mask_url_password(self.redis_url) if self.redis_url else "off"
         models = ",".join(f"{k}={v}" for k, v in self.model_map.items()) or "-"
         return (
-            f"listen={self.api_host}:{self.api_port} ollama={','.join(h.url for h in self.ollama_hosts)} "
+            f"listen={self.api_host}:{self.api_port} ollama={','.join(a.url for a in self.ollama_addresses)} "
             f"model={self.ollama_model} warmup={self.ollama_warmup} "
             f"model_map={models} num_ctx={self.ollama_num_ctx} timeout={self.ollama_timeout:g}s "
             f"first_token_timeout={self.ollama_first_token_timeout:g}s "
@@ -190,23 +191,23 @@ def parse_ollama_host(value):
         port = parsed.port
     except ValueError as exc:
         raise ValueError(f"OLLAMA_HOST has a bad port: {value!r}") from exc
-    host = parsed.hostname or "127.0.0.1"
-    if host in ("0.0.0.0", "::"):
+    hostname = parsed.hostname or "127.0.0.1"
+    if hostname in ("0.0.0.0", "::"):
         # A bind address is not connectable everywhere; Ollama's client rewrites it too.
-        host = "127.0.0.1"
-    return OllamaAddress(parsed.scheme, host, port or default_port)
+        hostname = "127.0.0.1"
+    return OllamaAddress(parsed.scheme, hostname, port or default_port)
 
 
 def parse_ollama_hosts(value):
     """OLLAMA_HOST: one address, or several separated by commas."""
-    hosts = tuple(parse_ollama_host(part) for part in value.split(",") if part.strip())
-    if not hosts:
+    addresses = tuple(parse_ollama_host(part) for part in value.split(",") if part.strip())
+    if not addresses:
         raise ValueError("OLLAMA_HOST is empty")
-    urls = [host.url for host in hosts]
+    urls = [address.url for address in addresses]
     for url in urls:
         if urls.count(url) > 1:
             raise ValueError(f"OLLAMA_HOST lists {url} more than once")
-    return hosts
+    return addresses
 
 
 def parse_warmup(value):
@@ -295,7 +296,7 @@ def load_config(argv=None, environ=None):
         config = Config(
             api_host=values["API_HOST"],
             api_port=values["API_PORT"],
-            ollama_hosts=parse_ollama_hosts(values["OLLAMA_HOST"]),
+            ollama_addresses=parse_ollama_hosts(values["OLLAMA_HOST"]),
             ollama_model=values["OLLAMA_MODEL"],
             model_map=parse_model_map(values["MODEL_MAP"]),
             ollama_timeout=values["OLLAMA_TIMEOUT"],
@@ -2430,7 +2431,7 @@ def upstream_stream_error(text):
     return ProxyError(502, f"Ollama reported an error mid-reply: {text}", "api_error")
 
 
-def upstream_status_error(status, text, address, estimated_tokens, num_ctx):
+def upstream_status_error(status, text, url, estimated_tokens, num_ctx):
     """An Ollama error response before any answer -> the Anthropic error (PROTOCOL C.6).
     (A 404 is a missing model; the handler answers that with the list of installed ones.)"""
     if status == 400:
@@ -2494,8 +2495,8 @@ class UpstreamResponse:
     `_lines` for pop_lines(), the unterminated rest in `_tail`. A malformed answer raises the 502
     of broken(), after which `unusable` says the connection is out of step for good."""
 
-    def __init__(self, address):
-        self.address = address  # the host's URL, for error messages
+    def __init__(self, url):
+        self.url = url  # the host's URL, for error messages
         self.status = None
         self.headers = {}
         self.finished = False  # the body is complete
@@ -2699,7 +2700,7 @@ class UpstreamResponse:
     def broken(self, what, failure="other"):
         """The error for an answer that breaks HTTP: a 502, and a connection never used again."""
         self.unusable = True
-        return ProxyError(502, f"Ollama at {self.address} {what}", upstream_failure=failure)
+        return ProxyError(502, f"Ollama at {self.url} {what}", upstream_failure=failure)
 
     def has_lines(self):
         return bool(self._lines)
@@ -2722,16 +2723,16 @@ class UpstreamExchange:
     another between tokens; a socket timeout here never poisons the connection. status, headers,
     finished, has_lines() and pop_lines() are the response's."""
 
-    def __init__(self, sock, address, client=None, request=b"", reused=False):
+    def __init__(self, sock, url, client=None, request=b"", reused=False):
         self.sock = sock  # non-blocking: one poll object waits for the whole answer
-        self.address = address
+        self.url = url
         self.client = client  # the OllamaClient that keeps the connection afterwards, if any
         self.request_bytes = request  # sent once more if a kept connection turns out closed
         self.reused = reused
         self.fd = sock.fileno()
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
-        self.response = UpstreamResponse(address)
+        self.response = UpstreamResponse(url)
 
     @property
     def status(self):
@@ -2755,7 +2756,7 @@ class UpstreamExchange:
     def pop_lines(self):
         return self.response.pop_lines()
 
-    def release(self, wait=0.05):
+    def keep_or_close(self, wait=0.05):
         """The answer's last line was read: keep the connection for the next request once the body
         has ended cleanly (its closing chunk trails the last line by a moment), else close it.
         Bytes that come after a complete answer are found by the pool's check before reuse."""
@@ -2805,7 +2806,7 @@ class UpstreamExchange:
         answer was given out. Whatever the failed host had begun to answer is forgotten; the poller
         stays, with what else it watches (the client)."""
         self._switch_to(other.sock)
-        self.address, self.client = other.address, other.client
+        self.url, self.client = other.url, other.client
         self.request_bytes, self.reused, self.response = other.request_bytes, other.reused, other.response
 
     def tls_pending(self):
@@ -2822,7 +2823,7 @@ class UpstreamExchange:
             if self._resend_on_fresh_connection():
                 return True
             self.response.unusable = True
-            raise ProxyError(502, f"the connection to Ollama at {self.address} broke: {exc}") from exc
+            raise ProxyError(502, f"the connection to Ollama at {self.url} broke: {exc}") from exc
         if not data and self._resend_on_fresh_connection():
             return True
         if not data:
@@ -2845,12 +2846,12 @@ class UpstreamExchange:
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ProxyError(504, f"Ollama at {self.address} did not answer within {timeout:g} s")
+                raise ProxyError(504, f"Ollama at {self.url} did not answer within {timeout:g} s")
             self.poller.poll(remaining * 1000)
         return b"\n".join(lines + self.pop_lines())
 
 
-def decode_ndjson(lines, address):
+def decode_ndjson(lines, url):
     """NDJSON lines -> (objects, None), in one decoder call for all the lines that arrived
     together; or (the objects before a bad line, the ProxyError naming it)."""
     try:
@@ -2868,11 +2869,11 @@ def decode_ndjson(lines, address):
         try:
             chunk = _decode_json(line.decode())
         except ValueError:
-            return chunks, ProxyError(502, f"Ollama at {address} sent a line that is not JSON: {line[:80]!r}")
+            return chunks, ProxyError(502, f"Ollama at {url} sent a line that is not JSON: {line[:80]!r}")
         except RecursionError:
-            return chunks, ProxyError(502, f"Ollama at {address} sent a line nested too deeply: {line[:80]!r}")
+            return chunks, ProxyError(502, f"Ollama at {url} sent a line nested too deeply: {line[:80]!r}")
         if not isinstance(chunk, dict):
-            return chunks, ProxyError(502, f"Ollama at {address} sent an unexpected line: {line[:80]!r}")
+            return chunks, ProxyError(502, f"Ollama at {url} sent an unexpected line: {line[:80]!r}")
         chunks.append(chunk)
     return chunks, None
 
@@ -2883,11 +2884,11 @@ class OllamaClient:
 
     MAX_IDLE_CONNECTIONS = 32
 
-    def __init__(self, config, ollama):
+    def __init__(self, config, address):
         self.config = config
-        self.ollama = ollama
-        self.address = self.ollama.url
-        self._host_header = self.address.split("://", 1)[1].encode()
+        self.address = address  # an OllamaAddress
+        self.url = address.url
+        self._host_header = self.url.split("://", 1)[1].encode()
         self._capabilities = {}
         self.up = True  # until a request or a check fails
         self.in_flight = 0  # generations; changed under the pool's lock
@@ -2896,7 +2897,7 @@ class OllamaClient:
         self.errors = collections.Counter()  # failures by kind, for /metrics
         self._lock = threading.Lock()
         self._idle = []  # kept-alive connections, most recently used last
-        self._tls = ssl.create_default_context() if ollama.scheme == "https" else None
+        self._tls = ssl.create_default_context() if address.scheme == "https" else None
 
     def close(self):
         """Close the kept connections (on shutdown)."""
@@ -2947,10 +2948,10 @@ class OllamaClient:
         if sock is not None:
             try:
                 send_nonblocking(sock, request, self.config.ollama_timeout)
-                return UpstreamExchange(sock, self.address, self, request, reused=True)
+                return UpstreamExchange(sock, self.url, self, request, reused=True)
             except OSError:
                 sock.close()
-        return UpstreamExchange(self.send_on_new_connection(request), self.address, self, request)
+        return UpstreamExchange(self.send_on_new_connection(request), self.url, self, request)
 
     def send_on_new_connection(self, request):
         """A new connection to the host with the request sent on it."""
@@ -2959,28 +2960,28 @@ class OllamaClient:
             send_nonblocking(sock, request, self.config.ollama_timeout)
         except OSError as exc:
             sock.close()
-            raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
+            raise ProxyError(502, f"sending the request to Ollama at {self.url} failed: {exc}") from exc
         return sock
 
     def _connect(self):
-        ollama = self.ollama
+        address = self.address
         try:
-            sock = socket.create_connection((ollama.host, ollama.port), timeout=self.config.ollama_timeout)
+            sock = socket.create_connection((address.hostname, address.port), timeout=self.config.ollama_timeout)
         except socket.timeout as exc:
-            raise ProxyError(504, f"connecting to Ollama at {self.address} timed out after "
+            raise ProxyError(504, f"connecting to Ollama at {self.url} timed out after "
                                   f"{self.config.ollama_timeout:g} s; check OLLAMA_HOST and that "
                                   "`ollama serve` is running") from exc
         except OSError as exc:
-            raise ProxyError(502, f"cannot reach Ollama at {self.address} ({exc.strerror or exc}); "
+            raise ProxyError(502, f"cannot reach Ollama at {self.url} ({exc.strerror or exc}); "
                                   "check that `ollama serve` is running and OLLAMA_HOST points at it") from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls:
-                sock = self._tls.wrap_socket(sock, server_hostname=ollama.host)
+                sock = self._tls.wrap_socket(sock, server_hostname=address.hostname)
             sock.setblocking(False)  # for as long as the connection lives, reused or not
         except OSError as exc:
             sock.close()
-            raise ProxyError(502, f"TLS to Ollama at {self.address} failed: {exc}") from exc
+            raise ProxyError(502, f"TLS to Ollama at {self.url} failed: {exc}") from exc
         return sock
 
     def get_json(self, path, payload=None, timeout=None):
@@ -2991,7 +2992,7 @@ class OllamaClient:
         except BaseException:
             exchange.close()
             raise
-        exchange.release()
+        exchange.keep_or_close()
         try:
             return exchange.status, json.loads(body)
         except ValueError:
@@ -3000,7 +3001,7 @@ class OllamaClient:
     def installed_models(self):
         status, body = self.get_json("/api/tags")
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("models"), list):
-            raise ProxyError(502, f"Ollama at {self.address} answered /api/tags with HTTP {status}")
+            raise ProxyError(502, f"Ollama at {self.url} answered /api/tags with HTTP {status}")
         return [m for m in body["models"] if isinstance(m, dict) and isinstance(m.get("name"), str)]
 
     def capabilities(self, model):
@@ -3033,7 +3034,7 @@ class OllamaClient:
         except ProxyError:
             names = []
         installed = ", ".join(names) if names else "none"
-        return ProxyError(404, f"model {model!r} is not installed in Ollama at {self.address}; installed: "
+        return ProxyError(404, f"model {model!r} is not installed in Ollama at {self.url}; installed: "
                                f"{installed}. Run `ollama pull {model}` or set OLLAMA_MODEL / MODEL_MAP.",
                           "not_found_error", retry=False)
 
@@ -3079,7 +3080,7 @@ class UpstreamPool:
 
     def __init__(self, config):
         self.config = config
-        self.hosts = [OllamaClient(config, ollama) for ollama in config.ollama_hosts]
+        self.hosts = [OllamaClient(config, address) for address in config.ollama_addresses]
         self.single = len(self.hosts) == 1
         self._lock = threading.Lock()
         self._turn = 0  # rotates ties between equally busy hosts
@@ -3091,7 +3092,7 @@ class UpstreamPool:
     def start(self):
         """Begin the checks and the warm-up, once the proxy has its port."""
         for host in self.hosts:
-            threading.Thread(target=self._watch, args=(host,), name=f"upstream-watch {host.address}",
+            threading.Thread(target=self._watch, args=(host,), name=f"upstream-watch {host.url}",
                              daemon=True).start()
 
     def close(self):
@@ -3107,7 +3108,7 @@ class UpstreamPool:
             self.warmup.run(host, self.stopped)
         while not self.stopped.wait(self.RECHECK_SECONDS):
             if not host.up and self.check(host):
-                log.info("upstream: Ollama at %s is back", host.address)
+                log.info("upstream: Ollama at %s is back", host.url)
                 self.warmup.run(host, self.stopped)
 
     def check(self, host):
@@ -3128,7 +3129,7 @@ class UpstreamPool:
             host.last_error = error.message
             host.errors[kind] += 1
         if was_up:
-            log.warning("upstream: Ollama at %s is down (%s: %s); checking again every %g s", host.address, kind,
+            log.warning("upstream: Ollama at %s is down (%s: %s); checking again every %g s", host.url, kind,
                         error.message, self.RECHECK_SECONDS)
 
     def has_model(self, host, model):
@@ -3169,11 +3170,11 @@ class UpstreamPool:
             left = [host for host in route.hosts if host not in route.tried]
             if not left:
                 return None
-            pool = [host for host in left if host.up] or left
-            least = min(host.in_flight for host in pool)
+            candidates = [host for host in left if host.up] or left
+            least = min(host.in_flight for host in candidates)
             chosen = self._affinity.get(route.conversation) if route.conversation else None
-            if chosen not in pool or chosen.in_flight > least:
-                idle = [host for host in pool if host.in_flight == least]
+            if chosen not in candidates or chosen.in_flight > least:
+                idle = [host for host in candidates if host.in_flight == least]
                 chosen = idle[self._turn % len(idle)]
                 self._turn += 1
             chosen.in_flight += 1
@@ -3237,7 +3238,7 @@ class UpstreamPool:
         host does not hold up the answer."""
         if self.single:
             return [self._probe(self.hosts[0], timeout)]
-        reports = [{"url": host.address, "reachable": False, "error": "no answer in time"} for host in self.hosts]
+        reports = [{"url": host.url, "reachable": False, "error": "no answer in time"} for host in self.hosts]
 
         def probe(index, host):
             reports[index] = self._probe(host, timeout)
@@ -3253,7 +3254,7 @@ class UpstreamPool:
 
     def _probe(self, host, timeout):
         default = self.config.ollama_model
-        report = {"url": host.address}
+        report = {"url": host.url}
         began = time.monotonic()
         try:
             status, body = host.get_json("/api/version", timeout=timeout)
@@ -3291,9 +3292,9 @@ class UpstreamPool:
         for host in self.hosts:
             try:
                 names = sorted(m["name"] for m in host.installed_models())
-                listings.append(f"{host.address}: {', '.join(names) or 'none'}")
+                listings.append(f"{host.url}: {', '.join(names) or 'none'}")
             except ProxyError:
-                listings.append(f"{host.address}: unreachable")
+                listings.append(f"{host.url}: unreachable")
         return ProxyError(404, f"model {model!r} is not installed on any Ollama host; installed: "
                                f"{'; '.join(listings)}. Run `ollama pull {model}` on a host or set "
                                "OLLAMA_MODEL / MODEL_MAP.", "not_found_error", retry=False)
@@ -3327,7 +3328,7 @@ class UpstreamRoute:
         self._host_failed(failed, error)
         moved = self._send(lambda host: host.resend(exchange.request_bytes))
         exchange.take_over(moved)
-        log.info("upstream: moved a request from Ollama at %s to %s", failed.address, self.host.address)
+        log.info("upstream: moved a request from Ollama at %s to %s", failed.url, self.host.url)
         return True
 
     def _send(self, send):
@@ -3377,20 +3378,20 @@ class Warmup:
             if stopped.is_set():
                 return
             if host.models is not None and not any(same_model(model, name) for name in host.models):
-                log.warning("warm-up: %s is not installed in Ollama at %s", model, host.address)
+                log.warning("warm-up: %s is not installed in Ollama at %s", model, host.url)
                 continue
             began = time.monotonic()
             try:
                 status, body = host.get_json("/api/chat", load_request(model, self.config),
                                              timeout=self.config.ollama_first_token_timeout)
             except ProxyError as error:
-                log.warning("warm-up: loading %s in Ollama at %s failed: %s", model, host.address, error.message)
+                log.warning("warm-up: loading %s in Ollama at %s failed: %s", model, host.url, error.message)
                 continue
             if status == 200:
-                log.info("warm-up: %s loaded in Ollama at %s in %.1f s", model, host.address,
+                log.info("warm-up: %s loaded in Ollama at %s in %.1f s", model, host.url,
                          time.monotonic() - began)
             else:
-                log.warning("warm-up: Ollama at %s answered HTTP %s loading %s: %s", host.address,
+                log.warning("warm-up: Ollama at %s answered HTTP %s loading %s: %s", host.url,
                             status, model, (body or {}).get("error") if isinstance(body, dict) else body)
 
 
@@ -3462,7 +3463,7 @@ class Generation:
             exchange.close()
             return
         try:
-            exchange.release()
+            exchange.keep_or_close()
         except BaseException:
             exchange.close()
             raise
@@ -3544,7 +3545,7 @@ class Generation:
             lines = exchange.pop_lines()
             if not lines:
                 if exchange.finished:
-                    raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
+                    raise ProxyError(502, f"Ollama at {exchange.url} ended the reply before it was done")
                 self.wait(deadline, silence)
                 continue
             # The first line of a stream goes on alone, so that the first text need not wait for
@@ -3555,7 +3556,7 @@ class Generation:
             deadline = time.monotonic() + config.ollama_timeout
             silence = f"Ollama went silent for {config.ollama_timeout:g} s mid-reply (OLLAMA_TIMEOUT)"
             for part in parts:
-                batch, error = decode_ndjson(part, exchange.address)
+                batch, error = decode_ndjson(part, exchange.url)
                 yield batch
                 if error:
                     raise error
@@ -3573,7 +3574,7 @@ class Generation:
             text = raw.decode("utf-8", "replace")
         if exchange.status == 404:
             return self.route.pool.missing_model(self.route.model)
-        return upstream_status_error(exchange.status, str(text)[:500], exchange.address,
+        return upstream_status_error(exchange.status, str(text)[:500], exchange.url,
                                      self.input_estimate, self.config.ollama_num_ctx)
 
     # -- the two ways to answer ------------------------------------------------------------
@@ -3586,7 +3587,7 @@ class Generation:
                     return translator.message
         except RecursionError:
             raise upstream_nested_too_deeply() from None
-        raise ProxyError(502, f"Ollama at {self.exchange.address} ended the reply before it was done")
+        raise ProxyError(502, f"Ollama at {self.exchange.url} ended the reply before it was done")
 
     def stream(self, cache_state):
         """Stream Ollama's answer as SSE; the message, or None if the stream had to end with an error.
@@ -3624,7 +3625,7 @@ class Generation:
                 client.write_events(events)
                 events = []
             else:
-                raise ProxyError(502, f"Ollama at {self.exchange.address} ended the reply before it was done")
+                raise ProxyError(502, f"Ollama at {self.exchange.url} ended the reply before it was done")
         except (ProxyError, RecursionError) as failure:
             error = failure if isinstance(failure, ProxyError) else upstream_nested_too_deeply()
             if not client.committed:
@@ -4604,14 +4605,14 @@ class Metrics:
                "(MAX_CONCURRENT generations, MAX_CONNECTIONS connections).",
                [f"{prefix}overloaded_total{labels(limit=limit)} {overloaded.get(limit, 0)}"
                 for limit in ("generations", "connections")])
-        hosts = server.ollama.hosts
+        hosts = server.pool.hosts
         family("upstream_up", "gauge", "1 while an Ollama host takes requests, 0 while it is marked down.",
-               [f"{prefix}upstream_up{labels(host=host.address)} {int(host.up)}" for host in hosts])
+               [f"{prefix}upstream_up{labels(host=host.url)} {int(host.up)}" for host in hosts])
         family("upstream_in_flight", "gauge", "Generations in flight per Ollama host.",
-               [f"{prefix}upstream_in_flight{labels(host=host.address)} {host.in_flight}" for host in hosts])
+               [f"{prefix}upstream_in_flight{labels(host=host.url)} {host.in_flight}" for host in hosts])
         family("upstream_errors_total", "counter",
                "Ollama hosts failing before their answer, by kind (refused, reset, closed, timeout, other).",
-               [f"{prefix}upstream_errors_total{labels(host=host.address, kind=kind)} {count}"
+               [f"{prefix}upstream_errors_total{labels(host=host.url, kind=kind)} {count}"
                 for host in hosts for kind, count in sorted(host.errors.items())])
         return "\n".join(out) + "\n"
 
@@ -4661,9 +4662,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, config, handler_class=None):
         self.config = config
-        self.ollama = UpstreamPool(config)
+        self.pool = UpstreamPool(config)
         self.cache = ResponseCache(config)
-        self.metrics = Metrics(config, installed=self.ollama.installed)
+        self.metrics = Metrics(config, installed=self.pool.installed)
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
         self.origin_policy = OriginPolicy(config)
         self.read_deadlines = ReadDeadlines()
@@ -4681,7 +4682,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         if ":" in config.api_host:  # an IPv6 address such as ::1
             self.address_family = socket.AF_INET6
         super().__init__((config.api_host, config.api_port), handler_class or ProxyHandler)
-        self.ollama.start()
+        self.pool.start()
 
     def process_request(self, request, client_address):
         """One thread per connection, up to MAX_CONNECTIONS; past that a 529 without a thread."""
@@ -4719,7 +4720,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         os.close(self._grace_over_signal)
         self.read_deadlines.stopped.set()
         self.cache.close()
-        self.ollama.close()
+        self.pool.close()
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
@@ -5034,7 +5035,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                              "message": "Anthropic Messages API proxy for Ollama; see /health"})
 
     def route_health(self):
-        hosts = self.server.ollama.health(timeout=min(5.0, self.config.ollama_timeout))
+        hosts = self.server.pool.health(timeout=min(5.0, self.config.ollama_timeout))
         # One host: its report is the "ollama" object, as before there could be several.
         ollama = dict(hosts[0]) if len(hosts) == 1 else {"url": ",".join(host["url"] for host in hosts)}
         models = []
@@ -5071,7 +5072,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise invalid("limit: Input should be a valid integer") from None
         if not 1 <= limit <= 1000:
             raise invalid("limit: Input should be between 1 and 1000")
-        models = [self.model_object(m) for m in self.server.ollama.installed_models()]
+        models = [self.model_object(m) for m in self.server.pool.installed_models()]
         ids = [m["id"] for m in models]
         after, before = query.get("after_id", [None])[0], query.get("before_id", [None])[0]
         if after in ids:
@@ -5086,14 +5087,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def route_model(self):
         wanted = urllib.parse.unquote(self.path.split("?", 1)[0][len(self.MODEL_ROUTE):])
         target = resolve_model(wanted, self.config)
-        for model in self.server.ollama.installed_models():
+        for model in self.server.pool.installed_models():
             if same_model(target, model["name"]):
                 found = self.model_object(model)
                 if target != wanted:
                     found.update(id=wanted, display_name=f"{wanted} (served by {model['name']})")
                 return self.send_json(200, found)
         raise ProxyError(404, f"model {wanted!r} not found in Ollama at "
-                              f"{', '.join(host.url for host in self.config.ollama_hosts)}",
+                              f"{', '.join(address.url for address in self.config.ollama_addresses)}",
                          "not_found_error", retry=False)
 
     @staticmethod
@@ -5123,7 +5124,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """A 404 for a model Ollama lacks, on a route that answers without generating. Ollama
         unreachable is no error there: the answer needs no Ollama."""
         try:
-            self.server.ollama.capabilities(ollama_model)
+            self.server.pool.capabilities(ollama_model)
         except ProxyError as error:
             if error.status == 404:
                 raise
@@ -5134,7 +5135,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         ollama_model = resolve_model(model, self.config)
         stream = bool(request.get("stream"))
         self.log_extra.update(model=model, ollama_model=ollama_model, stream=stream)
-        ollama = self.server.ollama
+        pool = self.server.pool
         notes = []
         payload, input_tokens = anthropic_to_ollama(request, ollama_model, self.config, notes=notes,
                                                     can_see=not carries_images(request) or self.model_can_see(ollama_model))
@@ -5157,7 +5158,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if request["max_tokens"] == 0:
             self.require_model(ollama_model)
             return self.respond_message(empty_message(model, input_tokens, "max_tokens"), stream, cache_state)
-        if "thinking" in ollama.capabilities(ollama_model):
+        if "thinking" in pool.capabilities(ollama_model):
             payload["think"] = ollama_think(request)
         tools = client_tools(request)
         translator = StreamTranslator(
@@ -5165,7 +5166,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             tool_names={t["name"]: t.get("input_schema") for t in tools},
             show_thinking=thinking_requested(request) and (request.get("thinking") or {}).get("display") != "omitted",
             recover_tool_calls=self.config.tool_call_recovery, forced=forces_tool_use(request))
-        route = ollama.route(ollama_model, payload)
+        route = pool.route(ollama_model, payload)
         self.take_generation_slot()
         generation = self.generation = Generation(
             self.config, route, translator, self, request_id=self.request_id, input_estimate=input_tokens,
@@ -5209,7 +5210,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def model_can_see(self, ollama_model):
         """Whether the model takes images; when Ollama could not say, images go through as before."""
-        capabilities = self.server.ollama.capabilities(ollama_model)
+        capabilities = self.server.pool.capabilities(ollama_model)
         return "vision" in capabilities or not capabilities
 
     def cache_policy(self, request, payload):

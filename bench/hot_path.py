@@ -165,7 +165,9 @@ class Profile:
         self.quiet, self.quiet_writer = os.pipe()
         # A real server object (it binds a loopback port, which nothing uses) with the replaying Ollama.
         self.server = module.ProxyServer(self.config)
-        self.server.ollama = ReplayingOllama(module, self.pieces, self.always_readable)
+        # The upstream pool is server.pool since 1.1.0, server.ollama before.
+        setattr(self.server, "pool" if hasattr(self.server, "pool") else "ollama",
+                ReplayingOllama(module, self.pieces, self.always_readable))
         self.numbers = itertools.count()
         self.fixed = {stream: self.request_bytes("Say hello", stream) for stream in (False, True)}
         # The line batches, decoded chunks and events one reply makes, for the components.

@@ -79,7 +79,7 @@ def test_metrics_need_the_api_key_and_count_upstream_failures(hosts):
         assert gateway.call("GET", "/metrics")[0] == 401
         key = {"x-api-key": "s3cret"}
         hosts[0].stop()
-        gateway.server.ollama._turn = 0  # both idle: the first host is tried first
+        gateway.server.pool._turn = 0  # both idle: the first host is tried first
         assert gateway.messages(request_body(), headers=key)[0] == 200
         samples = scrape(gateway, {"authorization": "Bearer s3cret"})
     assert sample(samples, "upstream_up", host=hosts[0].url) == 0
