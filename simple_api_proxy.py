@@ -3623,8 +3623,18 @@ def _is_count(value):
     return type(value) is int and value >= 0
 
 
+# The keys of what this proxy stores, exactly: an entry with any other key (of whatever type) was
+# not written by it, and a client would be handed fields it cannot parse.
+STORED_MESSAGE_KEYS = frozenset(("id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"))
+STORED_USAGE_KEYS = frozenset(("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                               "cache_read_input_tokens"))
+STORED_BLOCK_KEYS = {"text": frozenset(("type", "text")), "thinking": frozenset(("type", "thinking", "signature")),
+                     "tool_use": frozenset(("type", "id", "name", "input"))}
+
+
 def _is_replayable_block(block):
-    if not isinstance(block, dict):
+    keys = STORED_BLOCK_KEYS.get(block.get("type")) if isinstance(block, dict) else None
+    if keys is None or block.keys() != keys:
         return False
     kind = block.get("type")
     if kind == "text":
@@ -3641,16 +3651,18 @@ def _is_replayable_block(block):
 
 def is_replayable_message(message):
     """Everything replay() and message_to_events() rely on, with the types the client expects."""
-    if not isinstance(message, dict) or message.get("type") != "message" or message.get("role") != "assistant":
+    if not isinstance(message, dict) or message.keys() != STORED_MESSAGE_KEYS:
+        return False
+    if message["type"] != "message" or message["role"] != "assistant":
+        return False
+    if not isinstance(message["id"], str) or not isinstance(message["model"], str):
         return False
     if message.get("stop_reason") not in CACHED_STOP_REASONS:
         return False
     if not (message.get("stop_sequence") is None or isinstance(message.get("stop_sequence"), str)):
         return False
-    usage = message.get("usage")
-    if not isinstance(usage, dict) or not all(_is_count(usage.get(name)) for name in
-                                              ("input_tokens", "output_tokens", "cache_creation_input_tokens",
-                                               "cache_read_input_tokens")):
+    usage = message["usage"]
+    if not isinstance(usage, dict) or usage.keys() != STORED_USAGE_KEYS or not all(map(_is_count, usage.values())):
         return False
     content = message.get("content")
     return isinstance(content, list) and all(_is_replayable_block(block) for block in content)
