@@ -3629,6 +3629,7 @@ STORED_MESSAGE_KEYS = frozenset(("id", "type", "role", "model", "content", "stop
 STORED_USAGE_KEYS = frozenset(("input_tokens", "output_tokens", "cache_creation_input_tokens",
                                "cache_read_input_tokens"))
 STORED_BLOCK_KEYS = {"text": frozenset(("type", "text")), "thinking": frozenset(("type", "thinking", "signature")),
+                     "redacted_thinking": frozenset(("type", "data")),
                      "tool_use": frozenset(("type", "id", "name", "input"))}
 
 
