@@ -23,7 +23,7 @@ import simple_api_proxy as proxy
 from standins.ollama import chunk, final_chunk, MODEL, ollama_call, ollama_prompt, Reply, text_reply
 from standins.proxy import (assert_valid_stream, config, ollama_body, parse_sse, ProxyProcess, request_body,
                             running_proxy, translate)
-from standins.support import ROOT
+from standins.support import claude_code_binary, ROOT
 
 RECORDED = Path(__file__).resolve().parent / "recorded" / "claude_code_2.1.332"
 RECORDED_KEY = RECORDED / "thinking.key"
@@ -435,3 +435,15 @@ def test_a_recorded_deferred_tool_load_keeps_the_system_prompt_and_earlier_tools
     conversation = len(first) - tools_end
     assert conversation <= evaluated_again <= conversation + 1
     assert proxy.estimate_tokens(later) > 15000 and conversation / proxy.CHARS_PER_TOKEN > 2000
+
+
+def test_the_deferred_tool_measurement_runs_and_finds_each_load():
+    claude_code_binary()  # skips (or fails under CI) without the CLI
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "deferred_tool_prefix.py")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if "(loads " in line]
+    assert [row.split("(loads ")[1].split(")")[0] for row in rows] == ["NotebookEdit", "WebFetch"]
+    again = [int(row.split("|")[-2].replace(",", "")) for row in rows]
+    assert all(figure > 2000 for figure in again)  # the conversation so far, evaluated once more
+    assert "ENABLE_TOOL_SEARCH=false:" in result.stdout
