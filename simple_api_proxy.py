@@ -2457,9 +2457,9 @@ class StreamTranslator:
         """Release held text: the reply ended (maybe cut short), or a structured tool call came after it."""
         text = self.pending if self.held_to_end is None else self.pending + "".join(self.held_to_end)
         self.pending, self.held_to_end = "", None
-        found = self.call_gate.calls(text) if self.call_gate is not None and not before_tool else None
-        if found and cut_short and not text.rstrip().endswith(CLOSED_CALL_ENDINGS):
-            found = None  # the reply stopped inside its last call
+        # A reply cut short inside its last call is text: it is not parsed at all.
+        complete = not cut_short or text.rstrip().endswith(CLOSED_CALL_ENDINGS)
+        found = self.call_gate.calls(text) if self.call_gate is not None and not before_tool and complete else None
         if found:
             prefix, calls = found
             self._release(prefix if prefix.strip() else "", events)
@@ -2713,34 +2713,22 @@ def send_nonblocking(sock, data, timeout):
         ready.poll((deadline - now) * 1000)
 
 
-class UpstreamExchange:
-    """One HTTP/1.1 request to Ollama whose answer is read incrementally.
-
-    Reads go through the raw socket, so the caller can wait with poll() on Ollama and on its own
-    client at once, send pings between reads and apply one deadline before the first token and
-    another between tokens; a socket timeout here never poisons the connection.
+class UpstreamResponse:
+    """Ollama's answer to one request, parsed as its bytes arrive: the status line, the headers and
+    the body's framing (chunked, Content-Length or to the close), with no I/O of its own (as
+    http.client keeps HTTPResponse apart from HTTPConnection). UpstreamExchange feeds it.
 
     The body is split into lines as it arrives, each byte looked at once: complete lines wait in
-    `_lines` for pop_lines(), the unterminated rest in `_tail`."""
+    `_lines` for pop_lines(), the unterminated rest in `_tail`. A malformed answer raises the 502
+    of broken(), after which `unusable` says the connection is out of step for good."""
 
-    def __init__(self, sock, address, client=None, request=b"", reused=False):
-        self.sock = sock  # non-blocking: one poll object waits for the whole answer
-        self.address = address
-        self.client = client  # the OllamaClient that keeps the connection afterwards, if any
-        self.request_bytes = request  # sent once more if a kept connection turns out closed
-        self.reused = reused
-        self.fd = sock.fileno()
-        self.poller = select.poll()
-        self.poller.register(sock, select.POLLIN)
-        self.unusable = False  # the connection must not carry another request
-        self._begin_answer()
-
-    def _begin_answer(self):
-        """Nothing of an answer read yet: at the start, and after a failover to another host."""
+    def __init__(self, address):
+        self.address = address  # the host's URL, for error messages
         self.status = None
         self.headers = {}
         self.finished = False  # the body is complete
         self.delivered = False  # pop_lines() has given out a line: the answer can no longer move
+        self.unusable = False  # bytes came that no framing accounts for
         self._raw = b""  # received, not yet parsed
         self._lines = []
         self._tail = bytearray()
@@ -2750,93 +2738,28 @@ class UpstreamExchange:
         self._in_trailer = False
         self._other_chunks = False  # a chunk not one whole line came: no more fast path
 
-    def release(self, wait=0.05):
-        """The answer's last line was read: keep the connection for the next request once the body
-        has ended cleanly (its closing chunk trails the last line by a moment), else close it.
-        Bytes that come after a complete answer are found by the pool's check before reuse."""
-        deadline = time.monotonic() + wait
-        upstream_only = None  # the exchange's poller may still watch the client
-        try:
-            while not self.finished and self.status == 200:
-                if not self.receive():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    if upstream_only is None:
-                        upstream_only = select.poll()
-                        upstream_only.register(self.sock, select.POLLIN)
-                    upstream_only.poll(remaining * 1000)
-        except ProxyError:
-            self.unusable = True
-        if (self.client is not None and self.finished and not self.unusable and self._framing != "close"
-                and not self._lines and not self._tail
-                and self.headers.get("connection", "").lower() != "close"):
-            self.client.keep(self.sock)
-        else:
-            self.close()
+    def started(self):
+        """Whether any byte of the answer has arrived."""
+        return self.status is not None or bool(self._raw)
 
-    def _resend_on_fresh_connection(self):
-        """A kept connection that Ollama closed before answering anything: send once more on a new one."""
-        if not (self.reused and self.status is None and not self._raw):
-            return False
-        self.reused = False
-        # Connect first: if the host is gone, the exchange stays as it was, for a failover to take over.
-        self._switch_to(self.client.send_on_new_connection(self.request_bytes))
-        return True
+    def ended_cleanly(self):
+        """The whole answer and nothing after it, on a connection that may carry another request."""
+        return (self.finished and not self.unusable and self._framing != "close" and not self._lines
+                and not self._tail and self.headers.get("connection", "").lower() != "close")
 
-    def _switch_to(self, sock):
-        self.poller.unregister(self.fd)
-        self.close()
-        self.sock, self.fd = sock, sock.fileno()
-        self.poller.register(sock, select.POLLIN)
+    def feed(self, data):
+        self._raw = self._raw + data if self._raw else data
+        self._parse()
 
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def take_over(self, other):
-        """Go on with another host's exchange of the same request: failover before any line of the
-        answer was given out. Whatever the failed host had begun to answer is forgotten; the poller
-        stays, with what else it watches (the client)."""
-        self._switch_to(other.sock)
-        self.address, self.client = other.address, other.client
-        self.request_bytes, self.reused, self.unusable = other.request_bytes, other.reused, other.unusable
-        self._begin_answer()
-
-    def tls_pending(self):
-        """Decrypted bytes that poll() cannot see, because they left the socket already."""
-        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
-
-    def receive(self):
-        """Take what has arrived, without waiting; False if nothing had."""
-        try:
-            data = self.sock.recv(262144)
-        except (BlockingIOError, ssl.SSLWantReadError):
-            return False
-        except OSError as exc:
-            if self._resend_on_fresh_connection():
-                return True
-            self.unusable = True
-            raise ProxyError(502, f"the connection to Ollama at {self.address} broke: {exc}") from exc
-        if not data and self._resend_on_fresh_connection():
-            return True
-        if not data:
-            self._at_eof()
-        else:
-            self._raw = self._raw + data if self._raw else data
-            self._parse()
-        return True
-
-    def _at_eof(self):
+    def at_eof(self):
+        """The connection was closed: the end of a body read to the close, or a broken answer."""
+        self.unusable = True
         if self.status is None:
             raise self.broken("closed the connection without answering", "closed")
         if self._framing == "close":
             self._end_of_body()
         elif not self.finished:
             raise self.broken("closed the connection mid-reply", "closed")
-        self.unusable = True
 
     def _parse(self):
         if self.status is None and not self._parse_head():
@@ -3017,6 +2940,125 @@ class UpstreamExchange:
             self.delivered = True
         return lines
 
+
+class UpstreamExchange:
+    """One HTTP/1.1 request to Ollama on one connection, its answer read incrementally into an
+    UpstreamResponse.
+
+    Reads go through the raw socket, so the caller can wait with poll() on Ollama and on its own
+    client at once, send pings between reads and apply one deadline before the first token and
+    another between tokens; a socket timeout here never poisons the connection. status, headers,
+    finished, has_lines() and pop_lines() are the response's."""
+
+    def __init__(self, sock, address, client=None, request=b"", reused=False):
+        self.sock = sock  # non-blocking: one poll object waits for the whole answer
+        self.address = address
+        self.client = client  # the OllamaClient that keeps the connection afterwards, if any
+        self.request_bytes = request  # sent once more if a kept connection turns out closed
+        self.reused = reused
+        self.fd = sock.fileno()
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.response = UpstreamResponse(address)
+
+    @property
+    def status(self):
+        return self.response.status
+
+    @property
+    def headers(self):
+        return self.response.headers
+
+    @property
+    def finished(self):
+        return self.response.finished
+
+    @property
+    def delivered(self):
+        return self.response.delivered
+
+    def has_lines(self):
+        return self.response.has_lines()
+
+    def pop_lines(self):
+        return self.response.pop_lines()
+
+    def release(self, wait=0.05):
+        """The answer's last line was read: keep the connection for the next request once the body
+        has ended cleanly (its closing chunk trails the last line by a moment), else close it.
+        Bytes that come after a complete answer are found by the pool's check before reuse."""
+        deadline = time.monotonic() + wait
+        upstream_only = None  # the exchange's poller may still watch the client
+        response = self.response
+        try:
+            while not response.finished and response.status == 200:
+                if not self.receive():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    if upstream_only is None:
+                        upstream_only = select.poll()
+                        upstream_only.register(self.sock, select.POLLIN)
+                    upstream_only.poll(remaining * 1000)
+        except ProxyError:
+            response.unusable = True
+        if self.client is not None and response.ended_cleanly():
+            self.client.keep(self.sock)
+        else:
+            self.close()
+
+    def _resend_on_fresh_connection(self):
+        """A kept connection that Ollama closed before answering anything: send once more on a new one."""
+        if not self.reused or self.response.started():
+            return False
+        self.reused = False
+        # Connect first: if the host is gone, the exchange stays as it was, for a failover to take over.
+        self._switch_to(self.client.send_on_new_connection(self.request_bytes))
+        return True
+
+    def _switch_to(self, sock):
+        self.poller.unregister(self.fd)
+        self.close()
+        self.sock, self.fd = sock, sock.fileno()
+        self.poller.register(sock, select.POLLIN)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def take_over(self, other):
+        """Go on with another host's exchange of the same request: failover before any line of the
+        answer was given out. Whatever the failed host had begun to answer is forgotten; the poller
+        stays, with what else it watches (the client)."""
+        self._switch_to(other.sock)
+        self.address, self.client = other.address, other.client
+        self.request_bytes, self.reused, self.response = other.request_bytes, other.reused, other.response
+
+    def tls_pending(self):
+        """Decrypted bytes that poll() cannot see, because they left the socket already."""
+        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+
+    def receive(self):
+        """Take what has arrived, without waiting; False if nothing had."""
+        try:
+            data = self.sock.recv(262144)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        except OSError as exc:
+            if self._resend_on_fresh_connection():
+                return True
+            self.response.unusable = True
+            raise ProxyError(502, f"the connection to Ollama at {self.address} broke: {exc}") from exc
+        if not data and self._resend_on_fresh_connection():
+            return True
+        if not data:
+            self.response.at_eof()
+        else:
+            self.response.feed(data)
+        return True
+
     def read_body(self, timeout):
         """The whole body of a short answer (JSON, not a stream); its lines joined by newlines."""
         deadline = time.monotonic() + timeout
@@ -3027,7 +3069,7 @@ class UpstreamExchange:
                     lines.append(line)
                     size += len(line)
                 if size > MAX_UPSTREAM_LINE_BYTES:
-                    raise self.broken(f"sent an answer longer than {MAX_UPSTREAM_LINE_BYTES >> 20} MiB")
+                    raise self.response.broken(f"sent an answer longer than {MAX_UPSTREAM_LINE_BYTES >> 20} MiB")
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -3205,6 +3247,14 @@ class OllamaClient:
             self._capabilities[model] = capabilities
         return capabilities
 
+    def has_installed(self, model):
+        """Whether the model was in the last list of models or answered /api/show (never asks)."""
+        with self._lock:
+            if model in self._capabilities:
+                return True
+        models = self.models
+        return models is not None and any(same_model(model, name) for name in models)
+
     def missing_model(self, model):
         try:
             names = sorted(m["name"] for m in self.installed_models())
@@ -3313,9 +3363,8 @@ class UpstreamPool:
         return host.models is None or any(same_model(model, name) for name in host.models)
 
     def installed(self, model):
-        """Whether a host listed the model the last time it was asked (never asks)."""
-        return any(host.models is not None and any(same_model(model, name) for name in host.models)
-                   for host in self.hosts)
+        """Whether a host is known to have the model: it listed it, or described it (never asks)."""
+        return any(host.has_installed(model) for host in self.hosts)
 
     # -- routing ---------------------------------------------------------------------
     def route(self, model, payload):

@@ -20,7 +20,8 @@ from standins.ollama import (
     tool_reply,
 )
 from standins.proxy import (
-    assert_threads_freed, assert_valid_stream, config, free_port, parse_sse, request_body, running_proxy,
+    assert_threads_freed, assert_valid_stream, config, free_port, parse_sse, proxy_message, request_body,
+    running_proxy,
 )
 from standins.support import wait_for, wait_until
 
@@ -517,7 +518,7 @@ def test_chunk_parser_matches_the_whole_body_on_random_splits_of_real_streams():
             cuts = sorted(rng.sample(range(1, len(wire)), rng.choice([1, 2, 5, 20, min(200, len(wire) - 1)])))
             lines, exchange = read_in_pieces(wire, cuts, fd_holder.fileno())
             assert lines == expected[number], cuts
-            assert exchange.finished and not exchange.unusable
+            assert exchange.finished and not exchange.response.unusable
             splits += 1
     assert splits >= 600
 
@@ -531,8 +532,8 @@ def test_an_answer_of_many_odd_chunks_is_split_once_not_once_per_chunk():
     with socket.socket() as fd_holder:
         exchange = proxy.UpstreamExchange(ScriptedSocket([wire], fd_holder.fileno()), "test")
         calls = []
-        fast = exchange._whole_line_chunks
-        exchange._whole_line_chunks = lambda *args: calls.append(args[1]) or fast(*args)
+        fast = exchange.response._whole_line_chunks
+        exchange.response._whole_line_chunks = lambda *args: calls.append(args[1]) or fast(*args)
         lines = []
         while not exchange.finished:
             exchange.receive()
@@ -696,3 +697,69 @@ def test_each_ollama_host_uses_its_own_scheme():
     settings = config(OLLAMA_HOST="https://gpu-a,gpu-b")
     secure, plain = (proxy.OllamaClient(settings, host) for host in settings.ollama_hosts)
     assert secure._tls is not None and plain._tls is None
+
+
+def stop_listening(host):
+    """The host stops taking connections; connections it has stay open, as a crashing Ollama's
+    kept-alive sockets do for a moment."""
+    host.server.shutdown()
+    host.server.server_close()
+
+
+def upstream_in_flight(gateway):
+    text = gateway.call("GET", "/metrics")[2].decode()
+    return sorted(line for line in text.splitlines() if line.startswith("simple_api_proxy_upstream_in_flight{"))
+
+
+# Where the first host dies, and whether the request can still move: until a line of the answer
+# has been given out, the client must not notice; after that it gets an error, never a 500. In
+# every case the host then stops listening, as an Ollama that crashed, so a resend on a fresh
+# connection to it fails too.
+KILL_STEPS = {
+    "connect": ("gone", True),                     # no connection at all
+    "send": (Reply(drop="reset"), True),           # it takes the request and resets the connection
+    "kept-alive": ("kept", True),                  # the kept connection closed without an answer
+    "headers": (Reply([("cut",)]), True),          # 200 and its headers, then nothing
+    "first line": (Reply([chunk(content="Hal"), ("cut",)]), False),
+    "mid-stream": (Reply([chunk(content="Hal"), chunk(content="f a"), chunk(content="nswer"), ("cut",)]), False),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("step", list(KILL_STEPS))
+def test_a_host_killed_at_every_step_moves_the_request_or_fails_cleanly(hosts, step, stream):
+    first, second = hosts
+    how, moves = KILL_STEPS[step]
+    with running_proxy(host_list(hosts), OLLAMA_WARMUP="off") as gateway:
+        pool = gateway.server.ollama
+        wait_for(lambda: all(host.models is not None for host in pool.hosts), "both hosts' model lists")
+        pool._turn = 0  # both idle: the first host is asked first
+        assert gateway.messages(request_body("a first turn keeps a connection to the first host"))[0] == 200
+        assert len(first.chats()) == 1 and not second.chats()
+        if how == "gone":
+            first.stop()
+        else:
+            if how == "kept":
+                first.drop_kept = True
+            else:
+                first.script(how)
+            stop_listening(first)
+        pool._turn = 0
+        status, _, raw = gateway.call("POST", "/v1/messages", request_body("the question", stream=stream))
+        if moves:
+            assert status == 200
+            message = proxy_message(raw, stream)
+            assert message["content"][0]["text"] == "Hello! I am the stand-in model.", raw
+            assert len(second.chats()) == 1
+        else:
+            assert not second.chats(), "the answer had begun: it must not be generated twice"
+            if stream:
+                events = parse_sse(raw)
+                assert status == 200 and events[-1][0] == "error"
+                assert "Hal" in "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
+            else:
+                assert status == 502 and json.loads(raw)["error"]["type"] == "api_error", raw
+        wait_for(lambda: [host.in_flight for host in pool.hosts] == [0, 0], "every host's count back to 0")
+        assert upstream_in_flight(gateway) == sorted(
+            f'simple_api_proxy_upstream_in_flight{{host="{host.url}"}} 0' for host in hosts)
+        assert_threads_freed(gateway)
