@@ -152,7 +152,8 @@ def test_thinking_shown_or_not_asked_for_is_unchanged():
 
 def test_a_replay_streams_the_stored_signature_and_redacted_block():
     message = proxy.message_object("msg_1", "claude-opus-5-5", [
-        {"type": "thinking", "thinking": "", "signature": "c2VhbGVk"}, {"type": "redacted_thinking", "data": "ZGF0YQ=="},
+        {"type": "thinking", "thinking": "", "signature": "c2VhbGVk"},
+        {"type": "redacted_thinking", "data": "ZGF0YQ=="},
         {"type": "text", "text": "Hi"}], "end_turn", None, 10, 3)
     events = proxy.message_to_events(message)
     assert_valid_stream(events)
@@ -295,7 +296,8 @@ def test_the_sdk_accumulates_the_signature_of_omitted_thinking(sdk, ollama):
 @pytest.mark.parametrize("stream", [True, False])
 def test_recorded_web_search_request_is_answered_unavailable_without_the_model(gateway, ollama, stream):
     body, headers = recorded("web_search.json")
-    assert [tool["type"] for tool in body["tools"]] == ["web_search_20250305"] and body["tool_choice"] == {"type": "auto"}
+    assert [tool["type"] for tool in body["tools"]] == ["web_search_20250305"]
+    assert body["tool_choice"] == {"type": "auto"}
     if stream:
         status, response_headers, raw = gateway.stream(body, headers)
         events, content = streamed_message(raw)
@@ -356,7 +358,8 @@ def test_server_tools_beside_client_tools_are_not_offered_and_the_model_is_told(
     assert system.startswith("Be brief.\n\n") and system.endswith(proxy.server_tools_note(tools[:1]))
     assert "Never answer as if you had used them" in system
     later = request_body(tools=tools, system="Be brief.", messages=[
-        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}, {"role": "user", "content": "More"}])
+        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
+        {"role": "user", "content": "More"}])
     assert ollama_body(later, MODEL, config())["messages"][0] == payload["messages"][0]  # the same every turn
     assert gateway.messages(request_body(tools=tools))[2]["content"][0]["type"] == "text"
     forced = gateway.messages(request_body(tools=tools, tool_choice={"type": "tool", "name": "web_search"}))[2]
