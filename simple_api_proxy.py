@@ -390,6 +390,16 @@ class ProxyError(Exception):
                 "request_id": request_id}
 
 
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be sent."""
+
+
+# A client that closes or resets is noticed while Ollama generates. POLLRDHUP (Linux) reports the
+# close even after the client sent bytes of its next request; elsewhere POLLIN and a peek must do.
+CLIENT_GONE_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR | select.POLLNVAL
+CLIENT_WATCH_EVENTS = getattr(select, "POLLRDHUP", select.POLLIN)
+
+
 def invalid(message):
     return ProxyError(400, message, "invalid_request_error", retry=False)
 
@@ -3370,13 +3380,13 @@ class UpstreamPool:
     def route(self, model, payload):
         """The hosts that may serve this model, for one generation (a 404 if none has it)."""
         if self.single:
-            return UpstreamRoute(self, self.hosts, None)
+            return UpstreamRoute(self, model, self.hosts, None)
         hosts = [host for host in self.hosts if self.has_model(host, model)]
         if not hosts and self._refresh_lists():
             hosts = [host for host in self.hosts if self.has_model(host, model)]
         if not hosts:
             raise self.missing_model(model)
-        return UpstreamRoute(self, hosts, conversation_key(payload))
+        return UpstreamRoute(self, model, hosts, conversation_key(payload))
 
     def _refresh_lists(self):
         """Ask every host for its models again, at most once per RECHECK_SECONDS: a model pulled
@@ -3531,8 +3541,9 @@ class UpstreamRoute:
     """One generation's way through the pool: the host serving it, and the ones it may move to
     while Ollama has not answered."""
 
-    def __init__(self, pool, hosts, conversation):
+    def __init__(self, pool, model, hosts, conversation):
         self.pool = pool
+        self.model = model  # Ollama's name for it
         self.hosts = hosts
         self.conversation = conversation
         self.tried = []
@@ -3619,6 +3630,252 @@ class Warmup:
             else:
                 log.warning("warm-up: Ollama at %s answered HTTP %s loading %s: %s", host.address,
                             status, model, (body or {}).get("error") if isinstance(body, dict) else body)
+
+
+###############################################################################
+# Generation: one request's conversation with Ollama
+###############################################################################
+
+class Generation:
+    """One request's generation, from the request sent to Ollama to the last event translated.
+
+    - open() sends the request to a host of its UpstreamRoute (which picks the host and moves on
+      from hosts that fail);
+    - collect() reads a reply nobody streams, stream() writes one to the client as it comes; both
+      read Ollama's answer through batches(), under the first-token and between-token deadlines,
+      waiting in wait(), and move the request to another host while no line of the answer has
+      been given out;
+    - over() gives the host's count and the generation's slot back, as soon as the answer is
+      complete; close() then keeps Ollama's connection after a complete answer, or closes it,
+      which also stops a generation still running.
+
+    The client is reached only through `client`, which the HTTP handler gives: begin_stream(
+    cache_state), write_events(events), end_stream(events), `committed` (the 200 and the stream's
+    head are on their way), and `connection`, its socket, watched while Ollama works so that a
+    client who leaves stops the generation (ClientGone)."""
+
+    FAIL_FAST_SECONDS = 1.0  # how long a stream waits for Ollama's status before committing to 200
+    # Lines that arrived together leave together: the events of the first LINES_PER_WRITE lines at
+    # once, so the first text need not wait for the last, then of twice as many lines each write up
+    # to MAX_LINES_PER_WRITE, as each send() costs a system call and a hand-off of the interpreter
+    # lock. A text line makes one event.
+    LINES_PER_WRITE = 16
+    MAX_LINES_PER_WRITE = 256
+
+    def __init__(self, config, route, translator, client, *, request_id, input_estimate, stop_fd, on_over):
+        self.config = config
+        self.route = route
+        self.translator = translator
+        self.client = client
+        self.request_id = request_id  # for the log
+        self.input_estimate = input_estimate  # tokens, for a context-length refusal from Ollama
+        self.stop_fd = stop_fd  # readable once the proxy's shutdown grace is over
+        self.on_over = on_over  # gives the generation's slot back
+        self.exchange = None
+        self.first_token_at = None  # when Ollama's first output arrived
+        self.error = None  # what ended a committed stream early
+        self._next_ping = 0.0
+        self._over = False
+
+    def open(self, path, payload):
+        self.exchange = self.route.open(path, payload)
+
+    def over(self):
+        """Give the slot and the host's count back, once: as soon as Ollama's answer is complete,
+        before its last bytes leave, so that a client's next request never finds them still taken."""
+        if self._over:
+            return
+        self._over = True
+        self.route.finish()
+        self.on_over()
+
+    def close(self):
+        """Keep Ollama's connection after a complete answer; else close it, which also stops a
+        generation still running."""
+        self.over()
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if not self.translator.upstream_done:
+            exchange.close()
+            return
+        try:
+            exchange.release()
+        except BaseException:
+            exchange.close()
+            raise
+
+    # -- reading Ollama's answer -----------------------------------------------------
+    def wait(self, deadline, what, until=None):
+        """Wait for Ollama until the deadline (or `until`), watching whether our client went away,
+        and keeping a committed stream alive with pings."""
+        exchange = self.exchange
+        if exchange.tls_pending():
+            exchange.receive()
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            raise ProxyError(504, what, "timeout_error")
+        step = min(deadline - now, 1.0)
+        if until is not None:
+            step = max(0.0, min(step, until - now))
+        committed = self.client.committed
+        if committed:
+            step = max(0.0, min(step, self._next_ping - now))
+        for fd, event in exchange.poller.poll(step * 1000):
+            if fd == exchange.fd:
+                exchange.receive()
+            elif fd == self.stop_fd:
+                raise ProxyError(529, "the proxy is shutting down", "overloaded_error")
+            else:
+                self._check_client(exchange.poller, event)
+        if committed and time.monotonic() >= self._next_ping:
+            self.client.write_events([("ping", {"type": "ping"})])
+            self._next_ping = time.monotonic() + self.config.ping_interval
+
+    def _check_client(self, poller, event):
+        if event & CLIENT_GONE_EVENTS:
+            raise ClientGone()
+        # Without POLLRDHUP only a read can tell a close from early bytes of the next request.
+        connection = self.client.connection
+        try:
+            peeked = connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise ClientGone() from exc
+        if not peeked:
+            raise ClientGone()
+        poller.unregister(connection)  # the client sent its next request early: reads cannot tell
+
+    def batches(self, commit=None):
+        """Ollama's NDJSON objects as they arrive, a list of those that came together at a time,
+        under the first-token and between-token deadlines.
+
+        `commit`, for streams, is called once: when Ollama's answer starts, or when it has not
+        started within FAIL_FAST_SECONDS (from then on pings keep the client waiting)."""
+        config, exchange = self.config, self.exchange
+        # Watch our client too: if it leaves, Ollama's request is closed, which stops the generation.
+        exchange.poller.register(self.client.connection, CLIENT_WATCH_EVENTS)
+        exchange.poller.register(self.stop_fd, select.POLLIN)
+        deadline = time.monotonic() + config.ollama_first_token_timeout
+        commit_at = time.monotonic() + self.FAIL_FAST_SECONDS if commit else None
+        first_wait = (f"Ollama sent nothing for {config.ollama_first_token_timeout:g} s "
+                      "(OLLAMA_FIRST_TOKEN_TIMEOUT): the model may still be loading or the prompt is very long")
+        # Until a line of the answer is given out, a host that fails costs the client nothing: the
+        # request moves to the next host (a stream's message_start says nothing a move changes).
+        while exchange.status in (None, 200) and not (exchange.has_lines() or exchange.finished):
+            if commit_at is not None and (exchange.status == 200 or time.monotonic() >= commit_at):
+                commit()
+                commit_at = None
+            try:
+                self.wait(deadline, first_wait, until=commit_at)
+            except ProxyError as error:
+                if not self.route.fail_over(exchange, error):
+                    raise
+        if exchange.status != 200:
+            raise self._failure()
+        if commit_at is not None:
+            commit(now=not exchange.has_lines())
+        silence = first_wait
+        while True:
+            lines = exchange.pop_lines()
+            if not lines:
+                if exchange.finished:
+                    raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
+                self.wait(deadline, silence)
+                continue
+            # The first line of a stream goes on alone, so that the first text need not wait for
+            # the lines that came with it to be decoded.
+            parts = (lines[:1], lines[1:]) if commit and self.first_token_at is None and len(lines) > 1 else (lines,)
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            deadline = time.monotonic() + config.ollama_timeout
+            silence = f"Ollama went silent for {config.ollama_timeout:g} s mid-reply (OLLAMA_TIMEOUT)"
+            for part in parts:
+                batch, error = decode_ndjson(part, exchange.address)
+                yield batch
+                if error:
+                    raise error
+
+    def _failure(self):
+        """The ProxyError for an Ollama answer with an error status."""
+        exchange = self.exchange
+        deadline = time.monotonic() + self.config.ollama_timeout
+        while not exchange.finished:
+            self.wait(deadline, "Ollama did not finish its error response")
+        raw = b"\n".join(exchange.pop_lines())
+        try:
+            text = json.loads(raw)["error"]
+        except (ValueError, KeyError, TypeError):
+            text = raw.decode("utf-8", "replace")
+        if exchange.status == 404:
+            return self.route.pool.missing_model(self.route.model)
+        return upstream_status_error(exchange.status, str(text)[:500], exchange.address,
+                                     self.input_estimate, self.config.ollama_num_ctx)
+
+    # -- the two ways to answer ------------------------------------------------------------
+    def collect(self):
+        """The whole message of a reply nobody streams."""
+        translator = self.translator
+        try:
+            for batch in self.batches():
+                if translator.translate(batch):
+                    return translator.message
+        except RecursionError:
+            raise upstream_nested_too_deeply() from None
+        raise ProxyError(502, f"Ollama at {self.exchange.address} ended the reply before it was done")
+
+    def stream(self, cache_state):
+        """Stream Ollama's answer as SSE; the message, or None if the stream had to end with an error.
+
+        Failures before the commit keep their HTTP status; after it they end the stream with an
+        error event, which is all a client can still be told."""
+        client, translator = self.client, self.translator
+        events = []
+
+        def commit(now=True):
+            """Begin the stream. Unless now, its opening events wait to leave with the first text,
+            already there: one write less before it."""
+            client.begin_stream(cache_state)
+            opening = translator.start() + [("ping", {"type": "ping"})]
+            if now:
+                client.write_events(opening)
+            else:
+                events.extend(opening)
+            self._next_ping = time.monotonic() + self.config.ping_interval
+
+        try:
+            for batch in self.batches(commit):
+                start, write_at = 0, self.LINES_PER_WRITE
+                while start < len(batch):
+                    end = start + write_at
+                    if translator.translate(batch[start:end], events):
+                        break
+                    start = end
+                    if start < len(batch):  # more of this burst to come
+                        client.write_events(events)
+                        events = []
+                        write_at = min(2 * write_at, self.MAX_LINES_PER_WRITE)
+                if translator.done:
+                    break
+                client.write_events(events)
+                events = []
+            else:
+                raise ProxyError(502, f"Ollama at {self.exchange.address} ended the reply before it was done")
+        except (ProxyError, RecursionError) as failure:
+            error = failure if isinstance(failure, ProxyError) else upstream_nested_too_deeply()
+            if not client.committed:
+                raise error from None
+            self.error = error
+            log.warning("%s stream ended by %s: %s", self.request_id, error.error_type, error.message)
+            # The error event and the closing chunk end the response cleanly: the connection,
+            # announced as kept alive, stays usable.
+            client.end_stream(events + translator.error_events(error))
+            return None
+        self.over()
+        client.end_stream(events)
+        return translator.message
 
 
 ###############################################################################
@@ -4607,16 +4864,6 @@ class Metrics:
 # HTTP handler
 ###############################################################################
 
-class ClientGone(Exception):
-    """The client closed its connection; nothing more can be sent."""
-
-
-# A client that closes or resets is noticed while Ollama generates. POLLRDHUP (Linux) reports the
-# close even after the client sent bytes of its next request; elsewhere POLLIN and a peek must do.
-CLIENT_GONE_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR | select.POLLNVAL
-CLIENT_WATCH_EVENTS = getattr(select, "POLLRDHUP", select.POLLIN)
-
-
 def describe_failure(exc):
     """An unexpected exception as one log line's worth: type, message and where it was raised."""
     frame = exc.__traceback__
@@ -4739,13 +4986,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         ("POST", "/v1/messages/count_tokens"): "count_tokens",
     }
     MODEL_ROUTE = "/v1/models/"
-    FAIL_FAST_SECONDS = 1.0  # how long a stream waits for Ollama's status before committing to 200
-    # Lines that arrived together leave together: the events of the first LINES_PER_WRITE lines at
-    # once, so the first text need not wait for the last, then of twice as many lines each write up
-    # to MAX_LINES_PER_WRITE, as each send() costs a system call and a hand-off of the interpreter
-    # lock. A text line makes one event.
-    LINES_PER_WRITE = 16
-    MAX_LINES_PER_WRITE = 256
 
     def setup(self):
         super().setup()
@@ -4766,11 +5006,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.started = self.answered = None
         self.status = None
         self.log_extra = {}
-        self.input_estimate = 0  # tokens, for a context-length refusal from Ollama
-        self.upstream_route = None  # the Ollama host(s) a generation may use
-        self.holds_generation = False  # a generation slot taken, not yet given back
-        self.first_token_at = None  # when Ollama's first output arrived
-        self._committed = False
+        self.generation = None  # the conversation with Ollama, for /v1/messages
+        self.committed = False  # a 200 event stream has begun
         self._ended = False
         self._chunked = True
         self._head = b""
@@ -4844,7 +5081,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         generated = extra.get("cache") != "HIT" and "output_tokens" in extra
         self.server.metrics.request_done(
             route, self.status or 499, extra.get("ollama_model", "none"), time.monotonic() - self.started,
-            None if self.first_token_at is None else self.first_token_at - self.started,
+            None if self.generation is None or self.generation.first_token_at is None
+            else self.generation.first_token_at - self.started,
             extra["input_tokens"] if generated else 0, extra["output_tokens"] if generated else 0,
             extra.get("calls_from_text", 0))
 
@@ -4951,10 +5189,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if error.status >= 500 and not logged:
             log.warning("%s %s: %s", self.request_id, error.error_type, error.message)
         try:
-            if self._ended or (self.status is not None and not self._committed):
+            if self._ended or (self.status is not None and not self.committed):
                 # The answer has left already: nothing more can be said on this connection.
                 self.close_connection = True
-            elif self._committed:
+            elif self.committed:
                 self.close_connection = True
                 self.end_stream([("error", {"type": "error",
                                             "error": {"type": error.error_type, "message": error.message}})])
@@ -4975,7 +5213,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if cache_state:
             headers["x-cache"] = cache_state
         self._head = self.response_head(200, headers)
-        self._committed = True
+        self.committed = True
 
     def framed(self, events):
         """Events as one HTTP chunk (or bare, for HTTP/1.0), behind the head if it has not left yet."""
@@ -5170,7 +5408,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         maximum = prompt_limit(request["max_tokens"], num_ctx)
         if input_tokens > maximum:
             raise prompt_too_long(input_tokens, maximum, f" (the {num_ctx}-token window keeps room for the answer)")
-        self.input_estimate = input_tokens
 
         if request["max_tokens"] == 0:
             self.require_model(ollama_model)
@@ -5184,21 +5421,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             show_thinking=thinking_requested(request) and hidden_thinking is None,
             hidden_thinking=hidden_thinking, thinking_seal=self.server.thinking_seal,
             recover_tool_calls=self.config.tool_call_recovery, forced=forces_tool_use(request))
-        if not self.server.slots.acquire(blocking=False):
-            self.server.metrics.overloaded_by("generations")
-            raise ProxyError(529, f"the proxy has {self.config.max_concurrent} generations in flight "
-                                  "(MAX_CONCURRENT); try again shortly", "overloaded_error", retry_after=2)
-        self.server.count("in_flight", 1)
-        self.holds_generation = True
-        exchange = None
+        route = ollama.route(ollama_model, payload)
+        self.take_generation_slot()
+        generation = self.generation = Generation(
+            self.config, route, translator, self, request_id=self.request_id, input_estimate=input_tokens,
+            stop_fd=self.server.grace_over_fd, on_over=self.give_generation_slot_back)
         try:
-            self.upstream_route = ollama.route(ollama_model, payload)
-            exchange = self.upstream_route.open("/api/chat", payload)
-            if stream:
-                message = self.stream_reply(exchange, translator, ollama_model, cache_state)
+            generation.open("/api/chat", payload)
+            message = generation.stream(cache_state) if stream else generation.collect()
+            if message is None:
+                self.log_extra["error"] = generation.error.message
             else:
-                message = self.collect_reply(exchange, translator, ollama_model)
-            if message is not None:
                 self.log_extra.update(input_tokens=message["usage"]["input_tokens"],
                                       output_tokens=message["usage"]["output_tokens"],
                                       calls_from_text=translator.calls_from_text)
@@ -5206,7 +5439,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if store:
                     cache.put(key, message, body)
                 if not stream:
-                    self.generation_over()
+                    generation.over()
                     self.send_json_body(200, body, {"x-cache": cache_state})
         except ClientGone:
             self.log_extra.update(input_tokens=translator.input_tokens, output_tokens=translator.chunks)
@@ -5217,38 +5450,23 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                             ", ".join(translator.dropped_calls))
             # Whatever happened, the slot and Ollama's connection are given back; the connection
             # only after the client has its answer, as keeping it may wait a moment.
-            self.generation_over()
-            if exchange is not None:
-                self.end_exchange(exchange, complete=translator.upstream_done)
+            generation.close()
 
-    @staticmethod
-    def end_exchange(exchange, complete):
-        """Keep Ollama's connection after a complete answer; else close it, which also stops a
-        generation still running."""
-        if not complete:
-            exchange.close()
-            return
-        try:
-            exchange.release()
-        except BaseException:
-            exchange.close()
-            raise
+    def take_generation_slot(self):
+        if not self.server.slots.acquire(blocking=False):
+            self.server.metrics.overloaded_by("generations")
+            raise ProxyError(529, f"the proxy has {self.config.max_concurrent} generations in flight "
+                                  "(MAX_CONCURRENT); try again shortly", "overloaded_error", retry_after=2)
+        self.server.count("in_flight", 1)
+
+    def give_generation_slot_back(self):
+        self.server.count("in_flight", -1)
+        self.server.slots.release()
 
     def model_can_see(self, ollama_model):
         """Whether the model takes images; when Ollama could not say, images go through as before."""
         capabilities = self.server.ollama.capabilities(ollama_model)
         return "vision" in capabilities or not capabilities
-
-    def generation_over(self):
-        """Give the slot and the host's count back, once: as soon as Ollama's answer is complete,
-        before its last bytes leave, so that a client's next request never finds them still taken."""
-        if not self.holds_generation:
-            return
-        self.holds_generation = False
-        self.server.count("in_flight", -1)
-        self.server.slots.release()
-        if self.upstream_route is not None:
-            self.upstream_route.finish()
 
     def cache_policy(self, request, payload, redacted_thinking=False):
         """(cache, key, look it up?, store the answer?) from CACHE and the client's Cache-Control."""
@@ -5272,170 +5490,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return self.send_json(200, message, {"x-cache": cache_state})
         self.begin_stream(cache_state)
         self.end_stream(message_to_events(message))
-
-    # -- talking to Ollama -------------------------------------------------------
-    def wait(self, exchange, deadline, what, until=None):
-        """Wait for Ollama until the deadline (or `until`), watching whether our client went away,
-        and keeping a committed stream alive with pings."""
-        if exchange.tls_pending():
-            exchange.receive()
-            return
-        now = time.monotonic()
-        if now >= deadline:
-            raise ProxyError(504, what, "timeout_error")
-        step = min(deadline - now, 1.0)
-        if until is not None:
-            step = max(0.0, min(step, until - now))
-        if self._committed:
-            step = max(0.0, min(step, self._next_ping - now))
-        for fd, event in exchange.poller.poll(step * 1000):
-            if fd == exchange.fd:
-                exchange.receive()
-            elif fd == self.server.grace_over_fd:
-                raise ProxyError(529, "the proxy is shutting down", "overloaded_error")
-            else:
-                self.check_client(exchange.poller, event)
-        if self._committed and time.monotonic() >= self._next_ping:
-            self.write_events([("ping", {"type": "ping"})])
-            self._next_ping = time.monotonic() + self.config.ping_interval
-
-    def check_client(self, poller, event):
-        if event & CLIENT_GONE_EVENTS:
-            raise ClientGone()
-        # Without POLLRDHUP only a read can tell a close from early bytes of the next request.
-        try:
-            peeked = self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            raise ClientGone() from exc
-        if not peeked:
-            raise ClientGone()
-        poller.unregister(self.connection)  # the client sent its next request early: reads cannot tell
-
-    def upstream_batches(self, exchange, ollama_model, commit=None):
-        """Ollama's NDJSON objects as they arrive, a list of those that came together at a time,
-        under the first-token and between-token deadlines.
-
-        `commit`, for streams, is called once: when Ollama's answer starts, or when it has not
-        started within FAIL_FAST_SECONDS (from then on pings keep the client waiting)."""
-        config = self.config
-        # Watch our client too: if it leaves, Ollama's request is closed, which stops the generation.
-        exchange.poller.register(self.connection, CLIENT_WATCH_EVENTS)
-        exchange.poller.register(self.server.grace_over_fd, select.POLLIN)
-        deadline = time.monotonic() + config.ollama_first_token_timeout
-        commit_at = time.monotonic() + self.FAIL_FAST_SECONDS if commit else None
-        first_wait = (f"Ollama sent nothing for {config.ollama_first_token_timeout:g} s "
-                      "(OLLAMA_FIRST_TOKEN_TIMEOUT): the model may still be loading or the prompt is very long")
-        # Until a line of the answer is given out, a host that fails costs the client nothing: the
-        # request moves to the next host (a stream's message_start says nothing a move changes).
-        while exchange.status in (None, 200) and not (exchange.has_lines() or exchange.finished):
-            if commit_at is not None and (exchange.status == 200 or time.monotonic() >= commit_at):
-                commit()
-                commit_at = None
-            try:
-                self.wait(exchange, deadline, first_wait, until=commit_at)
-            except ProxyError as error:
-                if not self.upstream_route.fail_over(exchange, error):
-                    raise
-        if exchange.status != 200:
-            raise self.upstream_failure(exchange, ollama_model)
-        if commit_at is not None:
-            commit(now=not exchange.has_lines())
-        silence = first_wait
-        while True:
-            lines = exchange.pop_lines()
-            if not lines:
-                if exchange.finished:
-                    raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
-                self.wait(exchange, deadline, silence)
-                continue
-            # The first line of a stream goes on alone, so that the first text need not wait for
-            # the lines that came with it to be decoded.
-            parts = (lines[:1], lines[1:]) if commit and self.first_token_at is None and len(lines) > 1 else (lines,)
-            if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
-            deadline = time.monotonic() + config.ollama_timeout
-            silence = f"Ollama went silent for {config.ollama_timeout:g} s mid-reply (OLLAMA_TIMEOUT)"
-            for part in parts:
-                batch, error = decode_ndjson(part, exchange.address)
-                yield batch
-                if error:
-                    raise error
-
-    def upstream_failure(self, exchange, ollama_model):
-        """The ProxyError for an Ollama answer with an error status."""
-        deadline = time.monotonic() + self.config.ollama_timeout
-        while not exchange.finished:
-            self.wait(exchange, deadline, "Ollama did not finish its error response")
-        raw = b"\n".join(exchange.pop_lines())
-        try:
-            text = json.loads(raw)["error"]
-        except (ValueError, KeyError, TypeError):
-            text = raw.decode("utf-8", "replace")
-        if exchange.status == 404:
-            return self.server.ollama.missing_model(ollama_model)
-        return upstream_status_error(exchange.status, str(text)[:500], exchange.address,
-                                     self.input_estimate, self.config.ollama_num_ctx)
-
-    def collect_reply(self, exchange, translator, ollama_model):
-        try:
-            for batch in self.upstream_batches(exchange, ollama_model):
-                if translator.translate(batch):
-                    return translator.message
-        except RecursionError:
-            raise upstream_nested_too_deeply() from None
-        raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
-
-    def stream_reply(self, exchange, translator, ollama_model, cache_state):
-        """Stream Ollama's answer as SSE; the message, or None if the stream had to end with an error.
-
-        Failures before the commit keep their HTTP status; after it they end the stream with an
-        error event, which is all a client can still be told."""
-        events = []
-
-        def commit(now=True):
-            """Begin the stream. Unless now, its opening events wait to leave with the first text,
-            already there: one write less before it."""
-            self.begin_stream(cache_state)
-            opening = translator.start() + [("ping", {"type": "ping"})]
-            if now:
-                self.write_events(opening)
-            else:
-                events.extend(opening)
-            self._next_ping = time.monotonic() + self.config.ping_interval
-
-        try:
-            for batch in self.upstream_batches(exchange, ollama_model, commit):
-                start, write_at = 0, self.LINES_PER_WRITE
-                while start < len(batch):
-                    end = start + write_at
-                    if translator.translate(batch[start:end], events):
-                        break
-                    start = end
-                    if start < len(batch):  # more of this burst to come
-                        self.write_events(events)
-                        events = []
-                        write_at = min(2 * write_at, self.MAX_LINES_PER_WRITE)
-                if translator.done:
-                    break
-                self.write_events(events)
-                events = []
-            else:
-                raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
-        except (ProxyError, RecursionError) as failure:
-            error = failure if isinstance(failure, ProxyError) else upstream_nested_too_deeply()
-            if not self._committed:
-                raise error from None
-            self.log_extra["error"] = error.message
-            log.warning("%s stream ended by %s: %s", self.request_id, error.error_type, error.message)
-            # The error event and the closing chunk end the response cleanly: the connection,
-            # announced as kept alive, stays usable.
-            self.end_stream(events + translator.error_events(error))
-            return None
-        self.generation_over()
-        self.end_stream(events)
-        return translator.message
 
 
 ###############################################################################

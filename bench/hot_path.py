@@ -234,7 +234,8 @@ class Profile:
             for chunks in self.decoded:
                 translator.translate(chunks)
             return []
-        handler = self.proxy.ProxyHandler
+        # Where the write cadence lives: Generation since 1.1.0, the handler before.
+        handler = getattr(self.proxy, "Generation", self.proxy.ProxyHandler)
         groups, events = [], translator.start()
         for chunks in self.decoded:  # as stream_reply: LINES_PER_WRITE lines, then twice as many
             start, write_at = 0, handler.LINES_PER_WRITE

@@ -293,7 +293,7 @@ def test_a_hung_host_marked_down_does_not_hold_up_the_model_list(ollama, monkeyp
 def test_a_stream_committed_while_waiting_still_moves_to_another_host(hosts):
     first, second = hosts
     # Silent past FAIL_FAST_SECONDS (the client already has message_start and a ping), then gone.
-    first.responder = lambda body: Reply(delay_before=proxy.ProxyHandler.FAIL_FAST_SECONDS + 0.5, drop="reset")
+    first.responder = lambda body: Reply(delay_before=proxy.Generation.FAIL_FAST_SECONDS + 0.5, drop="reset")
     with running_proxy(host_list(hosts)) as gateway:
         gateway.server.ollama._turn = 0  # both idle: the first host is tried first
         status, _, raw = gateway.stream(request_body())
