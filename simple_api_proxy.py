@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import base64
+import binascii
 import bisect
 import collections
 import contextlib
@@ -92,6 +94,9 @@ SETTINGS = (
     ("REDIS_DB", int, 0, "Redis database number"),
     ("REDIS_TIMEOUT", float, 0.25, "seconds for any Redis operation before Redis is marked down"),
     ("TOOL_CALL_RECOVERY", str, "on", "turn tool calls a model writes as text into tool_use blocks: on or off"),
+    ("THINKING_KEY_FILE", str, "",
+     "file with the key that seals hidden thinking (display omitted) into its signature; created when "
+     "missing; unset: a new key each start, so thinking sealed before a restart is left out"),
     ("PROXY_API_KEY", str, "", "when set, /v1/* requests need this key (x-api-key or Authorization: Bearer)"),
     ("ALLOWED_ORIGINS", str, "",
      "browser origins allowed besides loopback pages and desktop apps: comma list, * wildcards, * for any"),
@@ -146,6 +151,7 @@ class Config:
     redis_url: str
     redis_timeout: float
     tool_call_recovery: bool
+    thinking_key_file: str
     proxy_api_key: str
     allowed_origins: tuple  # of compiled patterns, from parse_allowed_origins
     max_body_bytes: int
@@ -313,6 +319,7 @@ def load_config(argv=None, environ=None):
             redis_url=build_redis_url(values),
             redis_timeout=values["REDIS_TIMEOUT"],
             tool_call_recovery=parse_switch("TOOL_CALL_RECOVERY", values["TOOL_CALL_RECOVERY"]),
+            thinking_key_file=values["THINKING_KEY_FILE"],
             proxy_api_key=values["PROXY_API_KEY"],
             allowed_origins=parse_allowed_origins(values["ALLOWED_ORIGINS"]),
             max_body_bytes=values["MAX_BODY_BYTES"],
@@ -412,6 +419,7 @@ STOP_REASONS = {"length": "max_tokens"}
 MAX_STOP_SEQUENCES = 64
 MAX_STOP_SEQUENCE_CHARS = 128
 MIN_THINKING_BUDGET = 1024  # Anthropic's floor for thinking.budget_tokens
+REDACT_THINKING_BETA = "redact-thinking-"  # anthropic-beta: thinking comes back as redacted_thinking
 TOOL_SCHEMA_TYPES = (None, "custom")
 
 
@@ -677,14 +685,25 @@ def merge_consecutive_turns(messages):
 class MessageConversion:
     """What converting one request's messages carries from turn to turn."""
 
-    def __init__(self, can_see=True):
+    def __init__(self, can_see=True, thinking_seal=None):
         self.can_see = can_see
+        self.thinking_seal = thinking_seal
         self.tool_names = {}  # tool_use id -> tool name, for Ollama's tool_name
         self.call_positions = {}  # tool_use id -> place in the latest assistant turn
         self.left_out = []  # notes for blocks the model can't read, logged once per request
 
     def note(self, text):
         self.left_out.append(text)
+        return text
+
+    def sealed_thinking(self, sealed, path):
+        """The thinking this proxy sealed, or None (and a note) for a seal it cannot open."""
+        if not isinstance(sealed, str) or not sealed:
+            return None
+        text = self.thinking_seal.open(sealed) if self.thinking_seal is not None else None
+        if text is None:
+            self.note(f"[thinking at {path} left out: sealed by another key (THINKING_KEY_FILE changed, "
+                      f"the proxy restarted without one, or another server made it)]")
         return text
 
 
@@ -841,10 +860,15 @@ def _assistant_message(blocks, conversion):
             _require_type(arguments, (dict,), f"{block_path}.input", "a valid dictionary")
             conversion.tool_names[call_id] = name
             calls.append({"id": call_id, "function": {"name": name, "arguments": arguments}})
-        elif kind == "thinking":
-            if isinstance(block.get("thinking"), str) and block["thinking"]:
-                thinking.append(block["thinking"])
-        # redacted thinking and server-tool blocks are the model's own artefacts: nothing to pass on.
+        elif kind == "thinking" and isinstance(block.get("thinking"), str) and block["thinking"]:
+            thinking.append(block["thinking"])
+        elif kind in ("thinking", "redacted_thinking"):
+            # Hidden thinking (display omitted, redact-thinking): its text travels in the seal.
+            text = conversion.sealed_thinking(block.get("signature" if kind == "thinking" else "data"),
+                                              block_path)
+            if text:
+                thinking.append(text)
+        # Server-tool blocks are the model's own artefacts: nothing to pass on.
     conversion.call_positions = {call["id"]: position for position, call in enumerate(calls)}
     if not texts and not thinking and not calls:
         return None
@@ -1130,19 +1154,169 @@ def ollama_think(request):
     return {"xhigh": "high", "max": "high"}.get(effort, effort)
 
 
-def anthropic_to_ollama(request, ollama_model, config, *, can_see=True, notes=None):
+def thinking_hidden(request, beta):
+    """How thinking the client may not read goes back: "omitted" (a thinking block with empty text
+    and the text sealed in its signature, for display omitted), "redacted" (a redacted_thinking
+    block whose data is the seal, under the redact-thinking beta), or None (shown, or not asked)."""
+    if not thinking_requested(request):
+        return None
+    if any(name.strip().startswith(REDACT_THINKING_BETA) for name in beta.split(",")):
+        return "redacted"
+    return "omitted" if (request.get("thinking") or {}).get("display") == "omitted" else None
+
+
+class ThinkingKeyError(Exception):
+    """THINKING_KEY_FILE cannot be read, created, or holds too short a key."""
+
+
+class ThinkingSeal:
+    """Thinking text sealed into an opaque string that only a proxy with the same key can open,
+    so that a client can neither read hidden thinking nor plant text the model takes for its own
+    reasoning.
+
+    A seal is base64 of: version byte, 16-byte random nonce, the UTF-8 text XORed with a SHAKE-256
+    keystream of (cipher key, nonce), and an HMAC-SHA256 over all of that (encrypt-then-MAC). Both
+    keys derive from the one key by HMAC. A seal made with another key (THINKING_KEY_FILE changed,
+    or a restart without one) or altered in any bit opens to None: that thinking is left out."""
+
+    VERSION = b"\x01"
+    NONCE_BYTES = 16
+    TAG_BYTES = 32
+    MIN_KEY_BYTES = 16
+
+    def __init__(self, key):
+        self._cipher_key = hmac.digest(key, b"simple_api_proxy thinking cipher", "sha256")
+        self._mac_key = hmac.digest(key, b"simple_api_proxy thinking mac", "sha256")
+
+    @classmethod
+    def from_key_file(cls, path):
+        """The key in path (created with a random key, readable by its owner only, when missing);
+        without a path, a random key that lives as long as the process."""
+        if not path:
+            return cls(secrets.token_bytes(32))
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ThinkingKeyError(f"cannot create THINKING_KEY_FILE {path!r}: {exc.strerror}") from None
+        else:
+            with os.fdopen(descriptor, "w") as created:
+                created.write(secrets.token_hex(32) + "\n")
+        try:
+            with open(path, "rb") as existing:
+                key = existing.read(4096).strip()
+        except OSError as exc:
+            raise ThinkingKeyError(f"cannot read THINKING_KEY_FILE {path!r}: {exc.strerror}") from None
+        if len(key) < cls.MIN_KEY_BYTES:
+            raise ThinkingKeyError(f"THINKING_KEY_FILE {path!r} holds {len(key)} bytes; a key needs at least "
+                                   f"{cls.MIN_KEY_BYTES} (delete the file to have a new one made)")
+        return cls(key)
+
+    def _xor(self, nonce, data):
+        stream = hashlib.shake_256(self._cipher_key + nonce).digest(len(data))
+        return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
+
+    def seal(self, text):
+        nonce = secrets.token_bytes(self.NONCE_BYTES)
+        body = self.VERSION + nonce + self._xor(nonce, text.encode("utf-8"))
+        return base64.b64encode(body + hmac.digest(self._mac_key, body, "sha256")).decode("ascii")
+
+    def open(self, sealed):
+        """The text in a seal this key made, else None."""
+        try:
+            raw = base64.b64decode(sealed, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) < 1 + self.NONCE_BYTES + self.TAG_BYTES or raw[:1] != self.VERSION:
+            return None
+        body, tag = raw[:-self.TAG_BYTES], raw[-self.TAG_BYTES:]
+        if not hmac.compare_digest(tag, hmac.digest(self._mac_key, body, "sha256")):
+            return None
+        nonce = body[1:1 + self.NONCE_BYTES]
+        return self._xor(nonce, body[1 + self.NONCE_BYTES:]).decode("utf-8", "replace")
+
+
+# Tools Anthropic runs on its own servers, by the start of their type (web_search_20250305, ...):
+# the block that carries their result and that block's error type (the SDKs' types).
+SERVER_TOOL_RESULTS = (("web_search_", "web_search_tool_result", "web_search_tool_result_error"),
+                       ("web_fetch_", "web_fetch_tool_result", "web_fetch_tool_result_error"),
+                       ("code_execution_", "code_execution_tool_result", "code_execution_tool_result_error"),
+                       ("tool_search_tool_", "tool_search_tool_result", "tool_search_tool_result_error"))
+
+
+def server_tool_result_types(tool):
+    """(result block type, error type) for a server tool, None for any other tool."""
+    kind = tool.get("type")
+    if not isinstance(kind, str):
+        return None
+    for prefix, result_type, error_type in SERVER_TOOL_RESULTS:
+        if kind.startswith(prefix):
+            return result_type, error_type
+    return None
+
+
+def server_tools(request):
+    return [tool for tool in request.get("tools") or () if server_tool_result_types(tool)]
+
+
+def demanded_server_tool(request):
+    """The server tool a request is made for, else None: the one tool_choice names, or the first
+    when server tools are all the tools offered (Claude Code's WebSearch sends web_search alone,
+    with tool_choice auto) and tool_choice is not none. The proxy cannot run one, and a model that
+    answers such a request makes up what the tool would have found."""
+    tools = server_tools(request)
+    choice = request.get("tool_choice") or {}
+    if not tools or choice.get("type") == "none":
+        return None
+    if choice.get("type") == "tool":
+        return next((tool for tool in tools if tool["name"] == choice["name"]), None)
+    return None if client_tools(request) else tools[0]
+
+
+def server_tool_unavailable(tool, model, input_tokens):
+    """Anthropic's answer when a server tool cannot run: its call, then its result holding the
+    error `unavailable`; no request was made, so the server_tool_use counts are 0."""
+    result_type, error_type = server_tool_result_types(tool)
+    call_id = new_id("srvtoolu_")
+    content = [{"type": "server_tool_use", "id": call_id, "name": tool["name"], "input": {}},
+               {"type": result_type, "tool_use_id": call_id,
+                "content": {"type": error_type, "error_code": "unavailable"}}]
+    message = message_object(new_id("msg_"), model, content, "end_turn", None, input_tokens, 0)
+    message["usage"]["server_tool_use"] = {"web_search_requests": 0, "web_fetch_requests": 0}
+    return message
+
+
+def server_tools_note(tools):
+    """What the model is told when server tools are offered beside tools it can call: it is not
+    offered them, and must not answer as if it had used them."""
+    names = ", ".join(sorted({tool["name"] for tool in tools}))
+    return (f"The tools {names} are not available here (they run on Anthropic's servers, which this "
+            f"model cannot reach). Never answer as if you had used them or seen their results; if a task "
+            f"needs them, say that they are not available.")
+
+
+def anthropic_to_ollama(request, ollama_model, config, *, can_see=True, notes=None, thinking_seal=None):
     """A validated Anthropic Messages request -> (the body of Ollama's POST /api/chat, the prompt's
     estimated tokens).
 
     can_see: the model takes images (else they become notes). notes, a list, gets one line per
-    thing the model will not see as sent (blocks it can't read, tool results cut to fit)."""
+    thing the model will not see as sent (blocks it can't read, tool results cut to fit).
+    thinking_seal opens the thinking this proxy sealed into signatures (ThinkingSeal)."""
     options = {"num_ctx": config.ollama_num_ctx, "num_predict": request["max_tokens"]}
     for key in ("temperature", "top_p", "top_k"):
         if request.get(key) is not None:
             options[key] = request[key]
-    conversion = MessageConversion(can_see=can_see)
-    payload = {"model": ollama_model, "messages": ollama_messages(request, conversion), "stream": True,
-               "options": options}
+    conversion = MessageConversion(can_see=can_see, thinking_seal=thinking_seal)
+    messages = ollama_messages(request, conversion)
+    unrunnable = server_tools(request)
+    if unrunnable:
+        note = server_tools_note(unrunnable)
+        if messages and messages[0]["role"] == "system":
+            messages[0]["content"] += "\n\n" + note
+        else:
+            messages.insert(0, {"role": "system", "content": note})
+    payload = {"model": ollama_model, "messages": messages, "stream": True, "options": options}
     tools = client_tools(request)
     if tools:
         payload["tools"] = ollama_tools(tools)
@@ -1272,17 +1446,24 @@ def message_to_events(message):
     events = [("message_start", {"type": "message_start", "message": start})]
     for index, block in enumerate(message["content"]):
         kind = block["type"]
+        deltas = []
         if kind == "text":
-            opening, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+            opening, deltas = {"type": "text", "text": ""}, [{"type": "text_delta", "text": block["text"]}]
         elif kind == "thinking":
             opening = {"type": "thinking", "thinking": "", "signature": ""}
-            delta = {"type": "thinking_delta", "thinking": block["thinking"]}
-        else:
-            opening = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
-            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+            if block["thinking"] or not block["signature"]:
+                deltas.append({"type": "thinking_delta", "thinking": block["thinking"]})
+            if block["signature"]:
+                deltas.append({"type": "signature_delta", "signature": block["signature"]})
+        elif kind in ("tool_use", "server_tool_use"):
+            opening = {"type": kind, "id": block["id"], "name": block["name"], "input": {}}
+            deltas.append({"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
+        else:  # redacted thinking and server tool results arrive whole
+            opening = block
         events.append(("content_block_start", {"type": "content_block_start", "index": index,
                                                "content_block": opening}))
-        events.append(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
+        events.extend(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+                      for delta in deltas)
         events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
     events.append(("message_delta", {"type": "message_delta",
                                      "delta": {"stop_reason": message["stop_reason"],
@@ -1304,6 +1485,8 @@ def message_to_events(message):
 
 TRIM_LADDER = (65536, 49152, 32768, 24576, 16384, 12288, 8192, 6144, 4096, 3072, 2048)  # characters kept
 ANSWER_ROOM_FLOOR = 1024  # tokens
+# Claude Code 2.1.332's first request with all its tools, by Ollama's count (13,447 measured).
+CLAUDE_CODE_PROMPT_TOKENS = 13500
 
 
 def answer_room(max_tokens, num_ctx):
@@ -1318,6 +1501,20 @@ def prompt_limit(max_tokens, num_ctx):
     max_tokens; `prompt is too long` has Claude Code compact the conversation instead. Never
     below num_ctx - answer_room(), so a prompt cut to answer_room() is always served."""
     return num_ctx - min(max_tokens, ANSWER_ROOM_FLOOR, num_ctx // 4)
+
+
+def small_window_warning(num_ctx):
+    """A warning for a window that cannot hold Claude Code's prompt with all its tools plus room for
+    an answer (answer_room() of the window), else None. Its first request would be refused as too
+    long, which ends the session before anything is done."""
+    needed = CLAUDE_CODE_PROMPT_TOKENS + answer_room(num_ctx, num_ctx)
+    if num_ctx >= needed:
+        return None
+    return (f"OLLAMA_NUM_CTX={num_ctx} cannot hold Claude Code's prompt with all its tools (about "
+            f"{CLAUDE_CODE_PROMPT_TOKENS:,} tokens) plus room for an answer ({needed:,} tokens in all): its first "
+            f"request will be refused as too long, or leave the conversation next to no room. Use "
+            f"OLLAMA_NUM_CTX=16384 or more if the GPU holds it, or run Claude Code with fewer tools "
+            f"(claude_start.sh --lean) and a smaller CLAUDE_CODE_MAX_OUTPUT_TOKENS. Other clients are not affected.")
 
 
 def trimmed_tool_text(text, keep, num_ctx):
@@ -2119,10 +2316,14 @@ class StreamTranslator:
     Text passes a gate: it is held back while it may still be the start of a stop sequence
     (which the proxy enforces, so it can report which one matched) or, when tools were offered,
     a tool call the model wrote as text. Everything else leaves the moment it arrives.
+
+    Thinking is shown (show_thinking), dropped, or hidden: with hidden_thinking "omitted" a thinking
+    block opens at once and ends with a signature_delta that seals its text (thinking_seal); with
+    "redacted" one redacted_thinking block, its data the seal, leaves when the thinking ends.
     """
 
     def __init__(self, model, input_tokens, *, stop_sequences=(), tool_names=(), show_thinking=False,
-                 recover_tool_calls=True, forced=False):
+                 recover_tool_calls=True, forced=False, hidden_thinking=None, thinking_seal=None):
         self.model = model
         self.message_id = new_id("msg_")
         self.input_tokens = input_tokens
@@ -2133,8 +2334,12 @@ class StreamTranslator:
         self.forced_call = ForcedToolCall(self.tools) if forced and self.tools else None
         self.dropped_calls = []  # structured calls to tools the client did not offer
         self.show_thinking = show_thinking
+        self.hidden_thinking = hidden_thinking if thinking_seal is not None and not show_thinking else None
+        self.thinking_seal = thinking_seal
         self.call_gate = TextCallGate(self.tools) if recover_tool_calls and self.tools else None
-        self.blocks = []  # [kind, parts] for text and thinking, [kind, block] for tool_use
+        # [kind, parts] for text and thinking, [kind, block] for tool_use; hidden thinking
+        # ([kind, parts, seal]) is "omitted_thinking" or "redacted_thinking", sealed as it closes.
+        self.blocks = []
         self.open_kind = None
         self.open_parts = None  # the text parts of the open block
         self.had_tool = False
@@ -2155,9 +2360,35 @@ class StreamTranslator:
 
     # -- blocks ---------------------------------------------------------------
     def close_block(self, events):
-        if self.open_kind is not None:
-            events.append(("content_block_stop", {"type": "content_block_stop", "index": len(self.blocks) - 1}))
-            self.open_kind = None
+        if self.open_kind is None:
+            return
+        index = len(self.blocks) - 1
+        if self.open_kind in ("omitted_thinking", "redacted_thinking"):
+            sealed = self.thinking_seal.seal("".join(self.open_parts))
+            self.blocks[-1].append(sealed)
+            if self.open_kind == "omitted_thinking":
+                events.append(("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                       "delta": {"type": "signature_delta", "signature": sealed}}))
+            else:
+                events.append(("content_block_start", {"type": "content_block_start", "index": index,
+                                                       "content_block": {"type": "redacted_thinking",
+                                                                         "data": sealed}}))
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+        self.open_kind = None
+
+    def _hidden_thinking(self, text, events):
+        """Thinking the client may not read: kept whole, to be sealed when its block closes."""
+        kind = self.hidden_thinking + "_thinking"
+        if self.open_kind != kind:
+            self.close_block(events)
+            self.blocks.append([kind, []])
+            if kind == "omitted_thinking":
+                events.append(("content_block_start", {"type": "content_block_start", "index": len(self.blocks) - 1,
+                                                       "content_block": {"type": "thinking", "thinking": "",
+                                                                         "signature": ""}}))
+            self.open_kind = kind
+            self.open_parts = self.blocks[-1][1]
+        self.open_parts.append(text)
 
     def _delta(self, kind, text, events):
         if self.open_kind != kind:
@@ -2279,8 +2510,11 @@ class StreamTranslator:
         self.chunks += 1
         message = chunk.get("message") or {}
         thinking = message.get("thinking")
-        if thinking and self.show_thinking and self.stop_reason is None:
-            self._delta("thinking", thinking, events)
+        if thinking and self.stop_reason is None:
+            if self.show_thinking:
+                self._delta("thinking", thinking, events)
+            elif self.hidden_thinking:
+                self._hidden_thinking(thinking, events)
         content = message.get("content")
         if content and self.stop_reason is None:
             if self.forced_call is not None:
@@ -2369,11 +2603,15 @@ class StreamTranslator:
     @property
     def message(self):
         content = []
-        for kind, payload in self.blocks:
+        for kind, payload, *sealed in self.blocks:
             if kind == "text":
                 content.append({"type": "text", "text": "".join(payload)})
             elif kind == "thinking":
                 content.append({"type": "thinking", "thinking": "".join(payload), "signature": ""})
+            elif kind == "omitted_thinking":
+                content.append({"type": "thinking", "thinking": "", "signature": sealed[0]})
+            elif kind == "redacted_thinking":
+                content.append({"type": "redacted_thinking", "data": sealed[0]})
             else:
                 content.append(payload)
         return message_object(self.message_id, self.model, content, self.stop_reason, self.stop_sequence,
@@ -3652,16 +3890,19 @@ CACHED_STOP_REASONS = frozenset(("end_turn", "max_tokens", "stop_sequence", "too
 CACHE_KEY_PAYLOAD_FIELDS = ("model", "messages", "tools", "options", "format")
 
 
-def cache_key(ollama_payload, request, recover_tool_calls):
+def cache_key(ollama_payload, request, recover_tool_calls, redacted_thinking=False):
     """SHA-256 of the request as Ollama will see it, plus the fields the proxy acts on itself.
 
     The Ollama payload is already the normal form: the resolved model, the system prompt without
     Claude Code's per-request billing line, merged turns, no cache_control or metadata; it holds
     the messages, tools (after tool_choice), max_tokens and the sampling options. Stop sequences,
-    thinking and effort are enforced here rather than upstream, so they join the key separately."""
+    thinking and effort are enforced here rather than upstream, so they join the key separately,
+    as does the redact-thinking beta (a header), which changes the shape of thinking blocks."""
     material = [{field: ollama_payload[field] for field in CACHE_KEY_PAYLOAD_FIELDS if field in ollama_payload},
                 request.get("stop_sequences") or None, request.get("thinking"),
                 (request.get("output_config") or {}).get("effort"), recover_tool_calls]
+    if redacted_thinking:
+        material.append("redacted_thinking")
     canonical = _compact_json(material)
     return CACHE_KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -3695,6 +3936,7 @@ STORED_MESSAGE_KEYS = frozenset(("id", "type", "role", "model", "content", "stop
 STORED_USAGE_KEYS = frozenset(("input_tokens", "output_tokens", "cache_creation_input_tokens",
                                "cache_read_input_tokens"))
 STORED_BLOCK_KEYS = {"text": frozenset(("type", "text")), "thinking": frozenset(("type", "thinking", "signature")),
+                     "redacted_thinking": frozenset(("type", "data")),
                      "tool_use": frozenset(("type", "id", "name", "input"))}
 
 
@@ -3707,6 +3949,8 @@ def _is_replayable_block(block):
         return isinstance(block.get("text"), str)
     if kind == "thinking":
         return isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str)
+    if kind == "redacted_thinking":
+        return isinstance(block.get("data"), str)
     if kind == "tool_use":
         return (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
                 and isinstance(block.get("input"), dict))
@@ -4662,6 +4906,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, config, handler_class=None):
         self.config = config
+        self.thinking_seal = ThinkingSeal.from_key_file(config.thinking_key_file)
         self.pool = UpstreamPool(config)
         self.cache = ResponseCache(config)
         self.metrics = Metrics(config, installed=self.pool.installed)
@@ -5116,7 +5361,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         max_tokens = request.get("max_tokens")
         if type(max_tokens) is not int or max_tokens < 0:
             max_tokens = self.config.default_max_tokens
-        _, input_tokens = anthropic_to_ollama(dict(request, max_tokens=max_tokens), ollama_model, self.config)
+        _, input_tokens = anthropic_to_ollama(dict(request, max_tokens=max_tokens), ollama_model, self.config,
+                                              thinking_seal=self.server.thinking_seal)
         self.require_model(ollama_model)
         self.send_json(200, {"input_tokens": input_tokens})
 
@@ -5138,10 +5384,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         pool = self.server.pool
         notes = []
         payload, input_tokens = anthropic_to_ollama(request, ollama_model, self.config, notes=notes,
-                                                    can_see=not carries_images(request) or self.model_can_see(ollama_model))
+                                                    can_see=not carries_images(request) or self.model_can_see(ollama_model),
+                                                    thinking_seal=self.server.thinking_seal)
         if notes:
             log.info("%s changed for the model: %s", self.request_id, "; ".join(notes))
-        cache, key, lookup, store = self.cache_policy(request, payload)
+        demanded = demanded_server_tool(request)
+        if demanded is not None:
+            log.info("%s %s is a server tool this proxy cannot run: answered unavailable", self.request_id,
+                     _one_line(demanded["name"], 80))
+            self.log_extra["cache"] = "BYPASS"
+            self.require_model(ollama_model)
+            return self.respond_message(server_tool_unavailable(demanded, model, input_tokens), stream, "BYPASS")
+        hidden_thinking = thinking_hidden(request, self.headers.get("anthropic-beta", ""))
+        cache, key, lookup, store = self.cache_policy(request, payload, hidden_thinking == "redacted")
         if lookup:
             cached = cache.get(key)
             if cached is not None:
@@ -5164,7 +5419,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         translator = StreamTranslator(
             model, input_tokens, stop_sequences=request.get("stop_sequences") or (),
             tool_names={t["name"]: t.get("input_schema") for t in tools},
-            show_thinking=thinking_requested(request) and (request.get("thinking") or {}).get("display") != "omitted",
+            show_thinking=thinking_requested(request) and hidden_thinking is None,
+            hidden_thinking=hidden_thinking, thinking_seal=self.server.thinking_seal,
             recover_tool_calls=self.config.tool_call_recovery, forced=forces_tool_use(request))
         route = pool.route(ollama_model, payload)
         self.take_generation_slot()
@@ -5213,14 +5469,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         capabilities = self.server.pool.capabilities(ollama_model)
         return "vision" in capabilities or not capabilities
 
-    def cache_policy(self, request, payload):
+    def cache_policy(self, request, payload, redacted_thinking=False):
         """(cache, key, look it up?, store the answer?) from CACHE and the client's Cache-Control."""
         cache = self.server.cache
         if not cache.enabled:
             return cache, None, False, False
         directives = self.headers.get("Cache-Control", "").lower()
         no_store = "no-store" in directives
-        key = cache_key(payload, request, self.config.tool_call_recovery)
+        key = cache_key(payload, request, self.config.tool_call_recovery, redacted_thinking)
         return cache, key, not no_store and "no-cache" not in directives, not no_store
 
     def replay(self, answer, model, stream):
@@ -5284,12 +5540,18 @@ def serve(config):
     Returns the exit status."""
     try:
         server = ProxyServer(config)
+    except ThinkingKeyError as exc:
+        log.error("%s", exc)
+        return 1
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s; another process holds the port (stop it, or set API_PORT)",
                   config.api_host, config.api_port, exc.strerror or exc)
         return 1
     host, port = server.server_address[:2]
     log.info("simple_api_proxy %s listening on http://%s:%s | %s", __version__, host, port, config.describe())
+    window_warning = small_window_warning(config.ollama_num_ctx)
+    if window_warning:
+        log.warning("%s", window_warning)
     if not is_loopback_name(config.api_host) and not config.proxy_api_key:
         log.warning("API_HOST=%s exposes the proxy beyond this machine WITHOUT an API key: anyone who reaches "
                     "port %s can use your GPU. Set PROXY_API_KEY, or bind 127.0.0.1 and use an SSH tunnel.",
