@@ -4968,6 +4968,93 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.pool.close()
 
 
+class Response:
+    """One request's answer as it is framed and sent: the head (status line and headers, which
+    leave with the first body bytes), then a JSON body, or an SSE stream in HTTP chunks (bare to
+    the close for HTTP/1.0). ProxyHandler makes one per request; a Generation streams through
+    begin_stream(), write_events() and end_stream(), and watches `connection`, the client's socket.
+
+    `close` says the connection ends after this answer; `status` and `answered` (when the last
+    byte left) are what the log and /metrics report."""
+
+    def __init__(self, wfile, connection, request_id, server_version):
+        self.wfile = wfile
+        self.connection = connection
+        self.request_id = request_id
+        self.server_version = server_version
+        self.version = "HTTP/1.1"  # the request's, once its line is read
+        self.method = "-"
+        self.cors_headers = {}
+        self.close = True
+        self.status = None
+        self.answered = None
+        self.committed = False  # a 200 event stream has begun
+        self.ended = False
+        self._chunked = True
+        self._head = b""
+
+    def head(self, status, headers):
+        """The status line and headers as bytes; sent together with the first body bytes."""
+        self.status = status
+        phrase = http.server.BaseHTTPRequestHandler.responses.get(
+            status, ("Overloaded" if status == 529 else "Error",))[0]
+        head = (f"HTTP/1.1 {status} {phrase}\r\nServer: {self.server_version}\r\n"
+                f"Date: {http_date()}\r\nrequest-id: {self.request_id}\r\n")
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        if self.cors_headers:
+            head += "".join(f"{name}: {value}\r\n" for name, value in self.cors_headers.items())
+        if self.close:
+            head += "Connection: close\r\n"
+        return (head + "\r\n").encode("latin-1")
+
+    def send(self, data):
+        try:
+            self.wfile.write(data)
+        except OSError as exc:
+            raise ClientGone() from exc
+        self.answered = time.monotonic()  # the answer's last byte, once no more follow
+
+    def send_json(self, status, payload, headers=None):
+        self.send_json_body(status, json_bytes(payload), headers)
+
+    def send_json_body(self, status, body, headers=None):
+        all_headers = {"Content-Type": "application/json", "Content-Length": len(body)}
+        all_headers.update(headers or {})
+        head = self.head(status, all_headers)
+        self.send(head if self.method == "HEAD" else head + body)
+
+    def begin_stream(self, cache_state=None):
+        """Commit to a 200 event stream; the head leaves with the first events."""
+        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        # An HTTP/1.0 client cannot read chunked framing: it gets the stream up to the close.
+        self._chunked = self.version != "HTTP/1.0"
+        if self._chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            self.close = True
+        if cache_state:
+            headers["x-cache"] = cache_state
+        self._head = self.head(200, headers)
+        self.committed = True
+
+    def framed(self, events):
+        """Events as one HTTP chunk (or bare, for HTTP/1.0), behind the head if it has not left yet."""
+        data = b"".join([sse_event(name, data) for name, data in events])
+        if self._chunked and data:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        data, self._head = self._head + data, b""
+        return data
+
+    def write_events(self, events):
+        """All the events of one moment in one write: one chunk, one send."""
+        if events:
+            self.send(self.framed(events))
+
+    def end_stream(self, events=()):
+        self.ended = True
+        self.send(self.framed(events) + (b"0\r\n\r\n" if self._chunked else b""))
+
+
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
     """Serves one client connection; requests are read by RequestReader, not by http.server."""
 
@@ -5004,19 +5091,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # -- dispatch ------------------------------------------------------------
     def handle_one_request(self):
         self.request_id = new_id("req_")
-        self.started = self.answered = None
-        self.status = None
+        self.started = None
         self.log_extra = {}
+        self.response = Response(self.wfile, self.connection, self.request_id, self.server_version)
         self.generation = None  # the conversation with Ollama, for /v1/messages
-        self.committed = False  # a 200 event stream has begun
-        self._ended = False
-        self._chunked = True
-        self._head = b""
-        self.cors_headers = {}
         self.body = b""
         self.head = None
         self.command, self.path, self.request_version = "-", "-", "HTTP/1.1"
-        self.close_connection = True
+        try:
+            self.read_and_answer()
+        finally:
+            self.close_connection = self.response.close or self.server.stopping
+
+    def read_and_answer(self):
         # Idle keep-alive time, request line and headers: CLIENT_TIMEOUT in all.
         self.deadlines.arm(self.request, self.config.client_timeout)
         try:
@@ -5038,10 +5125,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         head = self.head
         self.command, self.path, self.request_version, self.headers = \
             head.method, head.target, head.version, head.headers
-        self.close_connection = not head.keep_alive or self.server.stopping
+        self.response.version, self.response.method = head.version, head.method
+        self.response.close = not head.keep_alive or self.server.stopping
         self.dispatch()
-        if self.server.stopping:
-            self.close_connection = True
 
     def dispatch(self):
         # The body gets CLIENT_TIMEOUT of its own; answering has no such limit.
@@ -5055,12 +5141,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except ProxyError as error:
             self.refuse(error)
         except ClientGone:
-            self.status = 499  # nginx's convention: the client left before the answer was complete
-            self.close_connection = True
+            self.response.status = 499  # nginx's convention: the client left before the answer was complete
+            self.response.close = True
         except Exception as exc:  # RecursionError too: deep bodies are refused before this, so it is ours
             log.error("%s internal error on %s %s: %s", self.request_id, self.command, path, describe_failure(exc))
             log.debug("%s traceback", self.request_id, exc_info=True)
-            self.close_connection = True
+            self.response.close = True
             self.send_error_envelope(ProxyError(500, "internal proxy error; see the proxy's log", "api_error"),
                                      logged=True)
         finally:
@@ -5074,14 +5160,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         model = f" {extra['model']}->{extra['ollama_model']}" if "model" in extra else ""
         tokens = f" tokens={extra['input_tokens']}/{extra['output_tokens']}" if "output_tokens" in extra else ""
         flags = (" stream" if extra.get("stream") else "") + (f" cache={extra['cache']}" if "cache" in extra else "")
-        log.info("%s %s %s%s %s%s%s %.1fms", self.request_id, self.command, path, model, self.status,
-                 flags, tokens, ((self.answered or time.monotonic()) - self.started) * 1000)
+        log.info("%s %s %s%s %s%s%s %.1fms", self.request_id, self.command, path, model, self.response.status,
+                 flags, tokens, ((self.response.answered or time.monotonic()) - self.started) * 1000)
 
     def record_metrics(self, route):
         extra = self.log_extra
         generated = extra.get("cache") != "HIT" and "output_tokens" in extra
         self.server.metrics.request_done(
-            route, self.status or 499, extra.get("ollama_model", "none"), time.monotonic() - self.started,
+            route, self.response.status or 499, extra.get("ollama_model", "none"), time.monotonic() - self.started,
             None if self.generation is None or self.generation.first_token_at is None
             else self.generation.first_token_at - self.started,
             extra["input_tokens"] if generated else 0, extra["output_tokens"] if generated else 0,
@@ -5098,7 +5184,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if refusal is not None:
             raise refusal
         if origin is not None:
-            self.cors_headers = policy.response_headers(origin)
+            self.response.cors_headers = policy.response_headers(origin)
         name = self.ROUTES.get((self.command, path))
         if name is None and path.startswith(self.MODEL_ROUTE) and self.command in ("GET", "HEAD"):
             name = "model"
@@ -5119,17 +5205,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.deadlines.disarm(self.request)
             return name
         if not head.chunked and head.content_length is None:
-            self.close_connection = True
+            self.response.close = True
             raise ProxyError(411, "a request body needs a Content-Length header", retry=False)
         if (head.content_length or 0) > self.config.max_body_bytes:
             raise body_too_large(self.config.max_body_bytes, head.content_length)
         if head.expects_continue:
-            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.response.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.body_settled = True
         try:
             self.body = self.reader.read_body(head, self.config.max_body_bytes)
         except ProxyError:
-            self.close_connection = True
+            self.response.close = True
             raise
         self.deadlines.disarm(self.request)
         return name
@@ -5142,96 +5228,37 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         or a slow upload); then drop that body to keep the connection, if it can be done cheaply."""
         unread = self.head.has_body and not self.body_settled
         if unread and not self.reader.can_discard(self.head):
-            self.close_connection = True
+            self.response.close = True
             unread = False
         self.send_error_envelope(error)
-        if unread and not self.close_connection:
+        if unread and not self.response.close:
             self.drop_body()
 
     def drop_body(self):
         """Read and drop a body nobody will use, or close the connection when that cannot be done."""
         self.body_settled = True
         if not self.reader.discard_body(self.head):
-            self.close_connection = True
+            self.response.close = True
 
-    # -- responses -------------------------------------------------------------
-    def response_head(self, status, headers):
-        """The status line and headers as bytes; sent together with the first body bytes."""
-        self.status = status
-        phrase = self.responses.get(status, ("Overloaded" if status == 529 else "Error",))[0]
-        head = (f"HTTP/1.1 {status} {phrase}\r\nServer: {self.server_version}\r\n"
-                f"Date: {http_date()}\r\nrequest-id: {self.request_id}\r\n")
-        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        if self.cors_headers:
-            head += "".join(f"{name}: {value}\r\n" for name, value in self.cors_headers.items())
-        if self.close_connection:
-            head += "Connection: close\r\n"
-        return (head + "\r\n").encode("latin-1")
-
-    def send(self, data):
-        try:
-            self.wfile.write(data)
-        except OSError as exc:
-            raise ClientGone() from exc
-        self.answered = time.monotonic()  # the answer's last byte, once no more follow
-
-    def send_json(self, status, payload, headers=None):
-        self.send_json_body(status, json_bytes(payload), headers)
-
-    def send_json_body(self, status, body, headers=None):
-        all_headers = {"Content-Type": "application/json", "Content-Length": len(body)}
-        all_headers.update(headers or {})
-        head = self.response_head(status, all_headers)
-        self.send(head if self.command == "HEAD" else head + body)
-
+    # -- answers ---------------------------------------------------------------
     def send_error_envelope(self, error, logged=False):
         """Report a failure: as an error response, or as the last event of a stream already under way."""
         self.log_extra["error"] = error.message
         if error.status >= 500 and not logged:
             log.warning("%s %s: %s", self.request_id, error.error_type, error.message)
+        response = self.response
         try:
-            if self._ended or (self.status is not None and not self.committed):
+            if response.ended or (response.status is not None and not response.committed):
                 # The answer has left already: nothing more can be said on this connection.
-                self.close_connection = True
-            elif self.committed:
-                self.close_connection = True
-                self.end_stream([("error", {"type": "error",
-                                            "error": {"type": error.error_type, "message": error.message}})])
+                response.close = True
+            elif response.committed:
+                response.close = True
+                response.end_stream([("error", {"type": "error",
+                                                "error": {"type": error.error_type, "message": error.message}})])
             else:
-                self.send_json(error.status, error.body(self.request_id), error.headers())
+                response.send_json(error.status, error.body(self.request_id), error.headers())
         except ClientGone:
-            self.close_connection = True
-
-    def begin_stream(self, cache_state=None):
-        """Commit to a 200 event stream; the head leaves with the first events."""
-        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
-        # An HTTP/1.0 client cannot read chunked framing: it gets the stream up to the close.
-        self._chunked = self.request_version != "HTTP/1.0"
-        if self._chunked:
-            headers["Transfer-Encoding"] = "chunked"
-        else:
-            self.close_connection = True
-        if cache_state:
-            headers["x-cache"] = cache_state
-        self._head = self.response_head(200, headers)
-        self.committed = True
-
-    def framed(self, events):
-        """Events as one HTTP chunk (or bare, for HTTP/1.0), behind the head if it has not left yet."""
-        data = b"".join([sse_event(name, data) for name, data in events])
-        if self._chunked and data:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        data, self._head = self._head + data, b""
-        return data
-
-    def write_events(self, events):
-        """All the events of one moment in one write: one chunk, one send."""
-        if events:
-            self.send(self.framed(events))
-
-    def end_stream(self, events=()):
-        self._ended = True
-        self.send(self.framed(events) + (b"0\r\n\r\n" if self._chunked else b""))
+            response.close = True
 
     # -- request bodies --------------------------------------------------------
     def read_json(self):
@@ -5271,12 +5298,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def route_preflight(self):
         """OPTIONS: a CORS preflight from an allowed origin (others got a 403), or a plain question."""
         headers = {"Allow": "GET, HEAD, POST, OPTIONS"}
-        if self.cors_headers:
+        if self.response.cors_headers:
             headers.update(self.server.origin_policy.preflight_headers(self.headers))
-        self.send(self.response_head(204, headers))
+        self.response.send(self.response.head(204, headers))
 
     def route_root(self):
-        self.send_json(200, {"status": "ok", "service": "simple_api_proxy", "version": __version__,
+        self.response.send_json(200, {"status": "ok", "service": "simple_api_proxy", "version": __version__,
                              "message": "Anthropic Messages API proxy for Ollama; see /health"})
 
     def route_health(self):
@@ -5301,13 +5328,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             # Without the key, say only whether it works: no addresses, models or errors.
             payload = {"status": payload["status"], "service": "simple_api_proxy", "version": __version__,
                        "instance_id": self.server.instance_id}
-        self.send_json(200 if healthy else 503, payload)
+        self.response.send_json(200 if healthy else 503, payload)
 
     def route_metrics(self):
         self.check_api_key()  # Prometheus sends it with `authorization` in its scrape config
         body = self.server.metrics.render(self.server).encode()
-        head = self.response_head(200, {"Content-Type": METRICS_CONTENT_TYPE, "Content-Length": len(body)})
-        self.send(head if self.command == "HEAD" else head + body)
+        head = self.response.head(200, {"Content-Type": METRICS_CONTENT_TYPE, "Content-Length": len(body)})
+        self.response.send(head if self.command == "HEAD" else head + body)
 
     def route_models(self):
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
@@ -5325,7 +5352,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         elif before in ids:
             models = models[:ids.index(before)]
         page = models[-limit:] if before in ids else models[:limit]
-        self.send_json(200, {"data": page, "has_more": len(page) < len(models),
+        self.response.send_json(200, {"data": page, "has_more": len(page) < len(models),
                              "first_id": page[0]["id"] if page else None,
                              "last_id": page[-1]["id"] if page else None})
 
@@ -5337,7 +5364,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 found = self.model_object(model)
                 if target != wanted:
                     found.update(id=wanted, display_name=f"{wanted} (served by {model['name']})")
-                return self.send_json(200, found)
+                return self.response.send_json(200, found)
         raise ProxyError(404, f"model {wanted!r} not found in Ollama at "
                               f"{', '.join(address.url for address in self.config.ollama_addresses)}",
                          "not_found_error", retry=False)
@@ -5364,7 +5391,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         _, input_tokens = anthropic_to_ollama(dict(request, max_tokens=max_tokens), ollama_model, self.config,
                                               thinking_seal=self.server.thinking_seal)
         self.require_model(ollama_model)
-        self.send_json(200, {"input_tokens": input_tokens})
+        self.response.send_json(200, {"input_tokens": input_tokens})
 
     def require_model(self, ollama_model):
         """A 404 for a model Ollama lacks, on a route that answers without generating. Ollama
@@ -5425,7 +5452,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         route = pool.route(ollama_model, payload)
         self.take_generation_slot()
         generation = self.generation = Generation(
-            self.config, route, translator, self, request_id=self.request_id, input_estimate=input_tokens,
+            self.config, route, translator, self.response, request_id=self.request_id, input_estimate=input_tokens,
             stop_fd=self.server.grace_over_fd, on_over=self.give_generation_slot_back)
         try:
             generation.open("/api/chat", payload)
@@ -5441,7 +5468,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     cache.put(key, message, body)
                 if not stream:
                     generation.over()
-                    self.send_json_body(200, body, {"x-cache": cache_state})
+                    self.response.send_json_body(200, body, {"x-cache": cache_state})
         except ClientGone:
             self.log_extra.update(input_tokens=translator.input_tokens, output_tokens=translator.chunks)
             raise
@@ -5484,13 +5511,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if stream:
             self.respond_message(answer.fresh_message(model), stream, "HIT")
         else:
-            self.send_json_body(200, answer.body(model), {"x-cache": "HIT"})
+            self.response.send_json_body(200, answer.body(model), {"x-cache": "HIT"})
 
     def respond_message(self, message, stream, cache_state):
         if not stream:
-            return self.send_json(200, message, {"x-cache": cache_state})
-        self.begin_stream(cache_state)
-        self.end_stream(message_to_events(message))
+            return self.response.send_json(200, message, {"x-cache": cache_state})
+        self.response.begin_stream(cache_state)
+        self.response.end_stream(message_to_events(message))
 
 
 ###############################################################################

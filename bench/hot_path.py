@@ -174,9 +174,11 @@ class Profile:
         self.batches = self.parse()
         self.decoded = [self.proxy.decode_ndjson(lines, "x")[0] for lines in self.batches]
         self.event_groups = self.feed()
-        self.streaming = self.handler(self.fixed[True], stop_before_dispatch=True)
-        self.streaming.begin_stream("MISS")
-        self.streaming.framed([])  # its head has left: encoding it is "everything else"
+        streaming = self.handler(self.fixed[True], stop_before_dispatch=True)
+        # The response framing is the request's own Response since 1.1.0, the handler's before.
+        self.framing = getattr(streaming, "response", streaming)
+        self.framing.begin_stream("MISS")
+        self.framing.framed([])  # its head has left: encoding it is "everything else"
 
     def close(self):
         self.server.server_close()
@@ -254,7 +256,7 @@ class Profile:
 
     def encode(self):
         for events in self.event_groups:
-            self.streaming.framed(events)
+            self.framing.framed(events)
 
     def table(self, loops, repeat):
         """{scenario: {component: µs or None}}: the components measured alone, "everything else"
