@@ -12,11 +12,29 @@ Run it with the standard library alone: ``python3 simple_api_proxy.py``.
 ``python3 simple_api_proxy.py --help`` lists every setting. redis-py is the
 one optional import, used only when a Redis server is configured.
 
-Sections, in the order a request flows through them: configuration; errors; translation:
-Anthropic <-> Ollama (pure functions); fitting the context window; tool calls written as text;
-translation: Ollama's stream -> Anthropic events; upstream client; upstream pool (several
-Ollama hosts, warm-up); cache; request reader; origin and host checks; metrics; HTTP handler;
-main().
+Sections, each using only those above it (dependency order, as in bottle.py; not the order a
+request meets them): configuration; errors; helpers used everywhere (JSON and ids); fitting the
+context window; translation: Anthropic <-> Ollama (pure functions); tool calls written as text;
+translation: Ollama's stream -> Anthropic events; upstream client (Ollama over HTTP/1.1); upstream
+pool (several Ollama hosts, failover, warm-up); generation (one request's conversation with
+Ollama); cache; request reader; origin and host checks; metrics; HTTP handler; main().
+
+A request's path: ProxyServer.process_request() gives the connection a thread and a
+ProxyHandler, whose handle_one_request() makes the request's Response and read_and_answer()
+reads the request line and headers with RequestReader.read_head(); dispatch() runs admit()
+(OriginPolicy.refusal(), the route, the API key, RequestReader.read_body()) and then the route.
+For POST /v1/messages, route_messages() checks the body (validate_messages_request()), builds
+Ollama's request (anthropic_to_ollama(), which fits it to the window with fit_to_window()), and
+looks in the ResponseCache; on a miss, UpstreamPool.route() picks the hosts, a Generation sends
+the request (UpstreamRoute.open() -> OllamaClient.open() -> UpstreamExchange), reads Ollama's
+answer as it arrives (Generation.batches(): UpstreamResponse parses it, decode_ndjson() decodes
+its lines, UpstreamRoute.fail_over() moves it while no line was given out), and passes it through
+a StreamTranslator, whose TextCallGate holds text that may be a tool call written as text
+(find_text_tool_calls() decides at the end); Generation.stream() hands each burst of events to
+Response.write_events(), which frames them (sse_event(), one HTTP chunk per write), until
+Response.end_stream() writes message_stop and the last chunk. The message goes to the cache,
+Generation.close() gives Ollama's connection back, and the handler logs the request and counts
+it in Metrics.
 """
 
 from __future__ import annotations
@@ -216,6 +234,16 @@ def parse_ollama_hosts(value):
     return addresses
 
 
+def parse_allowed_origins(value):
+    """ALLOWED_ORIGINS: a comma list of origins, each may use * as a wildcard; a lone * allows any."""
+    patterns = []
+    for item in filter(None, (part.strip().lower().rstrip("/") for part in value.split(","))):
+        if "://" not in item and item != "*":
+            raise ValueError(f"ALLOWED_ORIGINS entry {item!r} is not an origin like https://app.example.com")
+        patterns.append(re.compile(".*".join(re.escape(piece) for piece in item.split("*"))))
+    return tuple(patterns)
+
+
 def parse_warmup(value):
     word = value.strip().lower() or "on"
     if word == "all":
@@ -406,26 +434,11 @@ def invalid(message):
 
 
 ###############################################################################
-# Translation: Anthropic <-> Ollama, pure functions without I/O
+# Helpers used everywhere: JSON and ids
 ###############################################################################
 
-BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-CHARS_PER_TOKEN = 3.5  # qwen-style tokenizers: ~4 for prose, ~3 for code; err towards more tokens
-IMAGE_TOKENS = 768  # what Ollama's own truncation assumes per image
-MESSAGE_OVERHEAD_TOKENS = 4  # role markers of a chat template
-STOP_REASONS = {"length": "max_tokens"}
-# Stop sequences are matched by the proxy; these bound the matcher's size per request.
-MAX_STOP_SEQUENCES = 64
-MAX_STOP_SEQUENCE_CHARS = 128
-MIN_THINKING_BUDGET = 1024  # Anthropic's floor for thinking.budget_tokens
-REDACT_THINKING_BETA = "redact-thinking-"  # anthropic-beta: thinking comes back as redacted_thinking
-TOOL_SCHEMA_TYPES = (None, "custom")
-
-
 _id_random = random.Random(secrets.randbits(128))
-
-
 # Each random byte becomes one base62 character through a table: 248 of the 256 values spread
 # evenly, the last 8 add a slight lean to 8 characters, which leaves about 142 bits per id.
 _ID_CHARACTERS = bytes((BASE62 * 5)[:256], "ascii")
@@ -435,6 +448,176 @@ def new_id(prefix):
     """prefix + 24 base62 characters. Ids must be unique, not unguessable: a seeded generator
     spares a system call per id."""
     return prefix + _id_random.getrandbits(192).to_bytes(24, "little").translate(_ID_CHARACTERS).decode()
+
+
+class NonFiniteNumber(ValueError):
+    """A JSON number too large for a float (1e400): json.loads would make it inf, which no JSON
+    encoder can send on."""
+
+
+def finite_float(text):
+    """json.loads' parse_float: refuses what would become inf instead of passing it upstream."""
+    value = float(text)
+    if value - value != 0:
+        raise NonFiniteNumber(text)
+    return value
+
+
+def reject_json_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# Strict JSON for all that comes in (request bodies, a forced tool call's output, cache entries):
+# no NaN/Infinity, no number that would become inf. Built once: json.loads with hooks builds a
+# new decoder on every call.
+decode_strict_json = json.JSONDecoder(parse_constant=reject_json_constant, parse_float=finite_float).decode
+
+
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+_decode_json = json.JSONDecoder().decode
+
+
+def json_bytes(value):
+    return _compact_json(value).encode()
+
+
+# The JSON string encoder _compact_json itself uses (ensure_ascii), so a template filled with it
+# gives the very bytes json would.
+_json_string = json.encoder.encode_basestring_ascii
+
+
+###############################################################################
+# Fitting the context window
+###############################################################################
+# Claude Code caps one Read at 25,000 tokens on top of a ~14k-token base prompt: at a 32k
+# window a single full-size read would end the session with `prompt is too long`. Tool results
+# are what grows, so when the prompt would not leave room for an answer, the largest ones are
+# cut in the middle (start and end kept, one line saying what was cut). Cuts come from a fixed
+# ladder of sizes, so the same result is cut the same way turn after turn and Ollama's prompt
+# cache keeps its prefix; the ladder steps down only when the conversation outgrows a step.
+
+TRIM_LADDER = (65536, 49152, 32768, 24576, 16384, 12288, 8192, 6144, 4096, 3072, 2048)  # characters kept
+ANSWER_ROOM_FLOOR = 1024  # tokens
+# Claude Code 2.1.332's first request with all its tools, by Ollama's count (13,447 measured).
+CLAUDE_CODE_PROMPT_TOKENS = 13500
+
+
+def answer_room(max_tokens, num_ctx):
+    """Tokens kept free for the answer when results must be cut: an eighth of the window
+    (4096 at 32k), at least ANSWER_ROOM_FLOOR, never more than the client asked for."""
+    return min(max_tokens, max(num_ctx // 8, ANSWER_ROOM_FLOOR))
+
+
+def prompt_limit(max_tokens, num_ctx):
+    """The largest prompt served: one that leaves the answer less than ANSWER_ROOM_FLOOR tokens, a
+    quarter of the window or max_tokens, whichever is least, would get a few tokens and stop at
+    max_tokens; `prompt is too long` has Claude Code compact the conversation instead. Never
+    below num_ctx - answer_room(), so a prompt cut to answer_room() is always served."""
+    return num_ctx - min(max_tokens, ANSWER_ROOM_FLOOR, num_ctx // 4)
+
+
+def small_window_warning(num_ctx):
+    """A warning for a window that cannot hold Claude Code's prompt with all its tools plus room for
+    an answer (answer_room() of the window), else None. Its first request would be refused as too
+    long, which ends the session before anything is done."""
+    needed = CLAUDE_CODE_PROMPT_TOKENS + answer_room(num_ctx, num_ctx)
+    if num_ctx >= needed:
+        return None
+    return (f"OLLAMA_NUM_CTX={num_ctx} cannot hold Claude Code's prompt with all its tools (about "
+            f"{CLAUDE_CODE_PROMPT_TOKENS:,} tokens) plus room for an answer ({needed:,} tokens in all): its first "
+            f"request will be refused as too long, or leave the conversation next to no room. Use "
+            f"OLLAMA_NUM_CTX=16384 or more if the GPU holds it, or run Claude Code with fewer tools "
+            f"(claude_start.sh --lean) and a smaller CLAUDE_CODE_MAX_OUTPUT_TOKENS. Other clients are not affected.")
+
+
+def trimmed_tool_text(text, keep, num_ctx):
+    """text cut to about `keep` characters from the middle, at line ends where there are any."""
+    half = keep // 2
+    head, tail = text[:half], text[len(text) - half:]
+    newline = head.rfind("\n")
+    if newline >= half * 3 // 4:
+        head = head[:newline + 1]
+    newline = tail.find("\n")
+    if 0 <= newline < half // 4:
+        tail = tail[newline + 1:]
+    cut = len(text) - len(head) - len(tail)
+    separator = "" if head.endswith("\n") else "\n"
+    return (f"{head}{separator}[simple_api_proxy: {cut:,} characters cut from the middle of this tool result "
+            f"to fit the model's {num_ctx}-token window; read the rest in ranges (Read with offset/limit, "
+            f"or sed -n / head / tail) to see them]\n{tail}")
+
+
+def fit_to_window(payload, max_tokens, num_ctx):
+    """Cut the largest tool results when the prompt leaves less than answer_room() in the window,
+    then cap num_predict at what the window has left. Returns (a note on what was cut or None,
+    the prompt's estimated tokens).
+
+    When even the smallest step cannot bring the prompt within prompt_limit(), nothing is cut:
+    the caller answers `prompt is too long` with the size the client really sent."""
+    estimate = estimate_tokens(payload)
+    target = num_ctx - answer_room(max_tokens, num_ctx)
+    note = None
+    if estimate > target:
+        originals = [(message, message["content"]) for message in payload["messages"]
+                     if message["role"] == "tool" and len(message["content"]) > TRIM_LADDER[-1]]
+        fitted = None
+        for keep in TRIM_LADDER:
+            trimmed = [(message, text) for message, text in originals if len(text) > keep]
+            if not trimmed:
+                continue
+            for message, text in trimmed:
+                message["content"] = trimmed_tool_text(text, keep, num_ctx)
+            smaller = estimate_tokens(payload)
+            fitted = (keep, len(trimmed), smaller)
+            if smaller <= target:
+                break
+        if fitted and fitted[2] <= prompt_limit(max_tokens, num_ctx):
+            keep, count, smaller = fitted
+            note = (f"{count} tool result(s) cut to about {keep:,} characters each to fit the "
+                    f"{num_ctx}-token window ({estimate} -> {smaller} tokens)")
+            estimate = smaller
+        else:
+            for message, text in originals:
+                message["content"] = text
+    if estimate <= num_ctx and max_tokens > 0:
+        payload["options"]["num_predict"] = max(1, min(max_tokens, num_ctx - estimate))
+    return note, estimate
+
+
+CHARS_PER_TOKEN = 3.5  # qwen-style tokenizers: ~4 for prose, ~3 for code; err towards more tokens
+IMAGE_TOKENS = 768  # what Ollama's own truncation assumes per image
+MESSAGE_OVERHEAD_TOKENS = 4  # role markers of a chat template
+
+
+def estimate_tokens(ollama_payload):
+    """Tokens the prompt will take: characters / 3.5 plus per-message and per-image overheads.
+
+    Ollama has no tokenizer endpoint; erring high makes Claude Code compact a little early
+    instead of letting Ollama silently drop the start of the conversation."""
+    chars = 0
+    extra = 0
+    for message in ollama_payload["messages"]:
+        chars += len(message.get("content", "")) + len(message.get("thinking", ""))
+        for call in message.get("tool_calls", ()):
+            chars += len(call["function"]["name"]) + len(json.dumps(call["function"]["arguments"]))
+        extra += MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS * len(message.get("images", ()))
+    if "tools" in ollama_payload:
+        chars += len(json.dumps(ollama_payload["tools"], separators=(",", ":")))
+    return math.ceil(chars / CHARS_PER_TOKEN) + extra
+
+
+###############################################################################
+# Translation: Anthropic <-> Ollama, pure functions without I/O
+###############################################################################
+
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+STOP_REASONS = {"length": "max_tokens"}
+# Stop sequences are matched by the proxy; these bound the matcher's size per request.
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_SEQUENCE_CHARS = 128
+MIN_THINKING_BUDGET = 1024  # Anthropic's floor for thinking.budget_tokens
+REDACT_THINKING_BETA = "redact-thinking-"  # anthropic-beta: thinking comes back as redacted_thinking
+TOOL_SCHEMA_TYPES = (None, "custom")
 
 
 def resolve_model(name, config):
@@ -463,29 +646,6 @@ def _require_type(value, kinds, path, description):
     if not isinstance(value, kinds):
         raise invalid(f"{path}: Input should be {description}")
     return value
-
-
-class NonFiniteNumber(ValueError):
-    """A JSON number too large for a float (1e400): json.loads would make it inf, which no JSON
-    encoder can send on."""
-
-
-def finite_float(text):
-    """json.loads' parse_float: refuses what would become inf instead of passing it upstream."""
-    value = float(text)
-    if value - value != 0:
-        raise NonFiniteNumber(text)
-    return value
-
-
-def reject_json_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# Strict JSON for all that comes in (request bodies, a forced tool call's output, cache entries):
-# no NaN/Infinity, no number that would become inf. Built once: json.loads with hooks builds a
-# new decoder on every call.
-decode_strict_json = json.JSONDecoder(parse_constant=reject_json_constant, parse_float=finite_float).decode
 
 
 NON_FINITE_MARK = object()
@@ -1370,61 +1530,15 @@ def same_model(wanted, name):
     return name == wanted or (":" not in wanted and name == wanted + ":latest")
 
 
-def estimate_tokens(ollama_payload):
-    """Tokens the prompt will take: characters / 3.5 plus per-message and per-image overheads.
-
-    Ollama has no tokenizer endpoint; erring high makes Claude Code compact a little early
-    instead of letting Ollama silently drop the start of the conversation."""
-    chars = 0
-    extra = 0
-    for message in ollama_payload["messages"]:
-        chars += len(message.get("content", "")) + len(message.get("thinking", ""))
-        for call in message.get("tool_calls", ()):
-            chars += len(call["function"]["name"]) + len(json.dumps(call["function"]["arguments"]))
-        extra += MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS * len(message.get("images", ()))
-    if "tools" in ollama_payload:
-        chars += len(json.dumps(ollama_payload["tools"], separators=(",", ":")))
-    return math.ceil(chars / CHARS_PER_TOKEN) + extra
-
-
-_compact_json = json.JSONEncoder(separators=(",", ":")).encode
-_decode_json = json.JSONDecoder().decode
-
-
-def json_bytes(value):
-    return _compact_json(value).encode()
-
-
-# The JSON string encoder _compact_json itself uses (ensure_ascii), so a template filled with it
-# gives the very bytes json would.
-_json_string = json.encoder.encode_basestring_ascii
-# Per-token events from pre-encoded templates: only the index and the text vary.
-DELTA_EVENT = {"text_delta": ("text", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
-                                     b'"index":%d,"delta":{"type":"text_delta","text":%s}}\n\n'),
-               "thinking_delta": ("thinking", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
-                                              b'"index":%d,"delta":{"type":"thinking_delta","thinking":%s}}\n\n')}
-STOP_EVENT = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
-FIXED_EVENTS = {"ping": ({"type": "ping"}, b'event: ping\ndata: {"type":"ping"}\n\n'),
-                "message_stop": ({"type": "message_stop"}, b'event: message_stop\ndata: {"type":"message_stop"}\n\n')}
-
-
-def sse_event(name, data):
-    """One event as SSE bytes: the same as the generic JSON encoding, faster for the events every
-    token and every block sends."""
-    if name == "content_block_delta" and len(data) == 3:
-        delta = data["delta"]
-        field, template = DELTA_EVENT.get(delta["type"], (None, None))
-        if field in delta and len(delta) == 2:
-            text = delta[field]
-            if text.__class__ is str and data["index"].__class__ is int:
-                return template % (data["index"], _json_string(text).encode())
-    elif name == "content_block_stop" and len(data) == 2 and data["index"].__class__ is int:
-        return STOP_EVENT % data["index"]
-    else:
-        fixed = FIXED_EVENTS.get(name)
-        if fixed is not None and data == fixed[0]:
-            return fixed[1]
-    return b"event: " + name.encode() + b"\ndata: " + _compact_json(data).encode() + b"\n\n"
+def model_object(model):
+    """An entry of Ollama's /api/tags as an Anthropic model object."""
+    created = model.get("modified_at") or "1970-01-01T00:00:00Z"
+    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", str(created))
+    details = model.get("details") or {}
+    size = details.get("parameter_size")
+    display = f"{model['name']} ({size})" if size else model["name"]
+    return {"type": "model", "id": model["name"], "display_name": display,
+            "created_at": (match.group(1) + "Z") if match else "1970-01-01T00:00:00Z"}
 
 
 def message_object(message_id, model, content, stop_reason, stop_sequence, input_tokens, output_tokens):
@@ -1471,104 +1585,6 @@ def message_to_events(message):
                                      "usage": message["usage"]}))
     events.append(("message_stop", {"type": "message_stop"}))
     return events
-
-
-###############################################################################
-# Fitting the context window
-###############################################################################
-# Claude Code caps one Read at 25,000 tokens on top of a ~14k-token base prompt: at a 32k
-# window a single full-size read would end the session with `prompt is too long`. Tool results
-# are what grows, so when the prompt would not leave room for an answer, the largest ones are
-# cut in the middle (start and end kept, one line saying what was cut). Cuts come from a fixed
-# ladder of sizes, so the same result is cut the same way turn after turn and Ollama's prompt
-# cache keeps its prefix; the ladder steps down only when the conversation outgrows a step.
-
-TRIM_LADDER = (65536, 49152, 32768, 24576, 16384, 12288, 8192, 6144, 4096, 3072, 2048)  # characters kept
-ANSWER_ROOM_FLOOR = 1024  # tokens
-# Claude Code 2.1.332's first request with all its tools, by Ollama's count (13,447 measured).
-CLAUDE_CODE_PROMPT_TOKENS = 13500
-
-
-def answer_room(max_tokens, num_ctx):
-    """Tokens kept free for the answer when results must be cut: an eighth of the window
-    (4096 at 32k), at least ANSWER_ROOM_FLOOR, never more than the client asked for."""
-    return min(max_tokens, max(num_ctx // 8, ANSWER_ROOM_FLOOR))
-
-
-def prompt_limit(max_tokens, num_ctx):
-    """The largest prompt served: one that leaves the answer less than ANSWER_ROOM_FLOOR tokens, a
-    quarter of the window or max_tokens, whichever is least, would get a few tokens and stop at
-    max_tokens; `prompt is too long` has Claude Code compact the conversation instead. Never
-    below num_ctx - answer_room(), so a prompt cut to answer_room() is always served."""
-    return num_ctx - min(max_tokens, ANSWER_ROOM_FLOOR, num_ctx // 4)
-
-
-def small_window_warning(num_ctx):
-    """A warning for a window that cannot hold Claude Code's prompt with all its tools plus room for
-    an answer (answer_room() of the window), else None. Its first request would be refused as too
-    long, which ends the session before anything is done."""
-    needed = CLAUDE_CODE_PROMPT_TOKENS + answer_room(num_ctx, num_ctx)
-    if num_ctx >= needed:
-        return None
-    return (f"OLLAMA_NUM_CTX={num_ctx} cannot hold Claude Code's prompt with all its tools (about "
-            f"{CLAUDE_CODE_PROMPT_TOKENS:,} tokens) plus room for an answer ({needed:,} tokens in all): its first "
-            f"request will be refused as too long, or leave the conversation next to no room. Use "
-            f"OLLAMA_NUM_CTX=16384 or more if the GPU holds it, or run Claude Code with fewer tools "
-            f"(claude_start.sh --lean) and a smaller CLAUDE_CODE_MAX_OUTPUT_TOKENS. Other clients are not affected.")
-
-
-def trimmed_tool_text(text, keep, num_ctx):
-    """text cut to about `keep` characters from the middle, at line ends where there are any."""
-    half = keep // 2
-    head, tail = text[:half], text[len(text) - half:]
-    newline = head.rfind("\n")
-    if newline >= half * 3 // 4:
-        head = head[:newline + 1]
-    newline = tail.find("\n")
-    if 0 <= newline < half // 4:
-        tail = tail[newline + 1:]
-    cut = len(text) - len(head) - len(tail)
-    separator = "" if head.endswith("\n") else "\n"
-    return (f"{head}{separator}[simple_api_proxy: {cut:,} characters cut from the middle of this tool result "
-            f"to fit the model's {num_ctx}-token window; read the rest in ranges (Read with offset/limit, "
-            f"or sed -n / head / tail) to see them]\n{tail}")
-
-
-def fit_to_window(payload, max_tokens, num_ctx):
-    """Cut the largest tool results when the prompt leaves less than answer_room() in the window,
-    then cap num_predict at what the window has left. Returns (a note on what was cut or None,
-    the prompt's estimated tokens).
-
-    When even the smallest step cannot bring the prompt within prompt_limit(), nothing is cut:
-    the caller answers `prompt is too long` with the size the client really sent."""
-    estimate = estimate_tokens(payload)
-    target = num_ctx - answer_room(max_tokens, num_ctx)
-    note = None
-    if estimate > target:
-        originals = [(message, message["content"]) for message in payload["messages"]
-                     if message["role"] == "tool" and len(message["content"]) > TRIM_LADDER[-1]]
-        fitted = None
-        for keep in TRIM_LADDER:
-            trimmed = [(message, text) for message, text in originals if len(text) > keep]
-            if not trimmed:
-                continue
-            for message, text in trimmed:
-                message["content"] = trimmed_tool_text(text, keep, num_ctx)
-            smaller = estimate_tokens(payload)
-            fitted = (keep, len(trimmed), smaller)
-            if smaller <= target:
-                break
-        if fitted and fitted[2] <= prompt_limit(max_tokens, num_ctx):
-            keep, count, smaller = fitted
-            note = (f"{count} tool result(s) cut to about {keep:,} characters each to fit the "
-                    f"{num_ctx}-token window ({estimate} -> {smaller} tokens)")
-            estimate = smaller
-        else:
-            for message, text in originals:
-                message["content"] = text
-    if estimate <= num_ctx and max_tokens > 0:
-        payload["options"]["num_predict"] = max(1, min(max_tokens, num_ctx - estimate))
-    return note, estimate
 
 
 ###############################################################################
@@ -2165,7 +2181,7 @@ class TextCallGate:
         self.open = True         # a call written as text may still come
         self.settled = False     # pending[offset:] names an offered tool: held to the end
         self.offset = 0
-        self.preamble = ""       # text released so far while open
+        self.preamble = ""       # text let through so far while open
         self.line_start = True   # pending begins at the start of a line
 
     def close(self):
@@ -2190,7 +2206,7 @@ class TextCallGate:
             position = pending.find("\n", position) + 1 or None
         return len(pending)
 
-    def released(self, text):
+    def let_through(self, text):
         """text, from the start of pending, left as text."""
         self.offset -= len(text)
         if text and self.open:
@@ -2344,7 +2360,7 @@ class StreamTranslator:
         self.open_parts = None  # the text parts of the open block
         self.had_tool = False
         self.calls_from_text = 0  # tool calls recovered from text, for /metrics
-        self.pending = ""  # text not yet released
+        self.pending = ""  # text not yet emitted
         self.held_to_end = None  # pieces of a call written as text, held whole to the end of the reply
         self.gated = bool(self.stop_sequences) or self.call_gate is not None
         self.stop_reason = None
@@ -2433,7 +2449,7 @@ class StreamTranslator:
                 self._cut_at_stop_sequence(piece, found)
             return
         if self.stop_matcher and not self.pending:
-            self.stop_matcher.reset()  # whatever began a stop sequence has been released
+            self.stop_matcher.reset()  # whatever began a stop sequence has been emitted
         self.pending += piece
         if self.stop_matcher:
             found = self.stop_matcher.scan(piece)
@@ -2448,8 +2464,8 @@ class StreamTranslator:
                 if gate.settled:
                     self.held_to_end, self.pending = [self.pending], ""
                 return
-            gate.released(self.pending[:len(self.pending) - keep])
-        self._release(self.pending[:len(self.pending) - keep], events)
+            gate.let_through(self.pending[:len(self.pending) - keep])
+        self._emit_text(self.pending[:len(self.pending) - keep], events)
         self.pending = self.pending[len(self.pending) - keep:]
         if gate is not None and not gate.open and not self.pending:
             self.call_gate, self.gated = None, bool(self.stop_sequences)  # no call can come: stream freely
@@ -2460,7 +2476,7 @@ class StreamTranslator:
         self.pending = self.pending[:len(self.pending) - len(piece) + end - len(self.stop_sequence)]
         self.stop_reason = "stop_sequence"
 
-    def _release(self, text, events):
+    def _emit_text(self, text, events):
         if text:
             self._delta("text", text, events)
 
@@ -2473,7 +2489,7 @@ class StreamTranslator:
         found = self.call_gate.calls(text) if self.call_gate is not None and not before_tool and complete else None
         if found:
             prefix, calls = found
-            self._release(prefix if prefix.strip() else "", events)
+            self._emit_text(prefix if prefix.strip() else "", events)
             for call in calls:
                 self._tool_use(call["name"], call["input"], events)
             self.calls_from_text += len(calls)
@@ -2482,7 +2498,7 @@ class StreamTranslator:
             self.call_gate.close()  # a reply's calls come once, written as text or structured
         if before_tool and not text.strip():
             return
-        self._release(text, events)
+        self._emit_text(text, events)
 
     # -- input --------------------------------------------------------------------
     def feed(self, chunk):
@@ -2572,7 +2588,7 @@ class StreamTranslator:
         if call is not None:
             self._tool_use(call[0], call[1], events)
         else:
-            self._release(self.forced_call.text, events)
+            self._emit_text(self.forced_call.text, events)
 
     def _finish(self, chunk, events):
         if self.forced_call is not None and not self.had_tool:
@@ -3981,6 +3997,16 @@ def is_replayable_message(message):
 _REPLAY_SLOT = re.compile(rb'"\\u0000([imt])\\u0000"')
 
 
+def cache_policy(cache, cache_control, request, payload, recover_tool_calls, redacted_thinking=False):
+    """(key, look it up?, store the answer?) from CACHE and the client's Cache-Control header."""
+    if not cache.enabled:
+        return None, False, False
+    directives = cache_control.lower()
+    no_store = "no-store" in directives
+    key = cache_key(payload, request, recover_tool_calls, redacted_thinking)
+    return key, not no_store and "no-cache" not in directives, not no_store
+
+
 class ReplayableAnswer:
     """A checked answer in the cache, held as its JSON; at its first replay that JSON is split
     where replays differ, and each replay joins the pieces around fresh ids and the client's model
@@ -4660,16 +4686,6 @@ def is_loopback_name(host):
     return address.is_loopback or bool(mapped and mapped.is_loopback)
 
 
-def parse_allowed_origins(value):
-    """ALLOWED_ORIGINS: a comma list of origins, each may use * as a wildcard; a lone * allows any."""
-    patterns = []
-    for item in filter(None, (part.strip().lower().rstrip("/") for part in value.split(","))):
-        if "://" not in item and item != "*":
-            raise ValueError(f"ALLOWED_ORIGINS entry {item!r} is not an origin like https://app.example.com")
-        patterns.append(re.compile(".*".join(re.escape(piece) for piece in item.split("*"))))
-    return tuple(patterns)
-
-
 class OriginPolicy:
     """Which Host and Origin values the proxy serves, and the CORS headers its answers carry."""
 
@@ -4968,6 +4984,35 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.pool.close()
 
 
+# Per-token events from pre-encoded templates: only the index and the text vary.
+DELTA_EVENT = {"text_delta": ("text", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                                     b'"index":%d,"delta":{"type":"text_delta","text":%s}}\n\n'),
+               "thinking_delta": ("thinking", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                                              b'"index":%d,"delta":{"type":"thinking_delta","thinking":%s}}\n\n')}
+STOP_EVENT = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+FIXED_EVENTS = {"ping": ({"type": "ping"}, b'event: ping\ndata: {"type":"ping"}\n\n'),
+                "message_stop": ({"type": "message_stop"}, b'event: message_stop\ndata: {"type":"message_stop"}\n\n')}
+
+
+def sse_event(name, data):
+    """One event as SSE bytes: the same as the generic JSON encoding, faster for the events every
+    token and every block sends."""
+    if name == "content_block_delta" and len(data) == 3:
+        delta = data["delta"]
+        field, template = DELTA_EVENT.get(delta["type"], (None, None))
+        if field in delta and len(delta) == 2:
+            text = delta[field]
+            if text.__class__ is str and data["index"].__class__ is int:
+                return template % (data["index"], _json_string(text).encode())
+    elif name == "content_block_stop" and len(data) == 2 and data["index"].__class__ is int:
+        return STOP_EVENT % data["index"]
+    else:
+        fixed = FIXED_EVENTS.get(name)
+        if fixed is not None and data == fixed[0]:
+            return fixed[1]
+    return b"event: " + name.encode() + b"\ndata: " + _compact_json(data).encode() + b"\n\n"
+
+
 class Response:
     """One request's answer as it is framed and sent: the head (status line and headers, which
     leave with the first body bytes), then a JSON body, or an SSE stream in HTTP chunks (bare to
@@ -5056,7 +5101,24 @@ class Response:
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
-    """Serves one client connection; requests are read by RequestReader, not by http.server."""
+    """Serves one client connection, one request after another (http.server's handle() loop).
+
+    Its parts, as socketserver.BaseServer's docstring maps its own:
+    - the connection loop: handle_one_request() makes each request's Response (its answer as it
+      is framed and sent) and read_and_answer() reads the request line and headers with
+      RequestReader, not with http.server's parser; the connection stays open while
+      Response.close is false;
+    - admission: dispatch() calls admit(), every check that can refuse a request in the order
+      that reads nothing it need not (Host and Origin, route, API key, body size, then the body),
+      and then the route; refuse() and send_error_envelope() answer failures; log_request_line()
+      and record_metrics() close every request;
+    - request bodies: read_json(), check_api_key();
+    - the routes: route_preflight, route_root, route_health, route_metrics, route_models,
+      route_model, route_count_tokens and route_messages, which hands a generation to a
+      Generation (the upstream part of the file) and takes and gives back its slot.
+    Per-request state lives on the Response and the Generation; what stays here is the
+    request's line and headers (command, path, headers, as in http.server), its id, body and
+    log fields."""
 
     protocol_version = "HTTP/1.1"
     server_version = f"simple_api_proxy/{__version__}"
@@ -5344,7 +5406,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise invalid("limit: Input should be a valid integer") from None
         if not 1 <= limit <= 1000:
             raise invalid("limit: Input should be between 1 and 1000")
-        models = [self.model_object(m) for m in self.server.pool.installed_models()]
+        models = [model_object(m) for m in self.server.pool.installed_models()]
         ids = [m["id"] for m in models]
         after, before = query.get("after_id", [None])[0], query.get("before_id", [None])[0]
         if after in ids:
@@ -5361,23 +5423,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         target = resolve_model(wanted, self.config)
         for model in self.server.pool.installed_models():
             if same_model(target, model["name"]):
-                found = self.model_object(model)
+                found = model_object(model)
                 if target != wanted:
                     found.update(id=wanted, display_name=f"{wanted} (served by {model['name']})")
                 return self.response.send_json(200, found)
         raise ProxyError(404, f"model {wanted!r} not found in Ollama at "
                               f"{', '.join(address.url for address in self.config.ollama_addresses)}",
                          "not_found_error", retry=False)
-
-    @staticmethod
-    def model_object(model):
-        created = model.get("modified_at") or "1970-01-01T00:00:00Z"
-        match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", str(created))
-        details = model.get("details") or {}
-        size = details.get("parameter_size")
-        display = f"{model['name']} ({size})" if size else model["name"]
-        return {"type": "model", "id": model["name"], "display_name": display,
-                "created_at": (match.group(1) + "Z") if match else "1970-01-01T00:00:00Z"}
 
     def route_count_tokens(self):
         request = validate_messages_request(self.read_json(), default_max_tokens=self.config.default_max_tokens,
@@ -5423,7 +5475,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.require_model(ollama_model)
             return self.respond_message(server_tool_unavailable(demanded, model, input_tokens), stream, "BYPASS")
         hidden_thinking = thinking_hidden(request, self.headers.get("anthropic-beta", ""))
-        cache, key, lookup, store = self.cache_policy(request, payload, hidden_thinking == "redacted")
+        cache = self.server.cache
+        key, lookup, store = cache_policy(cache, self.headers.get("Cache-Control", ""), request, payload,
+                                          self.config.tool_call_recovery, hidden_thinking == "redacted")
         if lookup:
             cached = cache.get(key)
             if cached is not None:
@@ -5495,16 +5549,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Whether the model takes images; when Ollama could not say, images go through as before."""
         capabilities = self.server.pool.capabilities(ollama_model)
         return "vision" in capabilities or not capabilities
-
-    def cache_policy(self, request, payload, redacted_thinking=False):
-        """(cache, key, look it up?, store the answer?) from CACHE and the client's Cache-Control."""
-        cache = self.server.cache
-        if not cache.enabled:
-            return cache, None, False, False
-        directives = self.headers.get("Cache-Control", "").lower()
-        no_store = "no-store" in directives
-        key = cache_key(payload, request, self.config.tool_call_recovery, redacted_thinking)
-        return cache, key, not no_store and "no-cache" not in directives, not no_store
 
     def replay(self, answer, model, stream):
         self.log_extra.update(cache="HIT", input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)
