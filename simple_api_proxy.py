@@ -70,7 +70,7 @@ import threading
 import time
 import urllib.parse
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 log = logging.getLogger("simple_api_proxy")
 

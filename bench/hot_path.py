@@ -2,7 +2,7 @@
 """CPU per request of simple_api_proxy's hot path, component by component, in one thread.
 
     python3 bench/hot_path.py                      # the current simple_api_proxy.py
-    python3 bench/hot_path.py --against bcac229    # and 1.0.0 next to it, measured the same way
+    python3 bench/hot_path.py --against 1.0.0      # and 1.0.0 (bcac229) next to it, measured the same way
     python3 bench/hot_path.py --proxy /path/to/simple_api_proxy.py --repeat 9
 
 Everything runs in this process through the proxy's own entry points: a real ProxyServer object
@@ -45,7 +45,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from run import PROXY_SCRIPT, materialize_baseline  # noqa: E402
+from run import PROXY_SCRIPT, materialize_baseline, release_label  # noqa: E402
 from standin_ollama import EncodedReplies  # noqa: E402
 from payloads import JSON_HEADERS, messages_request  # noqa: E402
 from load import http_request  # noqa: E402
@@ -344,7 +344,7 @@ def render(tables, labels, events):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--proxy", default=str(PROXY_SCRIPT), help="the simple_api_proxy.py to profile")
-    parser.add_argument("--against", metavar="REV", help="also profile simple_api_proxy.py of this git revision")
+    parser.add_argument("--against", metavar="REV", help="also profile simple_api_proxy.py of this release (1.0.0) or git revision")
     parser.add_argument("--per-token", action="store_true", help="the reply arrives one token per read")
     parser.add_argument("--loops", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
@@ -354,7 +354,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="simple_api_proxy_profile_") as scratch:
         if args.against:
             try:
-                sources.append((args.against, str(materialize_baseline(args.against, scratch))))
+                sources.append((release_label(args.against), str(materialize_baseline(args.against, scratch))))
             except RuntimeError as exc:
                 parser.error(str(exc))
         tables, events = [], []

@@ -34,7 +34,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from hot_path import load_module  # noqa: E402
-from run import materialize_baseline  # noqa: E402
+from run import materialize_baseline, release_label  # noqa: E402
 TOOLS = {"Read": {"type": "object", "properties": {"file_path": {"type": "string"}, "limit": {"type": "integer"}}},
          "Bash": {"type": "object", "properties": {"command": {"type": "string"}}}}
 CALL = '{"name": "Read", "arguments": {"file_path": "/a"}}'
@@ -131,14 +131,14 @@ def format_size(size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--against", help="a git revision to measure too, e.g. HEAD~3 or a release's commit")
+    parser.add_argument("--against", help="a release (1.0.0) or git revision to measure too")
     parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="reply sizes in characters")
     parser.add_argument("--repeat", type=int, default=3, help="rounds per figure (the lowest is kept)")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds one run may take before a family stops")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON as well")
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
-    versions = [("current", None)] + ([(args.against, args.against)] if args.against else [])
+    versions = [("current", None)] + ([(release_label(args.against), args.against)] if args.against else [])
     summary, everything = [], {}
     for label, revision in versions:
         proxy = load_module(version_of(revision), "proxy_%d" % len(summary))
