@@ -540,8 +540,9 @@ class Rental:
     summary(); status_lines() (with idle_of(), over target_of()), stop_all(), destroy_all() for
     --vast --status/--stop/--destroy."""
 
-    def __init__(self, provider, label=DEFAULT_LABEL, query=None, image=DEFAULT_IMAGE, boot_timeout=DEFAULT_BOOT_TIMEOUT,
-                 poll=3.0, auth_retry=60.0, state_dir=None, say=None, vast_url=DEFAULT_URL, home=None):
+    def __init__(self, provider, label=DEFAULT_LABEL, query=None, image=DEFAULT_IMAGE,
+                 boot_timeout=DEFAULT_BOOT_TIMEOUT, poll=3.0, auth_retry=60.0, state_dir=None, say=None,
+                 vast_url=DEFAULT_URL, home=None):
         self.provider, self.label, self.query, self.image = provider, label, query or OfferQuery(), image
         self.boot_timeout, self.poll, self.auth_retry = boot_timeout, poll, auth_retry
         self.state_dir = state_dir or os.path.join(
@@ -739,7 +740,8 @@ class Rental:
             report = json.loads(done.stdout.decode().strip().splitlines()[-1])
         except (subprocess.TimeoutExpired, ValueError, IndexError, OSError):
             return None
-        idle = "idle %s" % show_duration(report["idle_s"]) if report.get("idle_s") is not None else "proxy not answering"
+        idle = ("idle %s" % show_duration(report["idle_s"]) if report.get("idle_s") is not None
+                else "proxy not answering")
         attached = ", %d launcher(s) attached" % report["attached"] if report.get("attached") else ""
         return idle + attached
 
@@ -791,10 +793,14 @@ d=/root/.simple_api_proxy
 mkdir -p "$d" && chmod 700 "$d"
 umask 077
 { echo "CONTAINER_ID=$CONTAINER_ID"; echo "CONTAINER_API_KEY=$CONTAINER_API_KEY"
-  echo "VAST_URL=${VAST_URL:-https://console.vast.ai}"; } > "$d/instance.env.part" && mv "$d/instance.env.part" "$d/instance.env"
-command -v python3 >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3; } >>"$d/onstart.log" 2>&1
+  echo "VAST_URL=${VAST_URL:-https://console.vast.ai}"; } > "$d/instance.env.part"
+mv "$d/instance.env.part" "$d/instance.env"
+command -v python3 >/dev/null 2>&1 ||
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3; } >>"$d/onstart.log" 2>&1
 cd "$d" || exit 0
-[ -f deploy.json ] && for b in claude_box.py box.py; do [ -f "$b" ] && { nohup python3 "$b" up >>onstart.log 2>&1 </dev/null & break; }; done
+[ -f deploy.json ] && for b in claude_box.py box.py; do
+  [ -f "$b" ] && { nohup python3 "$b" up >>onstart.log 2>&1 </dev/null & break; }
+done
 [ -f claude_vast.py ] && nohup python3 claude_vast.py watchdog >>onstart.log 2>&1 </dev/null &
 exit 0
 """

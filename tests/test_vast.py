@@ -84,7 +84,8 @@ def test_rent_from_nothing_picks_the_cheapest_fitting_offer_and_ssh_answers(vast
     assert vast.count("PUT", r"^/api/v0/asks/") == 1
     assert any("renting RTX 4090 at $0.408/h in Sweden, SE, reliability 99.5%" in line for line in said), said
     assert any(line.startswith("credit: $25.00") for line in said), said
-    assert [k["ssh_key"] for k in vast.ssh_keys] == [(Path(os.environ["HOME"]) / ".ssh/id_ed25519.pub").read_text().strip()]
+    laptop_key = (Path(os.environ["HOME"]) / ".ssh/id_ed25519.pub").read_text().strip()
+    assert [k["ssh_key"] for k in vast.ssh_keys] == [laptop_key]
     # the key only ever travelled as a Bearer header
     assert all(vast.key not in query for _, _, query, _ in vast.requests)
     assert {whose for _, _, _, whose in vast.requests} == {"account"}
@@ -117,8 +118,10 @@ def test_reuse_a_running_instance_and_resume_a_stopped_one_on_its_new_port(vast,
     home = vast.containers[instance_id].home
     assert (home / ".no_auto_tmux").exists()
     env = claude_vast.read_env_file(home / ".simple_api_proxy" / "instance.env")
-    assert env["CONTAINER_ID"] == str(instance_id) and env["CONTAINER_API_KEY"] == vast.instances[instance_id]["instance_api_key"]
-    assert ssh(resumed, "sh", "/root/onstart.sh", "&&", "sh", "/root/onstart.sh", "&&", "echo", "twice").stdout == "twice\n"
+    assert env["CONTAINER_ID"] == str(instance_id)
+    assert env["CONTAINER_API_KEY"] == vast.instances[instance_id]["instance_api_key"]
+    twice = ssh(resumed, "sh", "/root/onstart.sh", "&&", "sh", "/root/onstart.sh", "&&", "echo", "twice")
+    assert twice.stdout == "twice\n"
 
 
 def test_a_boot_that_never_finishes_is_destroyed(vast, tmp_path):
@@ -133,7 +136,8 @@ def test_a_boot_that_never_finishes_is_destroyed(vast, tmp_path):
 
 def test_no_matching_offer_rents_nothing_and_names_the_filter_to_loosen(vast, tmp_path):
     cheap = claude_vast.OfferQuery(gpus=["RTX 4090"], max_price=0.10)
-    with pytest.raises(claude_vast.NoOffer, match=r"cheapest that fits otherwise is RTX 4090 at \$0.408/h.*raise --max-price"):
+    with pytest.raises(claude_vast.NoOffer,
+                       match=r"cheapest that fits otherwise is RTX 4090 at \$0.408/h.*raise --max-price"):
         rental(vast, tmp_path, query=cheap).acquire()
     absent = claude_vast.OfferQuery(gpus=["H100 SXM"])
     with pytest.raises(claude_vast.NoOffer, match="no H100 SXM is offered.*RTX 3090, RTX 4090"):
@@ -143,7 +147,8 @@ def test_no_matching_offer_rents_nothing_and_names_the_filter_to_loosen(vast, tm
 
 def test_out_of_credit_says_so_before_renting(vast, tmp_path):
     vast.credit = 0.05
-    with pytest.raises(claude_vast.OutOfCredit, match="credit is \\$0.050.*add credit at https://cloud.vast.ai/billing/"):
+    with pytest.raises(claude_vast.OutOfCredit,
+                       match="credit is \\$0.050.*add credit at https://cloud.vast.ai/billing/"):
         rental(vast, tmp_path).acquire()
     assert vast.count("PUT", r"^/api/v0/asks/") == 0
 
@@ -266,7 +271,8 @@ def test_the_official_vastai_cli_is_a_second_client_of_the_stand_in(vast, tmp_pa
                                         cancel_unavail=True, ssh=True, direct=True)
     instance_id = created["new_contract"]
     row = vast.instances[instance_id]
-    assert row["image_runtype"] == "ssh_direc ssh_proxy" and dict(row["extra_env"]) == {"OLLAMA_HOST": "127.0.0.1:11434"}
+    assert row["image_runtype"] == "ssh_direc ssh_proxy"
+    assert dict(row["extra_env"]) == {"OLLAMA_HOST": "127.0.0.1:11434"}
     vast.wait_for(lambda: vast.instances[instance_id]["actual_status"] == "running")
     assert instances.show_instance(client, instance_id)["ssh_port"] == vast.containers[instance_id].ssh_port
     listed = instances.show_instances(client, select_filters={"label": {"in": ["by-the-cli"]}})

@@ -260,7 +260,8 @@ class VastStandIn:
             container = self.containers[instance_id]
             container.start(row["onstart"])
             row.update(actual_status="running", cur_state="running", status_msg="success, running",
-                       start_date=time.time(), ports={"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(container.ssh_port)}]},
+                       start_date=time.time(),
+                       ports={"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(container.ssh_port)}]},
                        ssh_host="127.0.0.1", ssh_port=container.ssh_port)
             self.changed.notify_all()
 
@@ -398,7 +399,8 @@ class Handler(BaseHTTPRequestHandler):
             if method == "GET":
                 return 200, {"instances": standin.public_row(row) if row else None}
             if row is None:
-                return 404, {"success": False, "error": "no_such_instance", "msg": "Instance %d not found" % instance_id}
+                return 404, {"success": False, "error": "no_such_instance",
+                             "msg": "Instance %d not found" % instance_id}
             if method == "PUT":
                 if "state" in body:
                     if body["state"] not in ("running", "stopped"):
