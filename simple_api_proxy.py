@@ -358,7 +358,8 @@ ERROR_TYPES = {
 class ProxyError(Exception):
     """A failure to report to the client as an Anthropic error envelope."""
 
-    def __init__(self, status, message, error_type=None, *, retry=None, retry_after=None, allow=None):
+    def __init__(self, status, message, error_type=None, *, retry=None, retry_after=None, allow=None,
+                 upstream_failure=None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -367,6 +368,7 @@ class ProxyError(Exception):
         self.retry = retry
         self.retry_after = retry_after
         self.allow = allow  # a 405's methods (RFC 9110 §15.5.6)
+        self.upstream_failure = upstream_failure  # why an Ollama host failed, when no OSError says
 
     def headers(self):
         headers = {"Allow": self.allow} if self.allow else {}
@@ -946,12 +948,152 @@ def forces_tool_use(request):
 
 def forced_tool_format(tools):
     """Ollama's `format` (a JSON schema its sampler enforces) that leaves the model no answer but a
-    call to one of the tools: {"name": one of them, "arguments": that tool's input}."""
-    schemas = [tool["input_schema"] for tool in tools]
-    return {"type": "object",
-            "properties": {"name": {"type": "string", "enum": [tool["name"] for tool in tools]},
-                           "arguments": schemas[0] if len(schemas) == 1 else {"anyOf": schemas}},
-            "required": ["name", "arguments"]}
+    call to one of the tools: {"name": N, "arguments": N's input}, one branch per tool, so that one
+    tool's name never comes with another tool's arguments."""
+    calls = [{"type": "object",
+              "properties": {"name": {"const": tool["name"]}, "arguments": lean_schema(tool["input_schema"])},
+              "required": ["name", "arguments"]}
+             for tool in tools]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+# How much of a schema one check may walk: a $ref cycle or nested anyOf branches (a client's
+# schema, so possibly made to explode) must end. What lies beyond is taken as valid: Ollama's
+# sampler has already held the output to the schema where it can.
+SCHEMA_CHECK_STEPS = 10000
+SCHEMA_CHECK_DEPTH = 64  # and how deep: each level of a value or a $ref is a call
+JSON_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
+              "number": (int, float), "integer": int}
+
+
+def schema_violation(value, schema):
+    """Where decoded JSON breaks a tool's input_schema, or None."""
+    return SchemaCheck(schema).violation(value, schema, "input")
+
+
+class SchemaCheck:
+    """One check of a value against a JSON schema. The keywords that say what a valid value is are
+    checked (type, enum, const, properties, required, additionalProperties, items, prefixItems,
+    lengths and bounds, anyOf, oneOf, allOf, not, local $refs); `pattern` is not, as a client's
+    regular expression run on a model's text could take any time."""
+
+    def __init__(self, root):
+        self.root = root
+        self.steps_left = SCHEMA_CHECK_STEPS
+
+    def violation(self, value, schema, path, depth=0):
+        self.steps_left -= 1
+        if not isinstance(schema, dict) or self.steps_left < 0 or depth > SCHEMA_CHECK_DEPTH:
+            return None
+        reference = schema.get("$ref")
+        if isinstance(reference, str) and reference.startswith("#"):
+            found = self.violation(value, self._resolve(reference), path, depth + 1)
+            if found:
+                return found
+        kinds = schema.get("type")
+        kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else None
+        if kinds is not None and not any(_json_type_is(value, kind) for kind in kinds):
+            return f"{path} is not of type {' or '.join(map(str, kinds))}"
+        if "const" in schema and not _json_equal(value, schema["const"]):
+            return f"{path} is not {schema['const']!r}"
+        if isinstance(schema.get("enum"), list) and not any(_json_equal(value, item) for item in schema["enum"]):
+            return f"{path} is not one of the allowed values"
+        found = _bound_violation(value, schema, path)
+        if found is None and isinstance(value, dict):
+            found = self._object(value, schema, path, depth)
+        elif found is None and isinstance(value, list):
+            found = self._array(value, schema, path, depth)
+        return found or self._combined(value, schema, path, depth)
+
+    def _resolve(self, reference):
+        target = self.root
+        for part in reference[2:].split("/") if reference != "#" else ():
+            target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+        return target
+
+    def _object(self, value, schema, path, depth):
+        required = schema.get("required")
+        for name in required if isinstance(required, list) else ():
+            if isinstance(name, str) and name not in value:
+                return f"{path} lacks the required {name!r}"
+        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        additional = schema.get("additionalProperties")
+        for name, item in value.items():
+            if name in properties:
+                found = self.violation(item, properties[name], f"{path}.{name}", depth + 1)
+            elif additional is False:
+                found = f"{path} has {name!r}, which the schema does not allow"
+            else:
+                found = self.violation(item, additional, f"{path}.{name}", depth + 1)
+            if found:
+                return found
+        return None
+
+    def _array(self, value, schema, path, depth):
+        prefix = schema.get("prefixItems") if isinstance(schema.get("prefixItems"), list) else []
+        items = schema.get("items")
+        if isinstance(items, list):  # draft 4-7 tuples
+            prefix, items = items, schema.get("additionalItems")
+        for index, item in enumerate(value):
+            inner = prefix[index] if index < len(prefix) else items
+            if inner is False:
+                return f"{path} has more items than the schema allows"
+            found = self.violation(item, inner, f"{path}[{index}]", depth + 1)
+            if found:
+                return found
+        return None
+
+    def _combined(self, value, schema, path, depth):
+        for key in ("allOf", "anyOf", "oneOf"):
+            branches = schema.get(key)
+            if not isinstance(branches, list) or not branches:
+                continue
+            matching = sum(1 for inner in branches if self.violation(value, inner, path, depth + 1) is None)
+            if (key == "allOf" and matching < len(branches) or key == "anyOf" and not matching
+                    or key == "oneOf" and matching != 1):
+                return f"{path} does not match {key}"
+        if isinstance(schema.get("not"), dict) and self.violation(value, schema["not"], path, depth + 1) is None:
+            return f"{path} matches what the schema rules out"
+        return None
+
+
+def _json_type_is(value, kind):
+    wanted = JSON_TYPES.get(kind)
+    if wanted is None:
+        return True  # a type this check does not know: not ours to refuse
+    if isinstance(value, bool):
+        return kind == "boolean"
+    if kind == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, wanted)
+
+
+def _json_equal(a, b):
+    """JSON equality: true is not 1, and 1 is 1.0."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[key], b[key]) for key in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _bound_violation(value, schema, path):
+    if isinstance(value, str):
+        checks = (("minLength", lambda n: len(value) < n), ("maxLength", lambda n: len(value) > n))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        checks = (("minimum", lambda n: value < n), ("maximum", lambda n: value > n),
+                  ("exclusiveMinimum", lambda n: value <= n), ("exclusiveMaximum", lambda n: value >= n))
+    elif isinstance(value, list):
+        checks = (("minItems", lambda n: len(value) < n), ("maxItems", lambda n: len(value) > n))
+    else:
+        return None
+    for key, broken in checks:
+        bound = schema.get(key)
+        if isinstance(bound, (int, float)) and not isinstance(bound, bool) and broken(bound):
+            return f"{path} breaks {key} {bound}"
+    return None
 
 
 def ollama_tools(tools):
@@ -1259,7 +1401,12 @@ ARGUMENT_KEYS = ("arguments", "parameters", "args", "input")
 NESTED_CALL_KEYS = frozenset({"type", "function", "id", "index"})  # OpenAI's {"function": {...}}
 FIRST_KEYS = CALL_KEYS | NESTED_CALL_KEYS | {"tool_calls"}
 
-JSON_FENCE = re.compile(r"```(?:json)?[ \t]*\n?(.*?)\n?[ \t]*```", re.S)
+# Every pattern and loop below is linear in the reply's length: the parse holds the interpreter lock,
+# so a reply of whitespace, unclosed fences or thousands of tags must not stall other clients.
+# Closing markers are found with str.find or one search from where the call starts, never by a lazy
+# (.*?) that a missing close turns into a rescan per character.
+SPACE = re.compile(r"\s*")
+END_TOKEN = re.compile("|".join(map(re.escape, END_TOKENS)))
 QWEN_PARAMETER = re.compile(r"<parameter=(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|\Z)", re.S)
 INVOKE = re.compile(r'\s*<invoke name="([^"]*)">(.*?)(?:</invoke>|\Z)', re.S)
 INVOKE_PARAMETER = re.compile(r'\s*<parameter name="([^"]*)">(.*?)</parameter>', re.S)
@@ -1277,17 +1424,16 @@ def offered_tools(tools):
 
 
 def _skip_space(text, position):
-    while position < len(text) and text[position].isspace():
-        position += 1
-    return position
+    return SPACE.match(text, position).end()
 
 
 def _json_values(text, separators=""):
-    """Consecutive JSON values making up the whole text, or None."""
+    """Consecutive JSON values making up the whole text, or None. separators: one character that
+    may stand, with whitespace around it, between two values."""
     values, position = [], 0
+    skip = re.compile(r"[\s%s]*" % re.escape(separators)) if separators else SPACE
     while True:
-        while position < len(text) and (text[position].isspace() or text[position] in separators):
-            position += 1
+        position = skip.match(text, position).end()
         if position == len(text):
             return values or None
         try:
@@ -1454,12 +1600,12 @@ def _invoke_block(text, position, tools):
     body = text[position:] if close < 0 else text[position:close]
     end = len(text) if close < 0 else close + len("</function_calls>")
     calls, at = [], 0
-    while body[at:].strip():
+    while _skip_space(body, at) < len(body):
         invoke = INVOKE.match(body, at)
         if not invoke or invoke.group(1) not in tools:
             return None
         name, inner, arguments, inside = invoke.group(1), invoke.group(2), {}, 0
-        while inner[inside:].strip():
+        while _skip_space(inner, inside) < len(inner):
             parameter = INVOKE_PARAMETER.match(inner, inside)
             if not parameter:
                 return None
@@ -1472,8 +1618,8 @@ def _invoke_block(text, position, tools):
 
 def _python_tag(text, position, tools):
     """Llama 3.1's <|python_tag|> then JSON calls (several separated by ;) to the end of the turn."""
-    ends = [index for index in (text.find(token, position) for token in END_TOKENS) if index >= 0]
-    end = min(ends, default=len(text))
+    token = END_TOKEN.search(text, position)
+    end = token.start() if token else len(text)
     return _calls_from_json_text(text[position:end], tools, separators=";"), end
 
 
@@ -1590,15 +1736,31 @@ def _tagged_calls(text, position, tools):
         position = parsed[1]
 
 
+def _fence_bodies(text):
+    """What the ```json fences that make up the whole text hold, or None: an unclosed fence, or
+    anything but whitespace between them."""
+    bodies, position = [], 0
+    while True:
+        position = _skip_space(text, position)
+        if position == len(text):
+            return bodies or None
+        if not text.startswith("```", position):
+            return None
+        position += 3
+        if text.startswith("json", position):
+            position += 4
+        close = text.find("```", position)
+        if close < 0:
+            return None
+        bodies.append(text[position:close])
+        position = close + 3
+
+
 def _untagged_calls(text, tools):
     """A reply that is JSON calls, bare or in ```json fences with nothing around them."""
-    if text.startswith("```"):
-        fences = list(JSON_FENCE.finditer(text))
-        if not fences or JSON_FENCE.sub("", text).strip():
-            return None
-        bodies = [match.group(1) for match in fences]
-    else:
-        bodies = [text]
+    bodies = _fence_bodies(text) if text.startswith("```") else [text]
+    if bodies is None:
+        return None
     calls = []
     for body in bodies:
         found = _calls_from_json_text(body, tools)
@@ -1760,8 +1922,8 @@ def call_prospect(text, tools, untagged):
     JSON and fences count too."""
     head = text[:PROSPECT_HEAD]
     head = head.lstrip() if untagged else head.lstrip(" \t")
-    if not head:
-        return MAYBE
+    if not head:  # a long run of whitespace is held to the end too, not re-read for each token
+        return MAYBE if len(text) < PROSPECT_HEAD else CALL
     openers = TAGGED_OPENERS + UNTAGGED_OPENERS if untagged else TAGGED_OPENERS
     if any(opener.startswith(head) and opener != head for opener in TAGGED_OPENERS):
         return MAYBE  # "[" may still become [TOOL_CALLS]
@@ -1903,10 +2065,11 @@ class StopSequenceMatcher:
 class ForcedToolCall:
     """The reply to a request that forces tool use: Ollama's output is held to one JSON object
     {"name", "arguments"} (forced_tool_format). It is collected rather than streamed as text and
-    becomes one tool_use block when the reply ends."""
+    becomes one tool_use block when the reply ends, if the arguments fit the named tool's schema
+    (where Ollama does not enforce `format`, nothing else holds them to it)."""
 
-    def __init__(self, tool_names):
-        self.tool_names = tool_names
+    def __init__(self, tools):
+        self.tools = tools  # {name: input_schema}
         self.parts = []
 
     def take(self, text):
@@ -1922,9 +2085,16 @@ class ForcedToolCall:
             value = decode_strict_json(self.text)
         except (ValueError, RecursionError):
             return None
-        if isinstance(value, dict) and value.get("name") in self.tool_names and isinstance(value.get("arguments"), dict):
-            return value["name"], value["arguments"]
-        return None
+        if not isinstance(value, dict) or set(value) != {"name", "arguments"} or value["name"] not in self.tools:
+            return None
+        name, arguments = value["name"], value["arguments"]
+        if not isinstance(arguments, dict):
+            return None
+        violation = schema_violation(arguments, self.tools[name])
+        if violation:
+            log.info("a forced call to %s left as text: %s", name, violation)
+            return None
+        return name, arguments
 
 
 class StreamTranslator:
@@ -1949,7 +2119,7 @@ class StreamTranslator:
         self.stop_matcher = StopSequenceMatcher(self.stop_sequences) if self.stop_sequences else None
         self.tools = offered_tools(tool_names)  # names, or {name: input_schema} to type XML parameters
         self.tool_names = frozenset(self.tools)
-        self.forced_call = ForcedToolCall(self.tool_names) if forced and self.tools else None
+        self.forced_call = ForcedToolCall(self.tools) if forced and self.tools else None
         self.dropped_calls = []  # structured calls to tools the client did not offer
         self.show_thinking = show_thinking
         self.call_gate = TextCallGate(self.tools) if recover_tool_calls and self.tools else None
@@ -1959,6 +2129,7 @@ class StreamTranslator:
         self.had_tool = False
         self.calls_from_text = 0  # tool calls recovered from text, for /metrics
         self.pending = ""  # text not yet released
+        self.held_to_end = None  # pieces of a call written as text, held whole to the end of the reply
         self.gated = bool(self.stop_sequences) or self.call_gate is not None
         self.stop_reason = None
         self.stop_sequence = None
@@ -2011,21 +2182,29 @@ class StreamTranslator:
         if not self.gated:
             self._delta("text", piece, events)
             return
+        if self.held_to_end is not None:
+            # A list, not pending += piece: a long held call would be copied whole for each token.
+            self.held_to_end.append(piece)
+            found = self.stop_matcher.scan(piece) if self.stop_matcher else None
+            if found:
+                self.pending, self.held_to_end = "".join(self.held_to_end), None
+                self._cut_at_stop_sequence(piece, found)
+            return
         if self.stop_matcher and not self.pending:
             self.stop_matcher.reset()  # whatever began a stop sequence has been released
         self.pending += piece
         if self.stop_matcher:
             found = self.stop_matcher.scan(piece)
             if found:
-                end, self.stop_sequence = found
-                self.pending = self.pending[:len(self.pending) - len(piece) + end - len(self.stop_sequence)]
-                self.stop_reason = "stop_sequence"
+                self._cut_at_stop_sequence(piece, found)
                 return
         keep = min(self.stop_matcher.held, len(self.pending)) if self.stop_matcher else 0
         gate = self.call_gate
         if gate is not None:
             keep = max(keep, len(self.pending) - gate.hold_from(self.pending))
             if keep == len(self.pending):
+                if gate.settled:
+                    self.held_to_end, self.pending = [self.pending], ""
                 return
             gate.released(self.pending[:len(self.pending) - keep])
         self._release(self.pending[:len(self.pending) - keep], events)
@@ -2033,13 +2212,20 @@ class StreamTranslator:
         if gate is not None and not gate.open and not self.pending:
             self.call_gate, self.gated = None, bool(self.stop_sequences)  # no call can come: stream freely
 
+    def _cut_at_stop_sequence(self, piece, found):
+        """pending ends with piece, in which a stop sequence ends at found[0]: the reply ends before it."""
+        end, self.stop_sequence = found
+        self.pending = self.pending[:len(self.pending) - len(piece) + end - len(self.stop_sequence)]
+        self.stop_reason = "stop_sequence"
+
     def _release(self, text, events):
         if text:
             self._delta("text", text, events)
 
     def _flush(self, events, *, before_tool=False, cut_short=False):
         """Release held text: the reply ended (maybe cut short), or a structured tool call came after it."""
-        text, self.pending = self.pending, ""
+        text = self.pending if self.held_to_end is None else self.pending + "".join(self.held_to_end)
+        self.pending, self.held_to_end = "", None
         found = self.call_gate.calls(text) if self.call_gate is not None and not before_tool else None
         if found and cut_short and not text.rstrip().endswith(CLOSED_CALL_ENDINGS):
             found = None  # the reply stopped inside its last call
@@ -2299,19 +2485,24 @@ class UpstreamExchange:
     The body is split into lines as it arrives, each byte looked at once: complete lines wait in
     `_lines` for pop_lines(), the unterminated rest in `_tail`."""
 
-    def __init__(self, sock, address, pool=None, request=b"", reused=False):
+    def __init__(self, sock, address, client=None, request=b"", reused=False):
         self.sock = sock  # non-blocking: one poll object waits for the whole answer
         self.address = address
-        self.pool = pool
+        self.client = client  # the OllamaClient that keeps the connection afterwards, if any
         self.request_bytes = request  # sent once more if a kept connection turns out closed
         self.reused = reused
         self.fd = sock.fileno()
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
+        self.unusable = False  # the connection must not carry another request
+        self._begin_answer()
+
+    def _begin_answer(self):
+        """Nothing of an answer read yet: at the start, and after a failover to another host."""
         self.status = None
         self.headers = {}
         self.finished = False  # the body is complete
-        self.unusable = False  # the connection must not carry another request
+        self.delivered = False  # pop_lines() has given out a line: the answer can no longer move
         self._raw = b""  # received, not yet parsed
         self._lines = []
         self._tail = bytearray()
@@ -2339,10 +2530,10 @@ class UpstreamExchange:
                     upstream_only.poll(remaining * 1000)
         except ProxyError:
             self.unusable = True
-        if (self.pool is not None and self.finished and not self.unusable and self._framing != "close"
+        if (self.client is not None and self.finished and not self.unusable and self._framing != "close"
                 and not self._lines and not self._tail
                 and self.headers.get("connection", "").lower() != "close"):
-            self.pool.keep(self.sock)
+            self.client.keep(self.sock)
         else:
             self.close()
 
@@ -2351,17 +2542,15 @@ class UpstreamExchange:
         if not (self.reused and self.status is None and not self._raw):
             return False
         self.reused = False
+        # Connect first: if the host is gone, the exchange stays as it was, for a failover to take over.
+        self._switch_to(self.client.send_on_new_connection(self.request_bytes))
+        return True
+
+    def _switch_to(self, sock):
         self.poller.unregister(self.fd)
         self.close()
-        sock = self.pool._connect()
-        try:
-            send_nonblocking(sock, self.request_bytes, self.pool.config.ollama_timeout)
-        except OSError as exc:
-            sock.close()
-            raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
         self.sock, self.fd = sock, sock.fileno()
         self.poller.register(sock, select.POLLIN)
-        return True
 
     def close(self):
         try:
@@ -2369,18 +2558,14 @@ class UpstreamExchange:
         except OSError:
             pass
 
-    def answered(self):
-        """Whether any byte of Ollama's answer has arrived."""
-        return self.status is not None or bool(self._raw)
-
     def take_over(self, other):
-        """Go on with another host's exchange of the same request: failover before any answer.
-        The poller stays, with what else it watches (the client)."""
-        self.poller.unregister(self.fd)
-        self.close()
-        self.sock, self.fd, self.address, self.pool = other.sock, other.fd, other.address, other.pool
+        """Go on with another host's exchange of the same request: failover before any line of the
+        answer was given out. Whatever the failed host had begun to answer is forgotten; the poller
+        stays, with what else it watches (the client)."""
+        self._switch_to(other.sock)
+        self.address, self.client = other.address, other.client
         self.request_bytes, self.reused, self.unusable = other.request_bytes, other.reused, other.unusable
-        self.poller.register(self.sock, select.POLLIN)
+        self._begin_answer()
 
     def tls_pending(self):
         """Decrypted bytes that poll() cannot see, because they left the socket already."""
@@ -2408,11 +2593,11 @@ class UpstreamExchange:
 
     def _at_eof(self):
         if self.status is None:
-            raise self.broken("closed the connection without answering")
+            raise self.broken("closed the connection without answering", "closed")
         if self._framing == "close":
             self._end_of_body()
         elif not self.finished:
-            raise self.broken("closed the connection mid-reply")
+            raise self.broken("closed the connection mid-reply", "closed")
         self.unusable = True
 
     def _parse(self):
@@ -2578,10 +2763,10 @@ class UpstreamExchange:
             self._lines.append(bytes(self._tail))
         self._tail = bytearray()
 
-    def broken(self, what):
+    def broken(self, what, failure="other"):
         """The error for an answer that breaks HTTP: a 502, and a connection never used again."""
         self.unusable = True
-        return ProxyError(502, f"Ollama at {self.address} {what}")
+        return ProxyError(502, f"Ollama at {self.address} {what}", upstream_failure=failure)
 
     def has_lines(self):
         return bool(self._lines)
@@ -2590,6 +2775,8 @@ class UpstreamExchange:
         """The non-empty complete lines of the body so far, and the unterminated rest once the
         body is complete."""
         lines, self._lines = self._lines, []
+        if lines:
+            self.delivered = True
         return lines
 
     def read_body(self, timeout):
@@ -2711,13 +2898,17 @@ class OllamaClient:
                 return UpstreamExchange(sock, self.address, self, request, reused=True)
             except OSError:
                 sock.close()
+        return UpstreamExchange(self.send_on_new_connection(request), self.address, self, request)
+
+    def send_on_new_connection(self, request):
+        """A new connection to the host with the request sent on it."""
         sock = self._connect()
         try:
             send_nonblocking(sock, request, self.config.ollama_timeout)
         except OSError as exc:
             sock.close()
             raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
-        return UpstreamExchange(sock, self.address, self, request)
+        return sock
 
     def _connect(self):
         ollama = self.ollama
@@ -2810,9 +3001,7 @@ def failure_kind(error):
         return "reset"
     if error.status == 504 or isinstance(cause, socket.timeout):
         return "timeout"
-    if "closed the connection" in error.message:
-        return "closed"
-    return "other"
+    return error.upstream_failure or "other"
 
 
 class UpstreamPool:
@@ -2884,6 +3073,11 @@ class UpstreamPool:
 
     def has_model(self, host, model):
         return host.models is None or any(same_model(model, name) for name in host.models)
+
+    def installed(self, model):
+        """Whether a host listed the model the last time it was asked (never asks)."""
+        return any(host.models is not None and any(same_model(model, name) for name in host.models)
+                   for host in self.hosts)
 
     # -- routing ---------------------------------------------------------------------
     def route(self, model, payload):
@@ -3060,16 +3254,34 @@ class UpstreamRoute:
 
     def open(self, path, payload):
         """Send the request to the best host, moving on from hosts that cannot be reached."""
+        return self._send(lambda host: host.open("POST", path, payload))
+
+    def fail_over(self, exchange, error):
+        """After `error` and before any line of the answer was given out: send the request to the
+        next host and go on there. False when it cannot be moved (the error stands);
+        every_host_failed() when no host is left to move to."""
+        if error.status != 502 or exchange.delivered or self.host is None:
+            return False
+        failed, self.host = self.host, None
+        self.pool.release(failed)
+        self._host_failed(failed, error)
+        moved = self._send(lambda host: host.resend(exchange.request_bytes))
+        exchange.take_over(moved)
+        log.info("upstream: moved a request from Ollama at %s to %s", failed.address, self.host.address)
+        return True
+
+    def _send(self, send):
+        """send(host) on the next host until one takes the request; that host's exchange. Every host
+        reserved is released on every path but the one that returns."""
         while True:
             host = self.pool.reserve(self)
             if host is None:
                 raise every_host_failed(self.failures)
             try:
-                exchange = host.open("POST", path, payload)
+                exchange = send(host)
             except ProxyError as error:
                 self.pool.release(host)
-                self.pool.mark_down(host, error)
-                self.failures.append(error)
+                self._host_failed(host, error)
                 continue
             except BaseException:  # not the host's fault: give its place back and let the error stand
                 self.pool.release(host)
@@ -3078,31 +3290,9 @@ class UpstreamRoute:
             self.pool.remember(self, host)
             return exchange
 
-    def fail_over(self, exchange, error):
-        """After `error` and before any byte of an answer: send the request to the next host and
-        go on there. False when it cannot be moved (the error stands); every_host_failed() when no
-        host is left to move to."""
-        if error.status != 502 or exchange.answered():
-            return False
-        self.pool.release(self.host)
-        self.pool.mark_down(self.host, error)
-        self.host = None
+    def _host_failed(self, host, error):
+        self.pool.mark_down(host, error)
         self.failures.append(error)
-        while True:
-            host = self.pool.reserve(self)
-            if host is None:
-                raise every_host_failed(self.failures)
-            try:
-                exchange.take_over(host.resend(exchange.request_bytes))
-            except ProxyError as error:
-                self.pool.release(host)
-                self.pool.mark_down(host, error)
-                self.failures.append(error)
-                continue
-            log.info("upstream: moved a request to Ollama at %s", host.address)
-            self.host = host
-            self.pool.remember(self, host)
-            return True
 
     def finish(self):
         if self.host is not None:
@@ -3192,8 +3382,18 @@ def _is_count(value):
     return type(value) is int and value >= 0
 
 
+# The keys of what this proxy stores, exactly: an entry with any other key (of whatever type) was
+# not written by it, and a client would be handed fields it cannot parse.
+STORED_MESSAGE_KEYS = frozenset(("id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"))
+STORED_USAGE_KEYS = frozenset(("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                               "cache_read_input_tokens"))
+STORED_BLOCK_KEYS = {"text": frozenset(("type", "text")), "thinking": frozenset(("type", "thinking", "signature")),
+                     "tool_use": frozenset(("type", "id", "name", "input"))}
+
+
 def _is_replayable_block(block):
-    if not isinstance(block, dict):
+    keys = STORED_BLOCK_KEYS.get(block.get("type")) if isinstance(block, dict) else None
+    if keys is None or block.keys() != keys:
         return False
     kind = block.get("type")
     if kind == "text":
@@ -3208,16 +3408,18 @@ def _is_replayable_block(block):
 
 def is_replayable_message(message):
     """Everything replay() and message_to_events() rely on, with the types the client expects."""
-    if not isinstance(message, dict) or message.get("type") != "message" or message.get("role") != "assistant":
+    if not isinstance(message, dict) or message.keys() != STORED_MESSAGE_KEYS:
+        return False
+    if message["type"] != "message" or message["role"] != "assistant":
+        return False
+    if not isinstance(message["id"], str) or not isinstance(message["model"], str):
         return False
     if message.get("stop_reason") not in CACHED_STOP_REASONS:
         return False
     if not (message.get("stop_sequence") is None or isinstance(message.get("stop_sequence"), str)):
         return False
-    usage = message.get("usage")
-    if not isinstance(usage, dict) or not all(_is_count(usage.get(name)) for name in
-                                              ("input_tokens", "output_tokens", "cache_creation_input_tokens",
-                                               "cache_read_input_tokens")):
+    usage = message["usage"]
+    if not isinstance(usage, dict) or usage.keys() != STORED_USAGE_KEYS or not all(map(_is_count, usage.values())):
         return False
     content = message.get("content")
     return isinstance(content, list) and all(_is_replayable_block(block) for block in content)
@@ -3986,7 +4188,9 @@ FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60
 
 
 def label_value(value):
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    # backslashreplace: a lone surrogate (valid in JSON's \\uXXXX) must not make the page unencodable.
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def labels(**pairs):
@@ -4018,11 +4222,12 @@ class Metrics:
     """What GET /metrics reports, in Prometheus' text format 0.0.4. Each request costs one lock and
     a few dictionary updates; gauges and the cache and upstream counts are read when scraped."""
 
-    def __init__(self, config):
+    def __init__(self, config, installed=lambda model: False):
         self.lock = threading.Lock()
-        # A model label only for models this proxy serves: names clients make up would each
-        # become a series of their own.
+        # A model label only for models this proxy is configured with or Ollama has installed:
+        # names clients make up would each become a series of their own.
         self.known_models = {config.ollama_model, *config.model_map.values()}
+        self.installed = installed
         self.requests = collections.Counter()  # (route, status, model) -> count
         self.durations = {}  # route -> Histogram
         self.first_token = Histogram(FIRST_TOKEN_BUCKETS)
@@ -4032,7 +4237,7 @@ class Metrics:
 
     def request_done(self, route, status, model, seconds, first_token_seconds, input_tokens, output_tokens,
                      calls_from_text=0):
-        if model != "none" and status >= 400 and model not in self.known_models:
+        if model != "none" and model not in self.known_models and not self.installed(model):
             model = "other"
         with self.lock:
             self.requests[route, status, model] += 1
@@ -4162,7 +4367,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.config = config
         self.ollama = UpstreamPool(config)
         self.cache = ResponseCache(config)
-        self.metrics = Metrics(config)
+        self.metrics = Metrics(config, installed=self.ollama.installed)
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
         self.origin_policy = OriginPolicy(config)
         self.read_deadlines = ReadDeadlines()
@@ -4624,13 +4829,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if type(max_tokens) is not int or max_tokens < 0:
             max_tokens = self.config.default_max_tokens
         _, input_tokens = anthropic_to_ollama(dict(request, max_tokens=max_tokens), ollama_model, self.config)
+        self.require_model(ollama_model)
+        self.send_json(200, {"input_tokens": input_tokens})
+
+    def require_model(self, ollama_model):
+        """A 404 for a model Ollama lacks, on a route that answers without generating. Ollama
+        unreachable is no error there: the answer needs no Ollama."""
         try:
-            self.server.ollama.capabilities(ollama_model)  # a model Ollama lacks is a 404 here too
+            self.server.ollama.capabilities(ollama_model)
         except ProxyError as error:
             if error.status == 404:
                 raise
-            # Ollama unreachable: the estimate needs no Ollama, so it is still the answer.
-        self.send_json(200, {"input_tokens": input_tokens})
 
     def route_messages(self):
         request = validate_messages_request(self.read_json(), default_max_tokens=self.config.default_max_tokens)
@@ -4660,6 +4869,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.input_estimate = input_tokens
 
         if request["max_tokens"] == 0:
+            self.require_model(ollama_model)
             return self.respond_message(empty_message(model, input_tokens, "max_tokens"), stream, cache_state)
         if "thinking" in ollama.capabilities(ollama_model):
             payload["think"] = ollama_think(request)
@@ -4812,8 +5022,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         commit_at = time.monotonic() + self.FAIL_FAST_SECONDS if commit else None
         first_wait = (f"Ollama sent nothing for {config.ollama_first_token_timeout:g} s "
                       "(OLLAMA_FIRST_TOKEN_TIMEOUT): the model may still be loading or the prompt is very long")
-        while exchange.status is None:
-            if commit_at is not None and time.monotonic() >= commit_at:
+        # Until a line of the answer is given out, a host that fails costs the client nothing: the
+        # request moves to the next host (a stream's message_start says nothing a move changes).
+        while exchange.status in (None, 200) and not (exchange.has_lines() or exchange.finished):
+            if commit_at is not None and (exchange.status == 200 or time.monotonic() >= commit_at):
                 commit()
                 commit_at = None
             try:

@@ -29,14 +29,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-import test_simple_api_proxy as tests  # noqa: E402  (the tests' sshd boxes and stand-in ollama)
+from standins.sshlab import SshLab  # noqa: E402  (the tests' sshd boxes and stand-in ollama)
+from standins.support import LAUNCHER_SCRIPT  # noqa: E402
 
 
 def timed_deploy(lab, box):
     """Runs one --deploy; returns (seconds to box ready, to tunnel up, to exit) and the transcript."""
     started = time.monotonic()
-    proc = subprocess.Popen([str(tests.LAUNCHER_SCRIPT), "--ssh", "box-" + box.name, "--remote-port",
+    proc = subprocess.Popen([str(LAUNCHER_SCRIPT), "--ssh", "box-" + box.name, "--remote-port",
                              str(box.proxy_port), "--deploy"], env=lab.env(), cwd=lab.laptop,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     marks, transcript = {}, []
@@ -61,7 +63,7 @@ def main(argv=None):
     if os.geteuid() != 0:
         sys.exit("bench/deploy.py runs sshd in a mount namespace: run it as root")
     with tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
-        lab = tests.SshLab(Path(tmp))
+        lab = SshLab(Path(tmp))
         try:
             box = lab.boxes["a"]
             box.reset()

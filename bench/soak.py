@@ -40,9 +40,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-import test_simple_api_proxy as standin  # noqa: E402  (the tests' stand-in Ollama and its script)
+import simple_api_proxy  # noqa: E402
 from load import free_port, wait_for_port  # noqa: E402
+from standins import ollama as standin  # noqa: E402  (the tests' stand-in Ollama and its script)
+from standins.proxy import parse_sse  # noqa: E402
 
 CLIENTS = 8
 REQUEST_TIMEOUT = 30
@@ -159,9 +162,9 @@ class Soak:
     def tamper(self, body, value):
         """Plant a bad value under the cache key this request will look up."""
         client, config = self.redis
-        model = standin.proxy.resolve_model(body["model"], config)
-        payload, _ = standin.proxy.anthropic_to_ollama(body, model, config)
-        key = standin.proxy.cache_key(payload, body, config.tool_call_recovery)
+        model = simple_api_proxy.resolve_model(body["model"], config)
+        payload, _ = simple_api_proxy.anthropic_to_ollama(body, model, config)
+        key = simple_api_proxy.cache_key(payload, body, config.tool_call_recovery)
         with contextlib.suppress(Exception):  # Redis may be restarting: then nothing was planted
             client.set(key, value)
             with self.lock:
@@ -183,7 +186,7 @@ class Soak:
                 return self.record(nonce, stream, status, "corrupted", f"unreadable: {raw[:80]!r}")
             return self.record(nonce, stream, status, "ok" if text == expected else "corrupted", text[:60])
         try:
-            events = standin.parse_sse(raw)
+            events = parse_sse(raw)
         except (AssertionError, ValueError, IndexError):
             return self.record(nonce, stream, status, "corrupted", f"bad SSE framing: {raw[-80:]!r}")
         names = [name for name, _ in events]
@@ -237,7 +240,7 @@ def main():
         with contextlib.suppress(ImportError):
             import redis as redis_py
             soak.redis = (redis_py.Redis(host="127.0.0.1", port=redis_port, socket_timeout=1),
-                          standin.proxy.load_config([], env))
+                          simple_api_proxy.load_config([], env))
     proxy = subprocess.Popen([sys.executable, str(ROOT / "simple_api_proxy.py")], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     redis_back = None
