@@ -23,6 +23,7 @@ free ports); the SSH connection; a box; the tunnel and its keeper; the local pro
 Code run; --check; the launcher; main().
 """
 
+import ast
 import dataclasses
 import functools
 import hashlib
@@ -53,6 +54,7 @@ import simple_api_proxy as proxy  # noqa: E402  (the proxy beside this file: its
 
 PROG = "claude_start"
 log = logging.getLogger(PROG)
+log.setLevel(logging.INFO)
 
 DEFAULT_MODEL = "qwen2.5-coder:7b"
 # Matches the proxy's default OLLAMA_NUM_CTX, so Claude Code compacts before Ollama silently
@@ -136,8 +138,6 @@ def setup_logging():
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(PROG + ": %(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
 
 
 def say(text):
@@ -474,6 +474,14 @@ class Settings:
         """The proxy settings the user gave (environment or config file)."""
         return {key: self.values[key] for key in PROXY_SETTINGS if key in self.values}
 
+    def box_proxy_settings(self):
+        """The box proxy's settings file: the settings the user gave, and what the launcher
+        decides, as JSON (no value can add a setting, whatever characters it holds)."""
+        values = {"API_HOST": "127.0.0.1", "API_PORT": str(self.remote_port), "LOG_FILE": "",
+                  "OLLAMA_MODEL": self.model}
+        values.update(self.proxy_values())
+        return json.dumps(values, sort_keys=True).encode()
+
     def required_models(self):
         """The models the box must have: --model, MODEL_MAP's and OLLAMA_MODEL, once each."""
         try:
@@ -769,9 +777,14 @@ sys.exit(g['main'](b, s))"'''
 def rules_source():
     """What the box applies as the proxy does: OLLAMA_HOST's address rules and Ollama's model
     naming, sent as their source with each request (see claude_box.Rules)."""
-    return "import dataclasses\nimport urllib.parse\n\n" + "\n\n".join(
-        inspect.getsource(rule) for rule in (proxy.OllamaAddress, proxy.parse_ollama_host, proxy.parse_ollama_hosts,
-                                             proxy.same_model))
+    names = ("OllamaAddress", "parse_ollama_host", "parse_ollama_hosts", "same_model")
+    lines = inspect.getsource(proxy).splitlines()
+    parts = []
+    for node in ast.parse("\n".join(lines)).body:
+        if getattr(node, "name", None) in names:
+            first = min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
+            parts.append("\n".join(lines[first - 1:node.end_lineno]))
+    return "import dataclasses\nimport urllib.parse\n\n\n" + "\n\n\n".join(parts) + "\n"
 
 
 class BoxAnswer:
@@ -864,15 +877,6 @@ class Box:
                     install_timeout=settings.install_timeout, ollama_wait=settings.ollama_wait,
                     pull_timeout=settings.pull_timeout)
 
-    def proxy_settings(self):
-        """The proxy's settings file: the settings the user gave, and what the launcher decides,
-        as JSON (no value can add a setting, whatever characters it holds)."""
-        settings = self.settings
-        values = {"API_HOST": "127.0.0.1", "API_PORT": str(settings.remote_port), "LOG_FILE": "",
-                  "OLLAMA_MODEL": settings.model}
-        values.update(settings.proxy_values())
-        return json.dumps(values, sort_keys=True).encode()
-
     def deploy(self):
         """Sets the box up (see --help: --deploy); the box's "ready" event."""
         settings = self.settings
@@ -887,7 +891,7 @@ class Box:
         say("deploying to %s: %s/ (proxy on 127.0.0.1:%d, model(s): %s)"
             % (self.destination, BOX_FOLDER, settings.remote_port, " ".join(models)))
         try:
-            answer = self.call("up", timeout, {"simple_api_proxy.py": script, "proxy.json": self.proxy_settings()},
+            answer = self.call("up", timeout, {"simple_api_proxy.py": script, "proxy.json": settings.box_proxy_settings()},
                                port=settings.remote_port, health_wait=settings.health_wait,
                                generate_key=not settings.value("PROXY_API_KEY"), **self.models_request())
         except Failure as failure:
