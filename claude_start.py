@@ -23,7 +23,6 @@ free ports); the SSH connection; a box; the tunnel and its keeper; the local pro
 Code run; --check; the launcher; main().
 """
 
-import ast
 import dataclasses
 import functools
 import hashlib
@@ -776,15 +775,19 @@ sys.exit(g['main'](b, s))"'''
 @functools.lru_cache(maxsize=None)
 def rules_source():
     """What the box applies as the proxy does: OLLAMA_HOST's address rules and Ollama's model
-    naming, sent as their source with each request (see claude_box.Rules)."""
-    names = ("OllamaAddress", "parse_ollama_host", "parse_ollama_hosts", "same_model")
+    naming, sent as their source with each request (see claude_box.Rules): each a top-level
+    block of simple_api_proxy.py, decorators included."""
     lines = inspect.getsource(proxy).splitlines()
-    parts = []
-    for node in ast.parse("\n".join(lines)).body:
-        if getattr(node, "name", None) in names:
-            first = min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
-            parts.append("\n".join(lines[first - 1:node.end_lineno]))
-    return "import dataclasses\nimport urllib.parse\n\n\n" + "\n\n\n".join(parts) + "\n"
+    blocks = []
+    for name in ("OllamaAddress", "parse_ollama_host", "parse_ollama_hosts", "same_model"):
+        start = next(index for index, line in enumerate(lines) if re.match(r"(class|def) %s\b" % name, line))
+        first, last = start, start + 1
+        while lines[first - 1].startswith("@"):
+            first -= 1
+        while last < len(lines) and (not lines[last].strip() or lines[last][0] in " \t"):
+            last += 1
+        blocks.append("\n".join(lines[first:last]).rstrip())
+    return "import dataclasses\nimport urllib.parse\n\n\n" + "\n\n\n".join(blocks) + "\n"
 
 
 class BoxAnswer:
@@ -944,13 +947,15 @@ class Tunnel:
     def log(self):
         return self.run_folder / ("tunnel.%d.log" % self.port)
 
-    def start(self, port):
-        """The tunnel's ssh connects while the box is checked or set up."""
+    def start(self, port, connect=True):
+        """Starts the keeper; connect=False: its ssh waits for connect(), so that the keeper's
+        own start overlaps with the box's SSH connection, and the tunnel's ssh, which connects
+        while the box is checked or set up, asks for nothing that connection asks."""
         self.port = port
         spec = dict(destination=dataclasses.asdict(self.destination), port=port, target=self.target,
-                    probe=self.probe, log=str(self.log), health_wait=self.health_wait)
+                    probe=self.probe, log=str(self.log), health_wait=self.health_wait, connect=connect)
         self.keeper = subprocess.Popen(
-            [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import claude_start; "
+            [sys.executable, "-S", "-c", "import sys; sys.path.insert(0, sys.argv[1]); import claude_start; "
              "sys.exit(claude_start.TunnelKeeper.main(sys.argv[2]))", str(HERE), json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.events = queue.Queue()
@@ -971,11 +976,7 @@ class Tunnel:
         Health seen through it."""
         tries = 0
         while True:
-            try:
-                self.keeper.stdin.write(json.dumps({"instance": instance}) + "\n")
-                self.keeper.stdin.flush()
-            except OSError:
-                pass  # the keeper is gone: its "gone" event follows
+            self.order(instance=instance)
             event = self.events.get()
             if event["event"] == "gone":
                 self.close()
@@ -1010,12 +1011,20 @@ class Tunnel:
             say("%s; trying %d" % (why, port))
             self.start(port)
 
+    def order(self, **order):
+        try:
+            self.keeper.stdin.write(json.dumps(order) + "\n")
+            self.keeper.stdin.flush()
+            return True
+        except OSError:  # the keeper is gone: its "gone" event says so
+            return False
+
+    def connect(self):
+        self.order(connect=True)
+
     def keep(self):
         """From now on the keeper reopens the tunnel whenever it drops (while Claude Code runs)."""
-        try:
-            self.keeper.stdin.write(json.dumps({"keep": True}) + "\n")
-            self.keeper.stdin.flush()
-        except OSError:
+        if not self.order(keep=True):
             say("warning: the keeper of the tunnel to %s is gone: a dropped tunnel will not be reopened"
                 % self.destination)
 
@@ -1051,7 +1060,7 @@ class TunnelKeeper:
     def __init__(self, spec):
         self.destination = SshDestination(**spec["destination"])
         self.port, self.target, self.probe = spec["port"], spec["target"], spec["probe"]
-        self.log, self.health_wait = spec["log"], spec["health_wait"]
+        self.log, self.health_wait, self.connect = spec["log"], spec["health_wait"], spec["connect"]
         self.url = "http://127.0.0.1:%d%s" % (self.port, self.probe)
         self.ssh = None
         self.instance = ""
@@ -1128,6 +1137,8 @@ class TunnelKeeper:
         return "closing", health
 
     def run(self):
+        if not self.connect and self.next_order("connect") is None:
+            return
         self.start_ssh()
         instance = self.next_order("instance")
         if instance is None:
@@ -1467,10 +1478,11 @@ class Launcher:
             raise Failure(settings.no_host_message())
         self.require_ssh(", or use --local for a proxy on this machine")
         destination = settings.destinations[0]
-        connection = self.connect(destination)
-        box = Box(connection, settings)
         tunnel = self.new_tunnel(destination, "127.0.0.1:%d" % settings.remote_port, "/health")
-        tunnel.start(self.pick_local_port())  # it connects while the box is checked or set up
+        tunnel.start(self.pick_local_port(), connect=False)
+        connection = self.connect(destination)
+        tunnel.connect()
+        box = Box(connection, settings)
         if settings.arguments.deploy:
             ready = box.deploy()
             instance, key = ready.get("instance", ""), ready.get("key", "")
