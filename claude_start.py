@@ -23,22 +23,32 @@ free ports); the SSH connection; a box; the tunnel and its keeper; the local pro
 Code run; --check; the launcher; main().
 """
 
-import dataclasses
+import os
+import shutil
+import sys
+
+if sys.version_info < (3, 8):  # before anything newer is parsed or imported: a newer one, or what to do
+    for newer in ("python3.14", "python3.13", "python3.12", "python3.11", "python3.10", "python3.9", "python3.8"):
+        if shutil.which(newer) and not os.environ.get("CLAUDE_START_OLD_PYTHON"):
+            os.environ["CLAUDE_START_OLD_PYTHON"] = sys.version.split()[0]
+            os.execvp(newer, [newer, "-S", os.path.abspath(__file__)] + sys.argv[1:])
+    sys.stderr.write("claude_start: python3 is %s here, older than 3.8: install python3 3.8 or newer (macOS: "
+                     "brew install python3; Debian/Ubuntu: apt-get install python3), then run this again\n"
+                     % os.environ.get("CLAUDE_START_OLD_PYTHON", sys.version.split()[0]))
+    sys.exit(1)
+
+import dataclasses  # noqa: E402 (after the version check)
 import functools
 import hashlib
 import inspect
 import json
 import logging
-import os
 import queue
 import re
-import secrets
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import textwrap
 import threading
@@ -761,7 +771,7 @@ class SshConnection:
 # The box's command line: check python3, then read the program's length, the program, and hand
 # it the rest of stdin (a JSON request line and uploads). It parses in a login shell of bash or sh.
 BOX_LOADER = '''command -v python3 >/dev/null 2>&1 || { echo '{"event": "fail", "message": "python3 not found on the box: install python3 (3.8 or newer)"}'; exit 1; }
-exec python3 -c "import sys, json
+exec python3 -S -c "import sys, json
 if sys.version_info < (3, 8):
     print(json.dumps({'event': 'fail', 'message': 'python3 on the box is ' + sys.version.split()[0] + ', older than 3.8: install a newer one'}))
     sys.exit(1)
@@ -928,6 +938,14 @@ class Box:
 # The tunnel and its keeper
 ###############################################################################
 
+class TunnelSilent(Failure):
+    """The tunnel's ssh ran, but nothing answered through it in time."""
+
+    def __init__(self, message, ssh_was_up):
+        super().__init__(message)
+        self.ssh_was_up = ssh_was_up
+
+
 class Tunnel:
     """ssh -N -L 127.0.0.1:port -> target on the box, run by its keeper: a child process
     (TunnelKeeper) that starts the tunnel's ssh at once, reports when the box's proxy answers
@@ -1041,14 +1059,6 @@ class Tunnel:
             keeper.wait(STOP_GRACE + 5)
         except subprocess.TimeoutExpired:
             stop_child(keeper)
-
-
-class TunnelSilent(Failure):
-    """The tunnel's ssh ran, but nothing answered through it in time."""
-
-    def __init__(self, message, ssh_was_up):
-        super().__init__(message)
-        self.ssh_was_up = ssh_was_up
 
 
 class TunnelKeeper:

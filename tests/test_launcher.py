@@ -275,17 +275,33 @@ def test_launcher_is_a_short_posix_entry_point_that_hands_over_to_python():
     assert os.access(LAUNCHER_SCRIPT, os.X_OK)
     text = LAUNCHER_SCRIPT.read_text()
     assert text.splitlines()[0] == "#!/bin/sh" and len(text.splitlines()) <= 40
-    assert 'exec "$python" "$here/claude_start.py" "$@"' in text
+    assert 'exec "$python" -S "$here/claude_start.py" "$@"' in text
 
 
-def test_launcher_without_a_new_enough_python_says_what_to_do(tmp_path):
-    old = tmp_path / "python3"
-    old.write_text("#!/bin/sh\nexit 1\n")  # answers the version check as a python3 < 3.8 does
-    old.chmod(0o755)
+def test_launcher_without_python_says_what_to_do(tmp_path):
     result = subprocess.run([shutil.which("sh"), str(LAUNCHER_SCRIPT), "--help"], env={"PATH": str(tmp_path)},
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.startswith("claude_start: python3 3.8 or newer not found") and "install" in result.stderr
+    assert result.stderr.startswith("claude_start: python3 (3.8 or newer) not found on PATH: install it")
+
+
+def test_launcher_on_a_python_older_than_3_8_says_what_to_do(tmp_path):
+    # A python3 that reports 3.7, as an old one would, to the launcher's first lines.
+    old = tmp_path / "python3"
+    old.write_text('#!/bin/sh\n[ "$1" = -S ] && shift\nexec %s -c "import sys; sys.version_info = (3, 7, 9); '
+                   'sys.version = \'3.7.9 (old)\'; sys.argv = sys.argv[1:]; '
+                   'exec(compile(open(sys.argv[0]).read(), sys.argv[0], \'exec\'), {\'__name__\': \'__main__\'})" '
+                   '"$@"\n' % sys.executable)
+    old.chmod(0o755)
+    result = subprocess.run([shutil.which("sh"), str(LAUNCHER_SCRIPT), "--help"], env={"PATH": str(tmp_path)},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr.startswith("claude_start: python3 is 3.7.9 here, older than 3.8: install python3 3.8")
+    # A newer python3.X beside it takes over.
+    (tmp_path / "python3.11").symlink_to(sys.executable)
+    result = subprocess.run([shutil.which("sh"), str(LAUNCHER_SCRIPT), "--help"], env={"PATH": str(tmp_path)},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "Usage: claude_start.sh" in result.stdout, result.stderr
 
 
 def test_launcher_found_through_a_symlink_uses_the_files_beside_it(launcher_sandbox):
