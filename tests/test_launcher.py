@@ -290,7 +290,7 @@ def test_launcher_on_a_python_older_than_3_8_says_what_to_do(tmp_path):
     old = tmp_path / "python3"
     old.write_text('#!/bin/sh\n[ "$1" = -S ] && shift\nexec %s -c "import sys; sys.version_info = (3, 7, 9); '
                    'sys.version = \'3.7.9 (old)\'; sys.argv = sys.argv[1:]; '
-                   'exec(compile(open(sys.argv[0]).read(), sys.argv[0], \'exec\'), {\'__name__\': \'__main__\'})" '
+                   'exec(compile(open(sys.argv[0]).read(), sys.argv[0], \'exec\'), {\'__name__\': \'__main__\', \'__file__\': sys.argv[0]})" '
                    '"$@"\n' % sys.executable)
     old.chmod(0o755)
     result = subprocess.run([shutil.which("sh"), str(LAUNCHER_SCRIPT), "--help"], env={"PATH": str(tmp_path)},
