@@ -275,7 +275,7 @@ def test_launcher_is_a_short_posix_entry_point_that_hands_over_to_python():
     assert os.access(LAUNCHER_SCRIPT, os.X_OK)
     text = LAUNCHER_SCRIPT.read_text()
     assert text.splitlines()[0] == "#!/bin/sh" and len(text.splitlines()) <= 40
-    assert 'exec "$python" -S "$here/claude_start.py" "$@"' in text
+    assert "import claude_start; sys.exit(claude_start.main())' \"$here\" \"$@\"" in text
 
 
 def test_launcher_without_python_says_what_to_do(tmp_path):
@@ -286,12 +286,11 @@ def test_launcher_without_python_says_what_to_do(tmp_path):
 
 
 def test_launcher_on_a_python_older_than_3_8_says_what_to_do(tmp_path):
-    # A python3 that reports 3.7, as an old one would, to the launcher's first lines.
+    # A python3 that reports 3.7, as an old one would, to the launcher's first lines; the entry
+    # point calls it as: python3 -S -c CODE FOLDER ARGS...
     old = tmp_path / "python3"
-    old.write_text('#!/bin/sh\n[ "$1" = -S ] && shift\nexec %s -c "import sys; sys.version_info = (3, 7, 9); '
-                   'sys.version = \'3.7.9 (old)\'; sys.argv = sys.argv[1:]; '
-                   'exec(compile(open(sys.argv[0]).read(), sys.argv[0], \'exec\'), {\'__name__\': \'__main__\', \'__file__\': sys.argv[0]})" '
-                   '"$@"\n' % sys.executable)
+    old.write_text('#!/bin/sh\nshift 2\nexec %s -S -c "import sys; sys.version_info = (3, 7, 9); '
+                   'sys.version = \'3.7.9 (old)\'; exec(sys.argv.pop(1))" "$@"\n' % sys.executable)
     old.chmod(0o755)
     result = subprocess.run([shutil.which("sh"), str(LAUNCHER_SCRIPT), "--help"], env={"PATH": str(tmp_path)},
                             capture_output=True, text=True, timeout=30)
