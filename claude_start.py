@@ -70,6 +70,9 @@ DEFAULT_MODEL = "qwen2.5-coder:7b"
 # truncates the prompt.
 DEFAULT_CONTEXT_TOKENS = 32768
 DEFAULT_MAX_OUTPUT_TOKENS = 8192
+# Claude Code 2.1.332's first request with all its tools, in the proxy's estimate (13,447); below
+# this plus the output room, the window cannot hold it, and the lean tool set (about 4,500) goes.
+CLAUDE_CODE_FULL_PROMPT_TOKENS = 13400
 DEFAULT_API_TIMEOUT_MS = 600000
 DEFAULT_REMOTE_PORT = 8000
 DEFAULT_LOCAL_PORT = 8001
@@ -219,13 +222,18 @@ Options (each has a variable; flag > environment > config file > default):
                                                   ~/.config/simple_api_proxy/claude_start.env)
   --lean              leave out Claude Code tools a local model rarely uses well
                       (agents, skills, workflows, scheduling, web, notebooks,
-                      worktrees): a prompt about a third the size; see README
+                      worktrees): a prompt about a third the size; see README.
+                      Chosen by itself when the window cannot hold the full prompt
+                      (about {full_prompt} tokens) and the output limit
+  --full-tools        keep every tool, whatever the window
   -h, --help          show this help
   --                  everything after it is passed to claude
 
 Variables (environment or config file):
-  CLAUDE_START_CONTEXT_TOKENS     CLAUDE_CODE_MAX_CONTEXT_TOKENS ({context}, the proxy's OLLAMA_NUM_CTX)
-  CLAUDE_START_MAX_OUTPUT_TOKENS  CLAUDE_CODE_MAX_OUTPUT_TOKENS ({output})
+  CLAUDE_START_CONTEXT_TOKENS     CLAUDE_CODE_MAX_CONTEXT_TOKENS, the window (default: the
+                                  proxy setting OLLAMA_NUM_CTX if you set it, else {context})
+  CLAUDE_START_MAX_OUTPUT_TOKENS  CLAUDE_CODE_MAX_OUTPUT_TOKENS (a quarter of the window, at
+                                  most {output})
   API_TIMEOUT_MS                  Claude Code request timeout in ms ({timeout})
   PROXY_API_KEY                   sent as ANTHROPIC_AUTH_TOKEN (default: the key --deploy
                                   made for the box, else a dummy token)
@@ -270,7 +278,7 @@ def usage():
     return USAGE.format(
         model=DEFAULT_MODEL, context=DEFAULT_CONTEXT_TOKENS, output=DEFAULT_MAX_OUTPUT_TOKENS,
         timeout=DEFAULT_API_TIMEOUT_MS, health=DEFAULT_HEALTH_WAIT, install=DEFAULT_OLLAMA_INSTALL,
-        install_timeout=DEFAULT_INSTALL_TIMEOUT, ollama_wait=DEFAULT_OLLAMA_WAIT, pull_timeout=DEFAULT_PULL_TIMEOUT,
+        full_prompt=CLAUDE_CODE_FULL_PROMPT_TOKENS, install_timeout=DEFAULT_INSTALL_TIMEOUT, ollama_wait=DEFAULT_OLLAMA_WAIT, pull_timeout=DEFAULT_PULL_TIMEOUT,
         proxy_settings=textwrap.fill(" ".join(PROXY_SETTINGS), 88, initial_indent="  ", subsequent_indent="  "))
 
 
@@ -288,6 +296,7 @@ class Arguments:
     stop: bool = False
     stop_all: bool = False
     lean: bool = False
+    full_tools: bool = False
     values: dict = dataclasses.field(default_factory=dict)  # --flag -> its last value
     ssh: list = dataclasses.field(default_factory=list)  # every --ssh, in order
     claude_args: list = dataclasses.field(default_factory=list)
@@ -300,10 +309,12 @@ class Arguments:
             raise UsageError("--deploy, --stop, --check and --local go one at a time (--check --local is the one pair)")
         if self.stop_all and not self.stop:
             raise UsageError("--all goes with --stop")
+        if self.lean and self.full_tools:
+            raise UsageError("--lean and --full-tools do not go together")
 
 
 SWITCHES = {"--local": "local", "--check": "check", "--deploy": "deploy", "--stop": "stop", "--all": "stop_all",
-            "--lean": "lean"}
+            "--lean": "lean", "--full-tools": "full_tools"}
 
 
 def parse_args(argv):
@@ -433,8 +444,13 @@ class Settings:
             "CLAUDE_START_LOCAL_PORT", DEFAULT_LOCAL_PORT), 1, 65535)
         self.model = flag("--model") or self.value("CLAUDE_START_MODEL", DEFAULT_MODEL)
         number = self.number
-        self.context_tokens = number("CLAUDE_START_CONTEXT_TOKENS", DEFAULT_CONTEXT_TOKENS)
-        self.max_output_tokens = number("CLAUDE_START_MAX_OUTPUT_TOKENS", DEFAULT_MAX_OUTPUT_TOKENS)
+        self.context_tokens = self.window()
+        # At most a quarter of the window for one answer, unless the user says otherwise.
+        self.max_output_tokens = number("CLAUDE_START_MAX_OUTPUT_TOKENS",
+                                        min(DEFAULT_MAX_OUTPUT_TOKENS, max(1, self.context_tokens // 4)))
+        # Claude Code's full prompt and an answer must fit in the window; else the lean tool set.
+        self.lean = arguments.lean or (not arguments.full_tools and self.context_tokens
+                                       < CLAUDE_CODE_FULL_PROMPT_TOKENS + self.max_output_tokens)
         self.timeout_ms = number("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS)
         self.health_wait = number("CLAUDE_START_HEALTH_WAIT", DEFAULT_HEALTH_WAIT)
         self.install_timeout = number("CLAUDE_START_INSTALL_TIMEOUT", DEFAULT_INSTALL_TIMEOUT)
@@ -466,6 +482,13 @@ class Settings:
         # The environment wins over the file; an empty value counts as unset.
         values.update({key: self.environ[key] for key in CONFIG_KEYS if self.environ.get(key)})
         return {key: value for key, value in values.items() if value}
+
+    def window(self):
+        """The context window: CLAUDE_START_CONTEXT_TOKENS, else the proxy's OLLAMA_NUM_CTX."""
+        for key in ("CLAUDE_START_CONTEXT_TOKENS", "OLLAMA_NUM_CTX"):
+            if key in self.values:
+                return self.number(key, 0)
+        return DEFAULT_CONTEXT_TOKENS
 
     def value(self, key, default=""):
         return self.values.get(key, str(default))
@@ -1295,7 +1318,7 @@ class ClaudeRun:
 
     def argv(self):
         argv = ["claude", "--model", self.settings.model]
-        if self.settings.arguments.lean:
+        if self.settings.lean:
             argv += ["--disallowedTools", ",".join(LEAN_LEFT_OUT)]
         return argv + self.settings.arguments.claude_args
 
@@ -1595,7 +1618,12 @@ class Launcher:
     # ------------------------------------------------------------ Claude Code
 
     def run_claude(self, port, token):
-        claude = self.claude = ClaudeRun(self.settings, port, token)
+        settings = self.settings
+        if settings.lean and not settings.arguments.lean:
+            say("a window of %d tokens cannot hold Claude Code's full prompt (about %d tokens) and %d output tokens: "
+                "leaving out the tools --lean leaves out (--full-tools keeps them)"
+                % (settings.context_tokens, CLAUDE_CODE_FULL_PROMPT_TOKENS, settings.max_output_tokens))
+        claude = self.claude = ClaudeRun(settings, port, token)
         claude.start(self.environ)
         for tunnel in self.tunnels:
             tunnel.keep()

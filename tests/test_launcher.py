@@ -317,7 +317,7 @@ def test_launcher_help_lists_every_flag_and_variable(launcher_sandbox):
         result = launcher_sandbox.run([flag], launcher_sandbox.env())
         assert result.returncode == 0, result.stderr
         for word in ("--ssh", "--ssh-port", "--remote-port", "--local-port", "--local",
-                     "--check", "--model", "--config", "--help", "--", "--lean",
+                     "--check", "--model", "--config", "--help", "--", "--lean", "--full-tools",
                      "CLAUDE_START_SSH", "CLAUDE_START_SSH_PORT", "CLAUDE_START_REMOTE_PORT",
                      "CLAUDE_START_LOCAL_PORT", "CLAUDE_START_MODEL",
                      "CLAUDE_START_CONTEXT_TOKENS", "CLAUDE_START_MAX_OUTPUT_TOKENS",
@@ -689,7 +689,7 @@ def test_launcher_config_precedence(launcher_sandbox):
         "CLAUDE_START_MAX_OUTPUT_TOKENS='3333'\n"
         "API_TIMEOUT_MS=1234\n" % (remote, file_port)
     )
-    result = sb.run(["--model", "flag-model", "--local-port", str(flag_port)],
+    result = sb.run(["--model", "flag-model", "--local-port", str(flag_port), "--full-tools"],
                     sb.env(CLAUDE_START_MODEL="env-model", CLAUDE_START_CONTEXT_TOKENS=2222,
                            CLAUDE_START_LOCAL_PORT=env_port, API_TIMEOUT_MS=5678))
     assert result.returncode == 0, result.stderr
@@ -706,7 +706,7 @@ def test_launcher_config_precedence(launcher_sandbox):
     result = sb.run([], sb.env(CLAUDE_START_LOCAL_PORT=env_port))
     assert result.returncode == 0, result.stderr
     assert sb.claude_record()["env"]["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:%d" % env_port
-    assert sb.claude_record()["argv"] == ["--model", "file-model"]
+    assert sb.claude_record()["argv"][:2] == ["--model", "file-model"]  # and the lean set: a 1111-token window
     sb.assert_no_tunnel_left()
 
 
@@ -986,3 +986,44 @@ def test_local_mode_leaves_the_project_folder_alone(launcher_sandbox):
     assert result.returncode == 0, result.stderr
     assert sb.claude_record()["health"] == 503  # the real proxy answered, without an Ollama
     assert list(project.iterdir()) == []
+
+
+###############################################################################
+# Small context windows: limits from the window, the lean tool set by itself
+###############################################################################
+
+@pytest.mark.parametrize("environ,argv,window,output,lean", [
+    ({}, [], 32768, 8192, False),
+    ({"OLLAMA_NUM_CTX": "8192"}, [], 8192, 2048, True),
+    ({"CLAUDE_START_CONTEXT_TOKENS": "12288", "OLLAMA_NUM_CTX": "65536"}, [], 12288, 3072, True),
+    ({"OLLAMA_NUM_CTX": "16384"}, [], 16384, 4096, True),
+    ({"OLLAMA_NUM_CTX": "16384", "CLAUDE_START_MAX_OUTPUT_TOKENS": "2048"}, [], 16384, 2048, False),
+    ({"OLLAMA_NUM_CTX": "24576"}, [], 24576, 6144, False),
+    ({"OLLAMA_NUM_CTX": "8192"}, ["--full-tools"], 8192, 2048, False),
+    ({}, ["--lean"], 32768, 8192, True)])
+def test_the_window_sets_the_output_limit_and_the_tool_set(environ, argv, window, output, lean):
+    settings = _settings(["--local"] + argv, environ)
+    assert (settings.context_tokens, settings.max_output_tokens, settings.lean) == (window, output, lean)
+
+
+def test_lean_and_full_tools_do_not_go_together():
+    with pytest.raises(claude_start.UsageError, match="--lean and --full-tools do not go together"):
+        claude_start.parse_args(["--lean", "--full-tools"]).check_modes()
+
+
+def test_a_small_window_runs_claude_code_lean_and_says_so_unless_told_otherwise(launcher_sandbox):
+    sb = launcher_sandbox
+    port = _launcher_free_port()
+    sb.local_proxy(port)
+    result = sb.run(["--local", "--local-port", str(port)], sb.env(ssh=False, OLLAMA_NUM_CTX=8192))
+    assert result.returncode == 0, result.stderr
+    record = sb.claude_record()
+    assert record["argv"][2] == "--disallowedTools" and "Agent" in record["argv"][3].split(",")
+    assert (record["env"]["CLAUDE_CODE_MAX_CONTEXT_TOKENS"], record["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"]) == \
+        ("8192", "2048")
+    assert "a window of 8192 tokens cannot hold Claude Code's full prompt" in result.stderr
+    assert "--full-tools keeps them" in result.stderr
+    result = sb.run(["--local", "--local-port", str(port), "--full-tools"], sb.env(ssh=False, OLLAMA_NUM_CTX=8192))
+    assert result.returncode == 0, result.stderr
+    assert sb.claude_record()["argv"] == ["--model", LAUNCHER_MODEL_DEFAULT]
+    assert "cannot hold" not in result.stderr
