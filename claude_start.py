@@ -70,9 +70,6 @@ DEFAULT_MODEL = "qwen2.5-coder:7b"
 # truncates the prompt.
 DEFAULT_CONTEXT_TOKENS = 32768
 DEFAULT_MAX_OUTPUT_TOKENS = 8192
-# Claude Code 2.1.332's first request with all its tools, in the proxy's estimate (13,447); below
-# this plus the output room, the window cannot hold it, and the lean tool set (about 4,500) goes.
-CLAUDE_CODE_FULL_PROMPT_TOKENS = 13400
 DEFAULT_API_TIMEOUT_MS = 600000
 DEFAULT_REMOTE_PORT = 8000
 DEFAULT_LOCAL_PORT = 8001
@@ -278,7 +275,8 @@ def usage():
     return USAGE.format(
         model=DEFAULT_MODEL, context=DEFAULT_CONTEXT_TOKENS, output=DEFAULT_MAX_OUTPUT_TOKENS,
         timeout=DEFAULT_API_TIMEOUT_MS, health=DEFAULT_HEALTH_WAIT, install=DEFAULT_OLLAMA_INSTALL,
-        full_prompt=CLAUDE_CODE_FULL_PROMPT_TOKENS, install_timeout=DEFAULT_INSTALL_TIMEOUT, ollama_wait=DEFAULT_OLLAMA_WAIT, pull_timeout=DEFAULT_PULL_TIMEOUT,
+        full_prompt=proxy.CLAUDE_CODE_PROMPT_TOKENS, install_timeout=DEFAULT_INSTALL_TIMEOUT,
+        ollama_wait=DEFAULT_OLLAMA_WAIT, pull_timeout=DEFAULT_PULL_TIMEOUT,
         proxy_settings=textwrap.fill(" ".join(PROXY_SETTINGS), 88, initial_indent="  ", subsequent_indent="  "))
 
 
@@ -448,9 +446,10 @@ class Settings:
         # At most a quarter of the window for one answer, unless the user says otherwise.
         self.max_output_tokens = number("CLAUDE_START_MAX_OUTPUT_TOKENS",
                                         min(DEFAULT_MAX_OUTPUT_TOKENS, max(1, self.context_tokens // 4)))
-        # Claude Code's full prompt and an answer must fit in the window; else the lean tool set.
+        # Claude Code's full prompt (as the proxy counts it) and an answer must fit in the window;
+        # else the lean tool set (about 4,500 tokens).
         self.lean = arguments.lean or (not arguments.full_tools and self.context_tokens
-                                       < CLAUDE_CODE_FULL_PROMPT_TOKENS + self.max_output_tokens)
+                                       < proxy.CLAUDE_CODE_PROMPT_TOKENS + self.max_output_tokens)
         self.timeout_ms = number("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS)
         self.health_wait = number("CLAUDE_START_HEALTH_WAIT", DEFAULT_HEALTH_WAIT)
         self.install_timeout = number("CLAUDE_START_INSTALL_TIMEOUT", DEFAULT_INSTALL_TIMEOUT)
@@ -1622,7 +1621,7 @@ class Launcher:
         if settings.lean and not settings.arguments.lean:
             say("a window of %d tokens cannot hold Claude Code's full prompt (about %d tokens) and %d output tokens: "
                 "leaving out the tools --lean leaves out (--full-tools keeps them)"
-                % (settings.context_tokens, CLAUDE_CODE_FULL_PROMPT_TOKENS, settings.max_output_tokens))
+                % (settings.context_tokens, proxy.CLAUDE_CODE_PROMPT_TOKENS, settings.max_output_tokens))
         claude = self.claude = ClaudeRun(settings, port, token)
         claude.start(self.environ)
         for tunnel in self.tunnels:

@@ -12,17 +12,37 @@ Run it with the standard library alone: ``python3 simple_api_proxy.py``.
 ``python3 simple_api_proxy.py --help`` lists every setting. redis-py is the
 one optional import, used only when a Redis server is configured.
 
-Sections, in the order a request flows through them: configuration; errors; translation:
-Anthropic <-> Ollama (pure functions); fitting the context window; tool calls written as text;
-translation: Ollama's stream -> Anthropic events; upstream client; upstream pool (several
-Ollama hosts, warm-up); cache; request reader; origin and host checks; metrics; HTTP handler;
-main().
+Sections, each using only those above it (dependency order, as in bottle.py; not the order a
+request meets them): configuration; errors; helpers used everywhere (JSON and ids); fitting the
+context window; translation: Anthropic <-> Ollama (pure functions); tool calls written as text;
+translation: Ollama's stream -> Anthropic events; upstream client (Ollama over HTTP/1.1); upstream
+pool (several Ollama hosts, failover, warm-up); generation (one request's conversation with
+Ollama); cache; request reader; origin and host checks; metrics; HTTP handler; main().
+
+A request's path: ProxyServer.process_request() gives the connection a thread and a
+ProxyHandler, whose handle_one_request() makes the request's Response and read_and_answer()
+reads the request line and headers with RequestReader.read_head(); dispatch() runs admit()
+(OriginPolicy.refusal(), the route, the API key, RequestReader.read_body()) and then the route.
+For POST /v1/messages, route_messages() checks the body (validate_messages_request()), builds
+Ollama's request (anthropic_to_ollama(), which fits it to the window with fit_to_window()), and
+looks in the ResponseCache; on a miss, UpstreamPool.route() picks the hosts, a Generation sends
+the request (UpstreamRoute.open() -> OllamaClient.open() -> UpstreamExchange), reads Ollama's
+answer as it arrives (Generation.batches(): UpstreamResponse parses it, decode_ndjson() decodes
+its lines, UpstreamRoute.fail_over() moves it while no line was given out), and passes it through
+a StreamTranslator, whose TextCallGate holds text that may be a tool call written as text
+(find_text_tool_calls() decides at the end); Generation.stream() hands each burst of events to
+Response.write_events(), which frames them (sse_event(), one HTTP chunk per write), until
+Response.end_stream() writes message_stop and the last chunk. The message goes to the cache,
+Generation.close() gives Ollama's connection back, and the handler logs the request and counts
+it in Metrics.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import base64
+import binascii
 import bisect
 import collections
 import contextlib
@@ -50,7 +70,7 @@ import threading
 import time
 import urllib.parse
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 log = logging.getLogger("simple_api_proxy")
 
@@ -92,6 +112,9 @@ SETTINGS = (
     ("REDIS_DB", int, 0, "Redis database number"),
     ("REDIS_TIMEOUT", float, 0.25, "seconds for any Redis operation before Redis is marked down"),
     ("TOOL_CALL_RECOVERY", str, "on", "turn tool calls a model writes as text into tool_use blocks: on or off"),
+    ("THINKING_KEY_FILE", str, "",
+     "file with the key that seals hidden thinking (display omitted) into its signature; created when "
+     "missing; unset: a new key each start, so thinking sealed before a restart is left out"),
     ("PROXY_API_KEY", str, "", "when set, /v1/* requests need this key (x-api-key or Authorization: Bearer)"),
     ("ALLOWED_ORIGINS", str, "",
      "browser origins allowed besides loopback pages and desktop apps: comma list, * wildcards, * for any"),
@@ -114,21 +137,22 @@ FALSE_WORDS = {"0", "off", "false", "no", ""}
 
 @dataclasses.dataclass(frozen=True)
 class OllamaAddress:
+    """Where one Ollama server listens; `url` is how logs, errors and /metrics name it."""
     scheme: str
-    host: str
+    hostname: str
     port: int
 
     @property
     def url(self):
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        hostname = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        return f"{self.scheme}://{hostname}:{self.port}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     api_host: str
     api_port: int
-    ollama_hosts: tuple  # of OllamaAddress, in OLLAMA_HOST's order
+    ollama_addresses: tuple  # of OllamaAddress, in OLLAMA_HOST's order
     ollama_model: str
     model_map: dict
     ollama_timeout: float
@@ -145,6 +169,7 @@ class Config:
     redis_url: str
     redis_timeout: float
     tool_call_recovery: bool
+    thinking_key_file: str
     proxy_api_key: str
     allowed_origins: tuple  # of compiled patterns, from parse_allowed_origins
     max_body_bytes: int
@@ -161,7 +186,7 @@ class Config:
         redis = mask_url_password(self.redis_url) if self.redis_url else "off"
         models = ",".join(f"{k}={v}" for k, v in self.model_map.items()) or "-"
         return (
-            f"listen={self.api_host}:{self.api_port} ollama={','.join(h.url for h in self.ollama_hosts)} "
+            f"listen={self.api_host}:{self.api_port} ollama={','.join(a.url for a in self.ollama_addresses)} "
             f"model={self.ollama_model} warmup={self.ollama_warmup} "
             f"model_map={models} num_ctx={self.ollama_num_ctx} timeout={self.ollama_timeout:g}s "
             f"first_token_timeout={self.ollama_first_token_timeout:g}s "
@@ -190,23 +215,33 @@ def parse_ollama_host(value):
         port = parsed.port
     except ValueError as exc:
         raise ValueError(f"OLLAMA_HOST has a bad port: {value!r}") from exc
-    host = parsed.hostname or "127.0.0.1"
-    if host in ("0.0.0.0", "::"):
+    hostname = parsed.hostname or "127.0.0.1"
+    if hostname in ("0.0.0.0", "::"):
         # A bind address is not connectable everywhere; Ollama's client rewrites it too.
-        host = "127.0.0.1"
-    return OllamaAddress(parsed.scheme, host, port or default_port)
+        hostname = "127.0.0.1"
+    return OllamaAddress(parsed.scheme, hostname, port or default_port)
 
 
 def parse_ollama_hosts(value):
     """OLLAMA_HOST: one address, or several separated by commas."""
-    hosts = tuple(parse_ollama_host(part) for part in value.split(",") if part.strip())
-    if not hosts:
+    addresses = tuple(parse_ollama_host(part) for part in value.split(",") if part.strip())
+    if not addresses:
         raise ValueError("OLLAMA_HOST is empty")
-    urls = [host.url for host in hosts]
+    urls = [address.url for address in addresses]
     for url in urls:
         if urls.count(url) > 1:
             raise ValueError(f"OLLAMA_HOST lists {url} more than once")
-    return hosts
+    return addresses
+
+
+def parse_allowed_origins(value):
+    """ALLOWED_ORIGINS: a comma list of origins, each may use * as a wildcard; a lone * allows any."""
+    patterns = []
+    for item in filter(None, (part.strip().lower().rstrip("/") for part in value.split(","))):
+        if "://" not in item and item != "*":
+            raise ValueError(f"ALLOWED_ORIGINS entry {item!r} is not an origin like https://app.example.com")
+        patterns.append(re.compile(".*".join(re.escape(piece) for piece in item.split("*"))))
+    return tuple(patterns)
 
 
 def parse_warmup(value):
@@ -295,7 +330,7 @@ def load_config(argv=None, environ=None):
         config = Config(
             api_host=values["API_HOST"],
             api_port=values["API_PORT"],
-            ollama_hosts=parse_ollama_hosts(values["OLLAMA_HOST"]),
+            ollama_addresses=parse_ollama_hosts(values["OLLAMA_HOST"]),
             ollama_model=values["OLLAMA_MODEL"],
             model_map=parse_model_map(values["MODEL_MAP"]),
             ollama_timeout=values["OLLAMA_TIMEOUT"],
@@ -312,6 +347,7 @@ def load_config(argv=None, environ=None):
             redis_url=build_redis_url(values),
             redis_timeout=values["REDIS_TIMEOUT"],
             tool_call_recovery=parse_switch("TOOL_CALL_RECOVERY", values["TOOL_CALL_RECOVERY"]),
+            thinking_key_file=values["THINKING_KEY_FILE"],
             proxy_api_key=values["PROXY_API_KEY"],
             allowed_origins=parse_allowed_origins(values["ALLOWED_ORIGINS"]),
             max_body_bytes=values["MAX_BODY_BYTES"],
@@ -383,30 +419,26 @@ class ProxyError(Exception):
                 "request_id": request_id}
 
 
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be sent."""
+
+
+# A client that closes or resets is noticed while Ollama generates. POLLRDHUP (Linux) reports the
+# close even after the client sent bytes of its next request; elsewhere POLLIN and a peek must do.
+CLIENT_GONE_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR | select.POLLNVAL
+CLIENT_WATCH_EVENTS = getattr(select, "POLLRDHUP", select.POLLIN)
+
+
 def invalid(message):
     return ProxyError(400, message, "invalid_request_error", retry=False)
 
 
 ###############################################################################
-# Translation: Anthropic <-> Ollama, pure functions without I/O
+# Helpers used everywhere: JSON and ids
 ###############################################################################
 
-BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-CHARS_PER_TOKEN = 3.5  # qwen-style tokenizers: ~4 for prose, ~3 for code; err towards more tokens
-IMAGE_TOKENS = 768  # what Ollama's own truncation assumes per image
-MESSAGE_OVERHEAD_TOKENS = 4  # role markers of a chat template
-STOP_REASONS = {"length": "max_tokens"}
-# Stop sequences are matched by the proxy; these bound the matcher's size per request.
-MAX_STOP_SEQUENCES = 64
-MAX_STOP_SEQUENCE_CHARS = 128
-MIN_THINKING_BUDGET = 1024  # Anthropic's floor for thinking.budget_tokens
-TOOL_SCHEMA_TYPES = (None, "custom")
-
-
 _id_random = random.Random(secrets.randbits(128))
-
-
 # Each random byte becomes one base62 character through a table: 248 of the 256 values spread
 # evenly, the last 8 add a slight lean to 8 characters, which leaves about 142 bits per id.
 _ID_CHARACTERS = bytes((BASE62 * 5)[:256], "ascii")
@@ -416,6 +448,176 @@ def new_id(prefix):
     """prefix + 24 base62 characters. Ids must be unique, not unguessable: a seeded generator
     spares a system call per id."""
     return prefix + _id_random.getrandbits(192).to_bytes(24, "little").translate(_ID_CHARACTERS).decode()
+
+
+class NonFiniteNumber(ValueError):
+    """A JSON number too large for a float (1e400): json.loads would make it inf, which no JSON
+    encoder can send on."""
+
+
+def finite_float(text):
+    """json.loads' parse_float: refuses what would become inf instead of passing it upstream."""
+    value = float(text)
+    if value - value != 0:
+        raise NonFiniteNumber(text)
+    return value
+
+
+def reject_json_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# Strict JSON for all that comes in (request bodies, a forced tool call's output, cache entries):
+# no NaN/Infinity, no number that would become inf. Built once: json.loads with hooks builds a
+# new decoder on every call.
+decode_strict_json = json.JSONDecoder(parse_constant=reject_json_constant, parse_float=finite_float).decode
+
+
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+_decode_json = json.JSONDecoder().decode
+
+
+def json_bytes(value):
+    return _compact_json(value).encode()
+
+
+# The JSON string encoder _compact_json itself uses (ensure_ascii), so a template filled with it
+# gives the very bytes json would.
+_json_string = json.encoder.encode_basestring_ascii
+
+
+###############################################################################
+# Fitting the context window
+###############################################################################
+# Claude Code caps one Read at 25,000 tokens on top of a ~14k-token base prompt: at a 32k
+# window a single full-size read would end the session with `prompt is too long`. Tool results
+# are what grows, so when the prompt would not leave room for an answer, the largest ones are
+# cut in the middle (start and end kept, one line saying what was cut). Cuts come from a fixed
+# ladder of sizes, so the same result is cut the same way turn after turn and Ollama's prompt
+# cache keeps its prefix; the ladder steps down only when the conversation outgrows a step.
+
+TRIM_LADDER = (65536, 49152, 32768, 24576, 16384, 12288, 8192, 6144, 4096, 3072, 2048)  # characters kept
+ANSWER_ROOM_FLOOR = 1024  # tokens
+# Claude Code 2.1.332's first request with all its tools, by Ollama's count (13,447 measured).
+CLAUDE_CODE_PROMPT_TOKENS = 13500
+
+
+def answer_room(max_tokens, num_ctx):
+    """Tokens kept free for the answer when results must be cut: an eighth of the window
+    (4096 at 32k), at least ANSWER_ROOM_FLOOR, never more than the client asked for."""
+    return min(max_tokens, max(num_ctx // 8, ANSWER_ROOM_FLOOR))
+
+
+def prompt_limit(max_tokens, num_ctx):
+    """The largest prompt served: one that leaves the answer less than ANSWER_ROOM_FLOOR tokens, a
+    quarter of the window or max_tokens, whichever is least, would get a few tokens and stop at
+    max_tokens; `prompt is too long` has Claude Code compact the conversation instead. Never
+    below num_ctx - answer_room(), so a prompt cut to answer_room() is always served."""
+    return num_ctx - min(max_tokens, ANSWER_ROOM_FLOOR, num_ctx // 4)
+
+
+def small_window_warning(num_ctx):
+    """A warning for a window that cannot hold Claude Code's prompt with all its tools plus room for
+    an answer (answer_room() of the window), else None. Its first request would be refused as too
+    long, which ends the session before anything is done."""
+    needed = CLAUDE_CODE_PROMPT_TOKENS + answer_room(num_ctx, num_ctx)
+    if num_ctx >= needed:
+        return None
+    return (f"OLLAMA_NUM_CTX={num_ctx} cannot hold Claude Code's prompt with all its tools (about "
+            f"{CLAUDE_CODE_PROMPT_TOKENS:,} tokens) plus room for an answer ({needed:,} tokens in all): its first "
+            f"request will be refused as too long, or leave the conversation next to no room. Use "
+            f"OLLAMA_NUM_CTX=16384 or more if the GPU holds it, or run Claude Code with fewer tools "
+            f"(claude_start.sh --lean) and a smaller CLAUDE_CODE_MAX_OUTPUT_TOKENS. Other clients are not affected.")
+
+
+def trimmed_tool_text(text, keep, num_ctx):
+    """text cut to about `keep` characters from the middle, at line ends where there are any."""
+    half = keep // 2
+    head, tail = text[:half], text[len(text) - half:]
+    newline = head.rfind("\n")
+    if newline >= half * 3 // 4:
+        head = head[:newline + 1]
+    newline = tail.find("\n")
+    if 0 <= newline < half // 4:
+        tail = tail[newline + 1:]
+    cut = len(text) - len(head) - len(tail)
+    separator = "" if head.endswith("\n") else "\n"
+    return (f"{head}{separator}[simple_api_proxy: {cut:,} characters cut from the middle of this tool result "
+            f"to fit the model's {num_ctx}-token window; read the rest in ranges (Read with offset/limit, "
+            f"or sed -n / head / tail) to see them]\n{tail}")
+
+
+def fit_to_window(payload, max_tokens, num_ctx):
+    """Cut the largest tool results when the prompt leaves less than answer_room() in the window,
+    then cap num_predict at what the window has left. Returns (a note on what was cut or None,
+    the prompt's estimated tokens).
+
+    When even the smallest step cannot bring the prompt within prompt_limit(), nothing is cut:
+    the caller answers `prompt is too long` with the size the client really sent."""
+    estimate = estimate_tokens(payload)
+    target = num_ctx - answer_room(max_tokens, num_ctx)
+    note = None
+    if estimate > target:
+        originals = [(message, message["content"]) for message in payload["messages"]
+                     if message["role"] == "tool" and len(message["content"]) > TRIM_LADDER[-1]]
+        fitted = None
+        for keep in TRIM_LADDER:
+            trimmed = [(message, text) for message, text in originals if len(text) > keep]
+            if not trimmed:
+                continue
+            for message, text in trimmed:
+                message["content"] = trimmed_tool_text(text, keep, num_ctx)
+            smaller = estimate_tokens(payload)
+            fitted = (keep, len(trimmed), smaller)
+            if smaller <= target:
+                break
+        if fitted and fitted[2] <= prompt_limit(max_tokens, num_ctx):
+            keep, count, smaller = fitted
+            note = (f"{count} tool result(s) cut to about {keep:,} characters each to fit the "
+                    f"{num_ctx}-token window ({estimate} -> {smaller} tokens)")
+            estimate = smaller
+        else:
+            for message, text in originals:
+                message["content"] = text
+    if estimate <= num_ctx and max_tokens > 0:
+        payload["options"]["num_predict"] = max(1, min(max_tokens, num_ctx - estimate))
+    return note, estimate
+
+
+CHARS_PER_TOKEN = 3.5  # qwen-style tokenizers: ~4 for prose, ~3 for code; err towards more tokens
+IMAGE_TOKENS = 768  # what Ollama's own truncation assumes per image
+MESSAGE_OVERHEAD_TOKENS = 4  # role markers of a chat template
+
+
+def estimate_tokens(ollama_payload):
+    """Tokens the prompt will take: characters / 3.5 plus per-message and per-image overheads.
+
+    Ollama has no tokenizer endpoint; erring high makes Claude Code compact a little early
+    instead of letting Ollama silently drop the start of the conversation."""
+    chars = 0
+    extra = 0
+    for message in ollama_payload["messages"]:
+        chars += len(message.get("content", "")) + len(message.get("thinking", ""))
+        for call in message.get("tool_calls", ()):
+            chars += len(call["function"]["name"]) + len(json.dumps(call["function"]["arguments"]))
+        extra += MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS * len(message.get("images", ()))
+    if "tools" in ollama_payload:
+        chars += len(json.dumps(ollama_payload["tools"], separators=(",", ":")))
+    return math.ceil(chars / CHARS_PER_TOKEN) + extra
+
+
+###############################################################################
+# Translation: Anthropic <-> Ollama, pure functions without I/O
+###############################################################################
+
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+STOP_REASONS = {"length": "max_tokens"}
+# Stop sequences are matched by the proxy; these bound the matcher's size per request.
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_SEQUENCE_CHARS = 128
+MIN_THINKING_BUDGET = 1024  # Anthropic's floor for thinking.budget_tokens
+REDACT_THINKING_BETA = "redact-thinking-"  # anthropic-beta: thinking comes back as redacted_thinking
+TOOL_SCHEMA_TYPES = (None, "custom")
 
 
 def resolve_model(name, config):
@@ -444,29 +646,6 @@ def _require_type(value, kinds, path, description):
     if not isinstance(value, kinds):
         raise invalid(f"{path}: Input should be {description}")
     return value
-
-
-class NonFiniteNumber(ValueError):
-    """A JSON number too large for a float (1e400): json.loads would make it inf, which no JSON
-    encoder can send on."""
-
-
-def finite_float(text):
-    """json.loads' parse_float: refuses what would become inf instead of passing it upstream."""
-    value = float(text)
-    if value - value != 0:
-        raise NonFiniteNumber(text)
-    return value
-
-
-def reject_json_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# Strict JSON for all that comes in (request bodies, a forced tool call's output, cache entries):
-# no NaN/Infinity, no number that would become inf. Built once: json.loads with hooks builds a
-# new decoder on every call.
-decode_strict_json = json.JSONDecoder(parse_constant=reject_json_constant, parse_float=finite_float).decode
 
 
 NON_FINITE_MARK = object()
@@ -666,14 +845,25 @@ def merge_consecutive_turns(messages):
 class MessageConversion:
     """What converting one request's messages carries from turn to turn."""
 
-    def __init__(self, can_see=True):
+    def __init__(self, can_see=True, thinking_seal=None):
         self.can_see = can_see
+        self.thinking_seal = thinking_seal
         self.tool_names = {}  # tool_use id -> tool name, for Ollama's tool_name
         self.call_positions = {}  # tool_use id -> place in the latest assistant turn
         self.left_out = []  # notes for blocks the model can't read, logged once per request
 
     def note(self, text):
         self.left_out.append(text)
+        return text
+
+    def sealed_thinking(self, sealed, path):
+        """The thinking this proxy sealed, or None (and a note) for a seal it cannot open."""
+        if not isinstance(sealed, str) or not sealed:
+            return None
+        text = self.thinking_seal.open(sealed) if self.thinking_seal is not None else None
+        if text is None:
+            self.note(f"[thinking at {path} left out: sealed by another key (THINKING_KEY_FILE changed, "
+                      f"the proxy restarted without one, or another server made it)]")
         return text
 
 
@@ -830,10 +1020,15 @@ def _assistant_message(blocks, conversion):
             _require_type(arguments, (dict,), f"{block_path}.input", "a valid dictionary")
             conversion.tool_names[call_id] = name
             calls.append({"id": call_id, "function": {"name": name, "arguments": arguments}})
-        elif kind == "thinking":
-            if isinstance(block.get("thinking"), str) and block["thinking"]:
-                thinking.append(block["thinking"])
-        # redacted thinking and server-tool blocks are the model's own artefacts: nothing to pass on.
+        elif kind == "thinking" and isinstance(block.get("thinking"), str) and block["thinking"]:
+            thinking.append(block["thinking"])
+        elif kind in ("thinking", "redacted_thinking"):
+            # Hidden thinking (display omitted, redact-thinking): its text travels in the seal.
+            text = conversion.sealed_thinking(block.get("signature" if kind == "thinking" else "data"),
+                                              block_path)
+            if text:
+                thinking.append(text)
+        # Server-tool blocks are the model's own artefacts: nothing to pass on.
     conversion.call_positions = {call["id"]: position for position, call in enumerate(calls)}
     if not texts and not thinking and not calls:
         return None
@@ -1119,19 +1314,169 @@ def ollama_think(request):
     return {"xhigh": "high", "max": "high"}.get(effort, effort)
 
 
-def anthropic_to_ollama(request, ollama_model, config, *, can_see=True, notes=None):
+def thinking_hidden(request, beta):
+    """How thinking the client may not read goes back: "omitted" (a thinking block with empty text
+    and the text sealed in its signature, for display omitted), "redacted" (a redacted_thinking
+    block whose data is the seal, under the redact-thinking beta), or None (shown, or not asked)."""
+    if not thinking_requested(request):
+        return None
+    if any(name.strip().startswith(REDACT_THINKING_BETA) for name in beta.split(",")):
+        return "redacted"
+    return "omitted" if (request.get("thinking") or {}).get("display") == "omitted" else None
+
+
+class ThinkingKeyError(Exception):
+    """THINKING_KEY_FILE cannot be read, created, or holds too short a key."""
+
+
+class ThinkingSeal:
+    """Thinking text sealed into an opaque string that only a proxy with the same key can open,
+    so that a client can neither read hidden thinking nor plant text the model takes for its own
+    reasoning.
+
+    A seal is base64 of: version byte, 16-byte random nonce, the UTF-8 text XORed with a SHAKE-256
+    keystream of (cipher key, nonce), and an HMAC-SHA256 over all of that (encrypt-then-MAC). Both
+    keys derive from the one key by HMAC. A seal made with another key (THINKING_KEY_FILE changed,
+    or a restart without one) or altered in any bit opens to None: that thinking is left out."""
+
+    VERSION = b"\x01"
+    NONCE_BYTES = 16
+    TAG_BYTES = 32
+    MIN_KEY_BYTES = 16
+
+    def __init__(self, key):
+        self._cipher_key = hmac.digest(key, b"simple_api_proxy thinking cipher", "sha256")
+        self._mac_key = hmac.digest(key, b"simple_api_proxy thinking mac", "sha256")
+
+    @classmethod
+    def from_key_file(cls, path):
+        """The key in path (created with a random key, readable by its owner only, when missing);
+        without a path, a random key that lives as long as the process."""
+        if not path:
+            return cls(secrets.token_bytes(32))
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ThinkingKeyError(f"cannot create THINKING_KEY_FILE {path!r}: {exc.strerror}") from None
+        else:
+            with os.fdopen(descriptor, "w") as created:
+                created.write(secrets.token_hex(32) + "\n")
+        try:
+            with open(path, "rb") as existing:
+                key = existing.read(4096).strip()
+        except OSError as exc:
+            raise ThinkingKeyError(f"cannot read THINKING_KEY_FILE {path!r}: {exc.strerror}") from None
+        if len(key) < cls.MIN_KEY_BYTES:
+            raise ThinkingKeyError(f"THINKING_KEY_FILE {path!r} holds {len(key)} bytes; a key needs at least "
+                                   f"{cls.MIN_KEY_BYTES} (delete the file to have a new one made)")
+        return cls(key)
+
+    def _xor(self, nonce, data):
+        stream = hashlib.shake_256(self._cipher_key + nonce).digest(len(data))
+        return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
+
+    def seal(self, text):
+        nonce = secrets.token_bytes(self.NONCE_BYTES)
+        body = self.VERSION + nonce + self._xor(nonce, text.encode("utf-8"))
+        return base64.b64encode(body + hmac.digest(self._mac_key, body, "sha256")).decode("ascii")
+
+    def open(self, sealed):
+        """The text in a seal this key made, else None."""
+        try:
+            raw = base64.b64decode(sealed, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) < 1 + self.NONCE_BYTES + self.TAG_BYTES or raw[:1] != self.VERSION:
+            return None
+        body, tag = raw[:-self.TAG_BYTES], raw[-self.TAG_BYTES:]
+        if not hmac.compare_digest(tag, hmac.digest(self._mac_key, body, "sha256")):
+            return None
+        nonce = body[1:1 + self.NONCE_BYTES]
+        return self._xor(nonce, body[1 + self.NONCE_BYTES:]).decode("utf-8", "replace")
+
+
+# Tools Anthropic runs on its own servers, by the start of their type (web_search_20250305, ...):
+# the block that carries their result and that block's error type (the SDKs' types).
+SERVER_TOOL_RESULTS = (("web_search_", "web_search_tool_result", "web_search_tool_result_error"),
+                       ("web_fetch_", "web_fetch_tool_result", "web_fetch_tool_result_error"),
+                       ("code_execution_", "code_execution_tool_result", "code_execution_tool_result_error"),
+                       ("tool_search_tool_", "tool_search_tool_result", "tool_search_tool_result_error"))
+
+
+def server_tool_result_types(tool):
+    """(result block type, error type) for a server tool, None for any other tool."""
+    kind = tool.get("type")
+    if not isinstance(kind, str):
+        return None
+    for prefix, result_type, error_type in SERVER_TOOL_RESULTS:
+        if kind.startswith(prefix):
+            return result_type, error_type
+    return None
+
+
+def server_tools(request):
+    return [tool for tool in request.get("tools") or () if server_tool_result_types(tool)]
+
+
+def demanded_server_tool(request):
+    """The server tool a request is made for, else None: the one tool_choice names, or the first
+    when server tools are all the tools offered (Claude Code's WebSearch sends web_search alone,
+    with tool_choice auto) and tool_choice is not none. The proxy cannot run one, and a model that
+    answers such a request makes up what the tool would have found."""
+    tools = server_tools(request)
+    choice = request.get("tool_choice") or {}
+    if not tools or choice.get("type") == "none":
+        return None
+    if choice.get("type") == "tool":
+        return next((tool for tool in tools if tool["name"] == choice["name"]), None)
+    return None if client_tools(request) else tools[0]
+
+
+def server_tool_unavailable(tool, model, input_tokens):
+    """Anthropic's answer when a server tool cannot run: its call, then its result holding the
+    error `unavailable`; no request was made, so the server_tool_use counts are 0."""
+    result_type, error_type = server_tool_result_types(tool)
+    call_id = new_id("srvtoolu_")
+    content = [{"type": "server_tool_use", "id": call_id, "name": tool["name"], "input": {}},
+               {"type": result_type, "tool_use_id": call_id,
+                "content": {"type": error_type, "error_code": "unavailable"}}]
+    message = message_object(new_id("msg_"), model, content, "end_turn", None, input_tokens, 0)
+    message["usage"]["server_tool_use"] = {"web_search_requests": 0, "web_fetch_requests": 0}
+    return message
+
+
+def server_tools_note(tools):
+    """What the model is told when server tools are offered beside tools it can call: it is not
+    offered them, and must not answer as if it had used them."""
+    names = ", ".join(sorted({tool["name"] for tool in tools}))
+    return (f"The tools {names} are not available here (they run on Anthropic's servers, which this "
+            f"model cannot reach). Never answer as if you had used them or seen their results; if a task "
+            f"needs them, say that they are not available.")
+
+
+def anthropic_to_ollama(request, ollama_model, config, *, can_see=True, notes=None, thinking_seal=None):
     """A validated Anthropic Messages request -> (the body of Ollama's POST /api/chat, the prompt's
     estimated tokens).
 
     can_see: the model takes images (else they become notes). notes, a list, gets one line per
-    thing the model will not see as sent (blocks it can't read, tool results cut to fit)."""
+    thing the model will not see as sent (blocks it can't read, tool results cut to fit).
+    thinking_seal opens the thinking this proxy sealed into signatures (ThinkingSeal)."""
     options = {"num_ctx": config.ollama_num_ctx, "num_predict": request["max_tokens"]}
     for key in ("temperature", "top_p", "top_k"):
         if request.get(key) is not None:
             options[key] = request[key]
-    conversion = MessageConversion(can_see=can_see)
-    payload = {"model": ollama_model, "messages": ollama_messages(request, conversion), "stream": True,
-               "options": options}
+    conversion = MessageConversion(can_see=can_see, thinking_seal=thinking_seal)
+    messages = ollama_messages(request, conversion)
+    unrunnable = server_tools(request)
+    if unrunnable:
+        note = server_tools_note(unrunnable)
+        if messages and messages[0]["role"] == "system":
+            messages[0]["content"] += "\n\n" + note
+        else:
+            messages.insert(0, {"role": "system", "content": note})
+    payload = {"model": ollama_model, "messages": messages, "stream": True, "options": options}
     tools = client_tools(request)
     if tools:
         payload["tools"] = ollama_tools(tools)
@@ -1185,61 +1530,15 @@ def same_model(wanted, name):
     return name == wanted or (":" not in wanted and name == wanted + ":latest")
 
 
-def estimate_tokens(ollama_payload):
-    """Tokens the prompt will take: characters / 3.5 plus per-message and per-image overheads.
-
-    Ollama has no tokenizer endpoint; erring high makes Claude Code compact a little early
-    instead of letting Ollama silently drop the start of the conversation."""
-    chars = 0
-    extra = 0
-    for message in ollama_payload["messages"]:
-        chars += len(message.get("content", "")) + len(message.get("thinking", ""))
-        for call in message.get("tool_calls", ()):
-            chars += len(call["function"]["name"]) + len(json.dumps(call["function"]["arguments"]))
-        extra += MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS * len(message.get("images", ()))
-    if "tools" in ollama_payload:
-        chars += len(json.dumps(ollama_payload["tools"], separators=(",", ":")))
-    return math.ceil(chars / CHARS_PER_TOKEN) + extra
-
-
-_compact_json = json.JSONEncoder(separators=(",", ":")).encode
-_decode_json = json.JSONDecoder().decode
-
-
-def json_bytes(value):
-    return _compact_json(value).encode()
-
-
-# The JSON string encoder _compact_json itself uses (ensure_ascii), so a template filled with it
-# gives the very bytes json would.
-_json_string = json.encoder.encode_basestring_ascii
-# Per-token events from pre-encoded templates: only the index and the text vary.
-DELTA_EVENT = {"text_delta": ("text", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
-                                     b'"index":%d,"delta":{"type":"text_delta","text":%s}}\n\n'),
-               "thinking_delta": ("thinking", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
-                                              b'"index":%d,"delta":{"type":"thinking_delta","thinking":%s}}\n\n')}
-STOP_EVENT = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
-FIXED_EVENTS = {"ping": ({"type": "ping"}, b'event: ping\ndata: {"type":"ping"}\n\n'),
-                "message_stop": ({"type": "message_stop"}, b'event: message_stop\ndata: {"type":"message_stop"}\n\n')}
-
-
-def sse_event(name, data):
-    """One event as SSE bytes: the same as the generic JSON encoding, faster for the events every
-    token and every block sends."""
-    if name == "content_block_delta" and len(data) == 3:
-        delta = data["delta"]
-        field, template = DELTA_EVENT.get(delta["type"], (None, None))
-        if field in delta and len(delta) == 2:
-            text = delta[field]
-            if text.__class__ is str and data["index"].__class__ is int:
-                return template % (data["index"], _json_string(text).encode())
-    elif name == "content_block_stop" and len(data) == 2 and data["index"].__class__ is int:
-        return STOP_EVENT % data["index"]
-    else:
-        fixed = FIXED_EVENTS.get(name)
-        if fixed is not None and data == fixed[0]:
-            return fixed[1]
-    return b"event: " + name.encode() + b"\ndata: " + _compact_json(data).encode() + b"\n\n"
+def model_object(model):
+    """An entry of Ollama's /api/tags as an Anthropic model object."""
+    created = model.get("modified_at") or "1970-01-01T00:00:00Z"
+    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", str(created))
+    details = model.get("details") or {}
+    size = details.get("parameter_size")
+    display = f"{model['name']} ({size})" if size else model["name"]
+    return {"type": "model", "id": model["name"], "display_name": display,
+            "created_at": (match.group(1) + "Z") if match else "1970-01-01T00:00:00Z"}
 
 
 def message_object(message_id, model, content, stop_reason, stop_sequence, input_tokens, output_tokens):
@@ -1261,17 +1560,24 @@ def message_to_events(message):
     events = [("message_start", {"type": "message_start", "message": start})]
     for index, block in enumerate(message["content"]):
         kind = block["type"]
+        deltas = []
         if kind == "text":
-            opening, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+            opening, deltas = {"type": "text", "text": ""}, [{"type": "text_delta", "text": block["text"]}]
         elif kind == "thinking":
             opening = {"type": "thinking", "thinking": "", "signature": ""}
-            delta = {"type": "thinking_delta", "thinking": block["thinking"]}
-        else:
-            opening = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
-            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+            if block["thinking"] or not block["signature"]:
+                deltas.append({"type": "thinking_delta", "thinking": block["thinking"]})
+            if block["signature"]:
+                deltas.append({"type": "signature_delta", "signature": block["signature"]})
+        elif kind in ("tool_use", "server_tool_use"):
+            opening = {"type": kind, "id": block["id"], "name": block["name"], "input": {}}
+            deltas.append({"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
+        else:  # redacted thinking and server tool results arrive whole
+            opening = block
         events.append(("content_block_start", {"type": "content_block_start", "index": index,
                                                "content_block": opening}))
-        events.append(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
+        events.extend(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+                      for delta in deltas)
         events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
     events.append(("message_delta", {"type": "message_delta",
                                      "delta": {"stop_reason": message["stop_reason"],
@@ -1279,88 +1585,6 @@ def message_to_events(message):
                                      "usage": message["usage"]}))
     events.append(("message_stop", {"type": "message_stop"}))
     return events
-
-
-###############################################################################
-# Fitting the context window
-###############################################################################
-# Claude Code caps one Read at 25,000 tokens on top of a ~14k-token base prompt: at a 32k
-# window a single full-size read would end the session with `prompt is too long`. Tool results
-# are what grows, so when the prompt would not leave room for an answer, the largest ones are
-# cut in the middle (start and end kept, one line saying what was cut). Cuts come from a fixed
-# ladder of sizes, so the same result is cut the same way turn after turn and Ollama's prompt
-# cache keeps its prefix; the ladder steps down only when the conversation outgrows a step.
-
-TRIM_LADDER = (65536, 49152, 32768, 24576, 16384, 12288, 8192, 6144, 4096, 3072, 2048)  # characters kept
-ANSWER_ROOM_FLOOR = 1024  # tokens
-
-
-def answer_room(max_tokens, num_ctx):
-    """Tokens kept free for the answer when results must be cut: an eighth of the window
-    (4096 at 32k), at least ANSWER_ROOM_FLOOR, never more than the client asked for."""
-    return min(max_tokens, max(num_ctx // 8, ANSWER_ROOM_FLOOR))
-
-
-def prompt_limit(max_tokens, num_ctx):
-    """The largest prompt served: one that leaves the answer less than ANSWER_ROOM_FLOOR tokens, a
-    quarter of the window or max_tokens, whichever is least, would get a few tokens and stop at
-    max_tokens; `prompt is too long` has Claude Code compact the conversation instead. Never
-    below num_ctx - answer_room(), so a prompt cut to answer_room() is always served."""
-    return num_ctx - min(max_tokens, ANSWER_ROOM_FLOOR, num_ctx // 4)
-
-
-def trimmed_tool_text(text, keep, num_ctx):
-    """text cut to about `keep` characters from the middle, at line ends where there are any."""
-    half = keep // 2
-    head, tail = text[:half], text[len(text) - half:]
-    newline = head.rfind("\n")
-    if newline >= half * 3 // 4:
-        head = head[:newline + 1]
-    newline = tail.find("\n")
-    if 0 <= newline < half // 4:
-        tail = tail[newline + 1:]
-    cut = len(text) - len(head) - len(tail)
-    separator = "" if head.endswith("\n") else "\n"
-    return (f"{head}{separator}[simple_api_proxy: {cut:,} characters cut from the middle of this tool result "
-            f"to fit the model's {num_ctx}-token window; read the rest in ranges (Read with offset/limit, "
-            f"or sed -n / head / tail) to see them]\n{tail}")
-
-
-def fit_to_window(payload, max_tokens, num_ctx):
-    """Cut the largest tool results when the prompt leaves less than answer_room() in the window,
-    then cap num_predict at what the window has left. Returns (a note on what was cut or None,
-    the prompt's estimated tokens).
-
-    When even the smallest step cannot bring the prompt within prompt_limit(), nothing is cut:
-    the caller answers `prompt is too long` with the size the client really sent."""
-    estimate = estimate_tokens(payload)
-    target = num_ctx - answer_room(max_tokens, num_ctx)
-    note = None
-    if estimate > target:
-        originals = [(message, message["content"]) for message in payload["messages"]
-                     if message["role"] == "tool" and len(message["content"]) > TRIM_LADDER[-1]]
-        fitted = None
-        for keep in TRIM_LADDER:
-            trimmed = [(message, text) for message, text in originals if len(text) > keep]
-            if not trimmed:
-                continue
-            for message, text in trimmed:
-                message["content"] = trimmed_tool_text(text, keep, num_ctx)
-            smaller = estimate_tokens(payload)
-            fitted = (keep, len(trimmed), smaller)
-            if smaller <= target:
-                break
-        if fitted and fitted[2] <= prompt_limit(max_tokens, num_ctx):
-            keep, count, smaller = fitted
-            note = (f"{count} tool result(s) cut to about {keep:,} characters each to fit the "
-                    f"{num_ctx}-token window ({estimate} -> {smaller} tokens)")
-            estimate = smaller
-        else:
-            for message, text in originals:
-                message["content"] = text
-    if estimate <= num_ctx and max_tokens > 0:
-        payload["options"]["num_predict"] = max(1, min(max_tokens, num_ctx - estimate))
-    return note, estimate
 
 
 ###############################################################################
@@ -1957,7 +2181,7 @@ class TextCallGate:
         self.open = True         # a call written as text may still come
         self.settled = False     # pending[offset:] names an offered tool: held to the end
         self.offset = 0
-        self.preamble = ""       # text released so far while open
+        self.preamble = ""       # text let through so far while open
         self.line_start = True   # pending begins at the start of a line
 
     def close(self):
@@ -1982,7 +2206,7 @@ class TextCallGate:
             position = pending.find("\n", position) + 1 or None
         return len(pending)
 
-    def released(self, text):
+    def let_through(self, text):
         """text, from the start of pending, left as text."""
         self.offset -= len(text)
         if text and self.open:
@@ -2108,10 +2332,14 @@ class StreamTranslator:
     Text passes a gate: it is held back while it may still be the start of a stop sequence
     (which the proxy enforces, so it can report which one matched) or, when tools were offered,
     a tool call the model wrote as text. Everything else leaves the moment it arrives.
+
+    Thinking is shown (show_thinking), dropped, or hidden: with hidden_thinking "omitted" a thinking
+    block opens at once and ends with a signature_delta that seals its text (thinking_seal); with
+    "redacted" one redacted_thinking block, its data the seal, leaves when the thinking ends.
     """
 
     def __init__(self, model, input_tokens, *, stop_sequences=(), tool_names=(), show_thinking=False,
-                 recover_tool_calls=True, forced=False):
+                 recover_tool_calls=True, forced=False, hidden_thinking=None, thinking_seal=None):
         self.model = model
         self.message_id = new_id("msg_")
         self.input_tokens = input_tokens
@@ -2122,13 +2350,17 @@ class StreamTranslator:
         self.forced_call = ForcedToolCall(self.tools) if forced and self.tools else None
         self.dropped_calls = []  # structured calls to tools the client did not offer
         self.show_thinking = show_thinking
+        self.hidden_thinking = hidden_thinking if thinking_seal is not None and not show_thinking else None
+        self.thinking_seal = thinking_seal
         self.call_gate = TextCallGate(self.tools) if recover_tool_calls and self.tools else None
-        self.blocks = []  # [kind, parts] for text and thinking, [kind, block] for tool_use
+        # [kind, parts] for text and thinking, [kind, block] for tool_use; hidden thinking
+        # ([kind, parts, seal]) is "omitted_thinking" or "redacted_thinking", sealed as it closes.
+        self.blocks = []
         self.open_kind = None
         self.open_parts = None  # the text parts of the open block
         self.had_tool = False
         self.calls_from_text = 0  # tool calls recovered from text, for /metrics
-        self.pending = ""  # text not yet released
+        self.pending = ""  # text not yet emitted
         self.held_to_end = None  # pieces of a call written as text, held whole to the end of the reply
         self.gated = bool(self.stop_sequences) or self.call_gate is not None
         self.stop_reason = None
@@ -2144,9 +2376,35 @@ class StreamTranslator:
 
     # -- blocks ---------------------------------------------------------------
     def close_block(self, events):
-        if self.open_kind is not None:
-            events.append(("content_block_stop", {"type": "content_block_stop", "index": len(self.blocks) - 1}))
-            self.open_kind = None
+        if self.open_kind is None:
+            return
+        index = len(self.blocks) - 1
+        if self.open_kind in ("omitted_thinking", "redacted_thinking"):
+            sealed = self.thinking_seal.seal("".join(self.open_parts))
+            self.blocks[-1].append(sealed)
+            if self.open_kind == "omitted_thinking":
+                events.append(("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                       "delta": {"type": "signature_delta", "signature": sealed}}))
+            else:
+                events.append(("content_block_start", {"type": "content_block_start", "index": index,
+                                                       "content_block": {"type": "redacted_thinking",
+                                                                         "data": sealed}}))
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+        self.open_kind = None
+
+    def _hidden_thinking(self, text, events):
+        """Thinking the client may not read: kept whole, to be sealed when its block closes."""
+        kind = self.hidden_thinking + "_thinking"
+        if self.open_kind != kind:
+            self.close_block(events)
+            self.blocks.append([kind, []])
+            if kind == "omitted_thinking":
+                events.append(("content_block_start", {"type": "content_block_start", "index": len(self.blocks) - 1,
+                                                       "content_block": {"type": "thinking", "thinking": "",
+                                                                         "signature": ""}}))
+            self.open_kind = kind
+            self.open_parts = self.blocks[-1][1]
+        self.open_parts.append(text)
 
     def _delta(self, kind, text, events):
         if self.open_kind != kind:
@@ -2191,7 +2449,7 @@ class StreamTranslator:
                 self._cut_at_stop_sequence(piece, found)
             return
         if self.stop_matcher and not self.pending:
-            self.stop_matcher.reset()  # whatever began a stop sequence has been released
+            self.stop_matcher.reset()  # whatever began a stop sequence has been emitted
         self.pending += piece
         if self.stop_matcher:
             found = self.stop_matcher.scan(piece)
@@ -2206,8 +2464,8 @@ class StreamTranslator:
                 if gate.settled:
                     self.held_to_end, self.pending = [self.pending], ""
                 return
-            gate.released(self.pending[:len(self.pending) - keep])
-        self._release(self.pending[:len(self.pending) - keep], events)
+            gate.let_through(self.pending[:len(self.pending) - keep])
+        self._emit_text(self.pending[:len(self.pending) - keep], events)
         self.pending = self.pending[len(self.pending) - keep:]
         if gate is not None and not gate.open and not self.pending:
             self.call_gate, self.gated = None, bool(self.stop_sequences)  # no call can come: stream freely
@@ -2218,7 +2476,7 @@ class StreamTranslator:
         self.pending = self.pending[:len(self.pending) - len(piece) + end - len(self.stop_sequence)]
         self.stop_reason = "stop_sequence"
 
-    def _release(self, text, events):
+    def _emit_text(self, text, events):
         if text:
             self._delta("text", text, events)
 
@@ -2226,12 +2484,12 @@ class StreamTranslator:
         """Release held text: the reply ended (maybe cut short), or a structured tool call came after it."""
         text = self.pending if self.held_to_end is None else self.pending + "".join(self.held_to_end)
         self.pending, self.held_to_end = "", None
-        found = self.call_gate.calls(text) if self.call_gate is not None and not before_tool else None
-        if found and cut_short and not text.rstrip().endswith(CLOSED_CALL_ENDINGS):
-            found = None  # the reply stopped inside its last call
+        # A reply cut short inside its last call is text: it is not parsed at all.
+        complete = not cut_short or text.rstrip().endswith(CLOSED_CALL_ENDINGS)
+        found = self.call_gate.calls(text) if self.call_gate is not None and not before_tool and complete else None
         if found:
             prefix, calls = found
-            self._release(prefix if prefix.strip() else "", events)
+            self._emit_text(prefix if prefix.strip() else "", events)
             for call in calls:
                 self._tool_use(call["name"], call["input"], events)
             self.calls_from_text += len(calls)
@@ -2240,7 +2498,7 @@ class StreamTranslator:
             self.call_gate.close()  # a reply's calls come once, written as text or structured
         if before_tool and not text.strip():
             return
-        self._release(text, events)
+        self._emit_text(text, events)
 
     # -- input --------------------------------------------------------------------
     def feed(self, chunk):
@@ -2268,8 +2526,11 @@ class StreamTranslator:
         self.chunks += 1
         message = chunk.get("message") or {}
         thinking = message.get("thinking")
-        if thinking and self.show_thinking and self.stop_reason is None:
-            self._delta("thinking", thinking, events)
+        if thinking and self.stop_reason is None:
+            if self.show_thinking:
+                self._delta("thinking", thinking, events)
+            elif self.hidden_thinking:
+                self._hidden_thinking(thinking, events)
         content = message.get("content")
         if content and self.stop_reason is None:
             if self.forced_call is not None:
@@ -2327,7 +2588,7 @@ class StreamTranslator:
         if call is not None:
             self._tool_use(call[0], call[1], events)
         else:
-            self._release(self.forced_call.text, events)
+            self._emit_text(self.forced_call.text, events)
 
     def _finish(self, chunk, events):
         if self.forced_call is not None and not self.had_tool:
@@ -2358,11 +2619,15 @@ class StreamTranslator:
     @property
     def message(self):
         content = []
-        for kind, payload in self.blocks:
+        for kind, payload, *sealed in self.blocks:
             if kind == "text":
                 content.append({"type": "text", "text": "".join(payload)})
             elif kind == "thinking":
                 content.append({"type": "thinking", "thinking": "".join(payload), "signature": ""})
+            elif kind == "omitted_thinking":
+                content.append({"type": "thinking", "thinking": "", "signature": sealed[0]})
+            elif kind == "redacted_thinking":
+                content.append({"type": "redacted_thinking", "data": sealed[0]})
             else:
                 content.append(payload)
         return message_object(self.message_id, self.model, content, self.stop_reason, self.stop_sequence,
@@ -2420,7 +2685,7 @@ def upstream_stream_error(text):
     return ProxyError(502, f"Ollama reported an error mid-reply: {text}", "api_error")
 
 
-def upstream_status_error(status, text, address, estimated_tokens, num_ctx):
+def upstream_status_error(status, text, url, estimated_tokens, num_ctx):
     """An Ollama error response before any answer -> the Anthropic error (PROTOCOL C.6).
     (A 404 is a missing model; the handler answers that with the list of installed ones.)"""
     if status == 400:
@@ -2475,34 +2740,22 @@ def send_nonblocking(sock, data, timeout):
         ready.poll((deadline - now) * 1000)
 
 
-class UpstreamExchange:
-    """One HTTP/1.1 request to Ollama whose answer is read incrementally.
-
-    Reads go through the raw socket, so the caller can wait with poll() on Ollama and on its own
-    client at once, send pings between reads and apply one deadline before the first token and
-    another between tokens; a socket timeout here never poisons the connection.
+class UpstreamResponse:
+    """Ollama's answer to one request, parsed as its bytes arrive: the status line, the headers and
+    the body's framing (chunked, Content-Length or to the close), with no I/O of its own (as
+    http.client keeps HTTPResponse apart from HTTPConnection). UpstreamExchange feeds it.
 
     The body is split into lines as it arrives, each byte looked at once: complete lines wait in
-    `_lines` for pop_lines(), the unterminated rest in `_tail`."""
+    `_lines` for pop_lines(), the unterminated rest in `_tail`. A malformed answer raises the 502
+    of broken(), after which `unusable` says the connection is out of step for good."""
 
-    def __init__(self, sock, address, client=None, request=b"", reused=False):
-        self.sock = sock  # non-blocking: one poll object waits for the whole answer
-        self.address = address
-        self.client = client  # the OllamaClient that keeps the connection afterwards, if any
-        self.request_bytes = request  # sent once more if a kept connection turns out closed
-        self.reused = reused
-        self.fd = sock.fileno()
-        self.poller = select.poll()
-        self.poller.register(sock, select.POLLIN)
-        self.unusable = False  # the connection must not carry another request
-        self._begin_answer()
-
-    def _begin_answer(self):
-        """Nothing of an answer read yet: at the start, and after a failover to another host."""
+    def __init__(self, url):
+        self.url = url  # the host's URL, for error messages
         self.status = None
         self.headers = {}
         self.finished = False  # the body is complete
         self.delivered = False  # pop_lines() has given out a line: the answer can no longer move
+        self.unusable = False  # bytes came that no framing accounts for
         self._raw = b""  # received, not yet parsed
         self._lines = []
         self._tail = bytearray()
@@ -2512,93 +2765,28 @@ class UpstreamExchange:
         self._in_trailer = False
         self._other_chunks = False  # a chunk not one whole line came: no more fast path
 
-    def release(self, wait=0.05):
-        """The answer's last line was read: keep the connection for the next request once the body
-        has ended cleanly (its closing chunk trails the last line by a moment), else close it.
-        Bytes that come after a complete answer are found by the pool's check before reuse."""
-        deadline = time.monotonic() + wait
-        upstream_only = None  # the exchange's poller may still watch the client
-        try:
-            while not self.finished and self.status == 200:
-                if not self.receive():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    if upstream_only is None:
-                        upstream_only = select.poll()
-                        upstream_only.register(self.sock, select.POLLIN)
-                    upstream_only.poll(remaining * 1000)
-        except ProxyError:
-            self.unusable = True
-        if (self.client is not None and self.finished and not self.unusable and self._framing != "close"
-                and not self._lines and not self._tail
-                and self.headers.get("connection", "").lower() != "close"):
-            self.client.keep(self.sock)
-        else:
-            self.close()
+    def started(self):
+        """Whether any byte of the answer has arrived."""
+        return self.status is not None or bool(self._raw)
 
-    def _resend_on_fresh_connection(self):
-        """A kept connection that Ollama closed before answering anything: send once more on a new one."""
-        if not (self.reused and self.status is None and not self._raw):
-            return False
-        self.reused = False
-        # Connect first: if the host is gone, the exchange stays as it was, for a failover to take over.
-        self._switch_to(self.client.send_on_new_connection(self.request_bytes))
-        return True
+    def ended_cleanly(self):
+        """The whole answer and nothing after it, on a connection that may carry another request."""
+        return (self.finished and not self.unusable and self._framing != "close" and not self._lines
+                and not self._tail and self.headers.get("connection", "").lower() != "close")
 
-    def _switch_to(self, sock):
-        self.poller.unregister(self.fd)
-        self.close()
-        self.sock, self.fd = sock, sock.fileno()
-        self.poller.register(sock, select.POLLIN)
+    def feed(self, data):
+        self._raw = self._raw + data if self._raw else data
+        self._parse()
 
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def take_over(self, other):
-        """Go on with another host's exchange of the same request: failover before any line of the
-        answer was given out. Whatever the failed host had begun to answer is forgotten; the poller
-        stays, with what else it watches (the client)."""
-        self._switch_to(other.sock)
-        self.address, self.client = other.address, other.client
-        self.request_bytes, self.reused, self.unusable = other.request_bytes, other.reused, other.unusable
-        self._begin_answer()
-
-    def tls_pending(self):
-        """Decrypted bytes that poll() cannot see, because they left the socket already."""
-        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
-
-    def receive(self):
-        """Take what has arrived, without waiting; False if nothing had."""
-        try:
-            data = self.sock.recv(262144)
-        except (BlockingIOError, ssl.SSLWantReadError):
-            return False
-        except OSError as exc:
-            if self._resend_on_fresh_connection():
-                return True
-            self.unusable = True
-            raise ProxyError(502, f"the connection to Ollama at {self.address} broke: {exc}") from exc
-        if not data and self._resend_on_fresh_connection():
-            return True
-        if not data:
-            self._at_eof()
-        else:
-            self._raw = self._raw + data if self._raw else data
-            self._parse()
-        return True
-
-    def _at_eof(self):
+    def at_eof(self):
+        """The connection was closed: the end of a body read to the close, or a broken answer."""
+        self.unusable = True
         if self.status is None:
             raise self.broken("closed the connection without answering", "closed")
         if self._framing == "close":
             self._end_of_body()
         elif not self.finished:
             raise self.broken("closed the connection mid-reply", "closed")
-        self.unusable = True
 
     def _parse(self):
         if self.status is None and not self._parse_head():
@@ -2766,7 +2954,7 @@ class UpstreamExchange:
     def broken(self, what, failure="other"):
         """The error for an answer that breaks HTTP: a 502, and a connection never used again."""
         self.unusable = True
-        return ProxyError(502, f"Ollama at {self.address} {what}", upstream_failure=failure)
+        return ProxyError(502, f"Ollama at {self.url} {what}", upstream_failure=failure)
 
     def has_lines(self):
         return bool(self._lines)
@@ -2779,6 +2967,125 @@ class UpstreamExchange:
             self.delivered = True
         return lines
 
+
+class UpstreamExchange:
+    """One HTTP/1.1 request to Ollama on one connection, its answer read incrementally into an
+    UpstreamResponse.
+
+    Reads go through the raw socket, so the caller can wait with poll() on Ollama and on its own
+    client at once, send pings between reads and apply one deadline before the first token and
+    another between tokens; a socket timeout here never poisons the connection. status, headers,
+    finished, has_lines() and pop_lines() are the response's."""
+
+    def __init__(self, sock, url, client=None, request=b"", reused=False):
+        self.sock = sock  # non-blocking: one poll object waits for the whole answer
+        self.url = url
+        self.client = client  # the OllamaClient that keeps the connection afterwards, if any
+        self.request_bytes = request  # sent once more if a kept connection turns out closed
+        self.reused = reused
+        self.fd = sock.fileno()
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.response = UpstreamResponse(url)
+
+    @property
+    def status(self):
+        return self.response.status
+
+    @property
+    def headers(self):
+        return self.response.headers
+
+    @property
+    def finished(self):
+        return self.response.finished
+
+    @property
+    def delivered(self):
+        return self.response.delivered
+
+    def has_lines(self):
+        return self.response.has_lines()
+
+    def pop_lines(self):
+        return self.response.pop_lines()
+
+    def keep_or_close(self, wait=0.05):
+        """The answer's last line was read: keep the connection for the next request once the body
+        has ended cleanly (its closing chunk trails the last line by a moment), else close it.
+        Bytes that come after a complete answer are found by the pool's check before reuse."""
+        deadline = time.monotonic() + wait
+        upstream_only = None  # the exchange's poller may still watch the client
+        response = self.response
+        try:
+            while not response.finished and response.status == 200:
+                if not self.receive():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    if upstream_only is None:
+                        upstream_only = select.poll()
+                        upstream_only.register(self.sock, select.POLLIN)
+                    upstream_only.poll(remaining * 1000)
+        except ProxyError:
+            response.unusable = True
+        if self.client is not None and response.ended_cleanly():
+            self.client.keep(self.sock)
+        else:
+            self.close()
+
+    def _resend_on_fresh_connection(self):
+        """A kept connection that Ollama closed before answering anything: send once more on a new one."""
+        if not self.reused or self.response.started():
+            return False
+        self.reused = False
+        # Connect first: if the host is gone, the exchange stays as it was, for a failover to take over.
+        self._switch_to(self.client.send_on_new_connection(self.request_bytes))
+        return True
+
+    def _switch_to(self, sock):
+        self.poller.unregister(self.fd)
+        self.close()
+        self.sock, self.fd = sock, sock.fileno()
+        self.poller.register(sock, select.POLLIN)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def take_over(self, other):
+        """Go on with another host's exchange of the same request: failover before any line of the
+        answer was given out. Whatever the failed host had begun to answer is forgotten; the poller
+        stays, with what else it watches (the client)."""
+        self._switch_to(other.sock)
+        self.url, self.client = other.url, other.client
+        self.request_bytes, self.reused, self.response = other.request_bytes, other.reused, other.response
+
+    def tls_pending(self):
+        """Decrypted bytes that poll() cannot see, because they left the socket already."""
+        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+
+    def receive(self):
+        """Take what has arrived, without waiting; False if nothing had."""
+        try:
+            data = self.sock.recv(262144)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        except OSError as exc:
+            if self._resend_on_fresh_connection():
+                return True
+            self.response.unusable = True
+            raise ProxyError(502, f"the connection to Ollama at {self.url} broke: {exc}") from exc
+        if not data and self._resend_on_fresh_connection():
+            return True
+        if not data:
+            self.response.at_eof()
+        else:
+            self.response.feed(data)
+        return True
+
     def read_body(self, timeout):
         """The whole body of a short answer (JSON, not a stream); its lines joined by newlines."""
         deadline = time.monotonic() + timeout
@@ -2789,16 +3096,16 @@ class UpstreamExchange:
                     lines.append(line)
                     size += len(line)
                 if size > MAX_UPSTREAM_LINE_BYTES:
-                    raise self.broken(f"sent an answer longer than {MAX_UPSTREAM_LINE_BYTES >> 20} MiB")
+                    raise self.response.broken(f"sent an answer longer than {MAX_UPSTREAM_LINE_BYTES >> 20} MiB")
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ProxyError(504, f"Ollama at {self.address} did not answer within {timeout:g} s")
+                raise ProxyError(504, f"Ollama at {self.url} did not answer within {timeout:g} s")
             self.poller.poll(remaining * 1000)
         return b"\n".join(lines + self.pop_lines())
 
 
-def decode_ndjson(lines, address):
+def decode_ndjson(lines, url):
     """NDJSON lines -> (objects, None), in one decoder call for all the lines that arrived
     together; or (the objects before a bad line, the ProxyError naming it)."""
     try:
@@ -2816,11 +3123,11 @@ def decode_ndjson(lines, address):
         try:
             chunk = _decode_json(line.decode())
         except ValueError:
-            return chunks, ProxyError(502, f"Ollama at {address} sent a line that is not JSON: {line[:80]!r}")
+            return chunks, ProxyError(502, f"Ollama at {url} sent a line that is not JSON: {line[:80]!r}")
         except RecursionError:
-            return chunks, ProxyError(502, f"Ollama at {address} sent a line nested too deeply: {line[:80]!r}")
+            return chunks, ProxyError(502, f"Ollama at {url} sent a line nested too deeply: {line[:80]!r}")
         if not isinstance(chunk, dict):
-            return chunks, ProxyError(502, f"Ollama at {address} sent an unexpected line: {line[:80]!r}")
+            return chunks, ProxyError(502, f"Ollama at {url} sent an unexpected line: {line[:80]!r}")
         chunks.append(chunk)
     return chunks, None
 
@@ -2831,11 +3138,11 @@ class OllamaClient:
 
     MAX_IDLE_CONNECTIONS = 32
 
-    def __init__(self, config, ollama):
+    def __init__(self, config, address):
         self.config = config
-        self.ollama = ollama
-        self.address = self.ollama.url
-        self._host_header = self.address.split("://", 1)[1].encode()
+        self.address = address  # an OllamaAddress
+        self.url = address.url
+        self._host_header = self.url.split("://", 1)[1].encode()
         self._capabilities = {}
         self.up = True  # until a request or a check fails
         self.in_flight = 0  # generations; changed under the pool's lock
@@ -2844,7 +3151,7 @@ class OllamaClient:
         self.errors = collections.Counter()  # failures by kind, for /metrics
         self._lock = threading.Lock()
         self._idle = []  # kept-alive connections, most recently used last
-        self._tls = ssl.create_default_context() if ollama.scheme == "https" else None
+        self._tls = ssl.create_default_context() if address.scheme == "https" else None
 
     def close(self):
         """Close the kept connections (on shutdown)."""
@@ -2895,10 +3202,10 @@ class OllamaClient:
         if sock is not None:
             try:
                 send_nonblocking(sock, request, self.config.ollama_timeout)
-                return UpstreamExchange(sock, self.address, self, request, reused=True)
+                return UpstreamExchange(sock, self.url, self, request, reused=True)
             except OSError:
                 sock.close()
-        return UpstreamExchange(self.send_on_new_connection(request), self.address, self, request)
+        return UpstreamExchange(self.send_on_new_connection(request), self.url, self, request)
 
     def send_on_new_connection(self, request):
         """A new connection to the host with the request sent on it."""
@@ -2907,28 +3214,28 @@ class OllamaClient:
             send_nonblocking(sock, request, self.config.ollama_timeout)
         except OSError as exc:
             sock.close()
-            raise ProxyError(502, f"sending the request to Ollama at {self.address} failed: {exc}") from exc
+            raise ProxyError(502, f"sending the request to Ollama at {self.url} failed: {exc}") from exc
         return sock
 
     def _connect(self):
-        ollama = self.ollama
+        address = self.address
         try:
-            sock = socket.create_connection((ollama.host, ollama.port), timeout=self.config.ollama_timeout)
+            sock = socket.create_connection((address.hostname, address.port), timeout=self.config.ollama_timeout)
         except socket.timeout as exc:
-            raise ProxyError(504, f"connecting to Ollama at {self.address} timed out after "
+            raise ProxyError(504, f"connecting to Ollama at {self.url} timed out after "
                                   f"{self.config.ollama_timeout:g} s; check OLLAMA_HOST and that "
                                   "`ollama serve` is running") from exc
         except OSError as exc:
-            raise ProxyError(502, f"cannot reach Ollama at {self.address} ({exc.strerror or exc}); "
+            raise ProxyError(502, f"cannot reach Ollama at {self.url} ({exc.strerror or exc}); "
                                   "check that `ollama serve` is running and OLLAMA_HOST points at it") from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls:
-                sock = self._tls.wrap_socket(sock, server_hostname=ollama.host)
+                sock = self._tls.wrap_socket(sock, server_hostname=address.hostname)
             sock.setblocking(False)  # for as long as the connection lives, reused or not
         except OSError as exc:
             sock.close()
-            raise ProxyError(502, f"TLS to Ollama at {self.address} failed: {exc}") from exc
+            raise ProxyError(502, f"TLS to Ollama at {self.url} failed: {exc}") from exc
         return sock
 
     def get_json(self, path, payload=None, timeout=None):
@@ -2939,7 +3246,7 @@ class OllamaClient:
         except BaseException:
             exchange.close()
             raise
-        exchange.release()
+        exchange.keep_or_close()
         try:
             return exchange.status, json.loads(body)
         except ValueError:
@@ -2948,7 +3255,7 @@ class OllamaClient:
     def installed_models(self):
         status, body = self.get_json("/api/tags")
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("models"), list):
-            raise ProxyError(502, f"Ollama at {self.address} answered /api/tags with HTTP {status}")
+            raise ProxyError(502, f"Ollama at {self.url} answered /api/tags with HTTP {status}")
         return [m for m in body["models"] if isinstance(m, dict) and isinstance(m.get("name"), str)]
 
     def capabilities(self, model):
@@ -2967,13 +3274,21 @@ class OllamaClient:
             self._capabilities[model] = capabilities
         return capabilities
 
+    def has_installed(self, model):
+        """Whether the model was in the last list of models or answered /api/show (never asks)."""
+        with self._lock:
+            if model in self._capabilities:
+                return True
+        models = self.models
+        return models is not None and any(same_model(model, name) for name in models)
+
     def missing_model(self, model):
         try:
             names = sorted(m["name"] for m in self.installed_models())
         except ProxyError:
             names = []
         installed = ", ".join(names) if names else "none"
-        return ProxyError(404, f"model {model!r} is not installed in Ollama at {self.address}; installed: "
+        return ProxyError(404, f"model {model!r} is not installed in Ollama at {self.url}; installed: "
                                f"{installed}. Run `ollama pull {model}` or set OLLAMA_MODEL / MODEL_MAP.",
                           "not_found_error", retry=False)
 
@@ -3019,7 +3334,7 @@ class UpstreamPool:
 
     def __init__(self, config):
         self.config = config
-        self.hosts = [OllamaClient(config, ollama) for ollama in config.ollama_hosts]
+        self.hosts = [OllamaClient(config, address) for address in config.ollama_addresses]
         self.single = len(self.hosts) == 1
         self._lock = threading.Lock()
         self._turn = 0  # rotates ties between equally busy hosts
@@ -3031,7 +3346,7 @@ class UpstreamPool:
     def start(self):
         """Begin the checks and the warm-up, once the proxy has its port."""
         for host in self.hosts:
-            threading.Thread(target=self._watch, args=(host,), name=f"upstream-watch {host.address}",
+            threading.Thread(target=self._watch, args=(host,), name=f"upstream-watch {host.url}",
                              daemon=True).start()
 
     def close(self):
@@ -3047,7 +3362,7 @@ class UpstreamPool:
             self.warmup.run(host, self.stopped)
         while not self.stopped.wait(self.RECHECK_SECONDS):
             if not host.up and self.check(host):
-                log.info("upstream: Ollama at %s is back", host.address)
+                log.info("upstream: Ollama at %s is back", host.url)
                 self.warmup.run(host, self.stopped)
 
     def check(self, host):
@@ -3068,28 +3383,27 @@ class UpstreamPool:
             host.last_error = error.message
             host.errors[kind] += 1
         if was_up:
-            log.warning("upstream: Ollama at %s is down (%s: %s); checking again every %g s", host.address, kind,
+            log.warning("upstream: Ollama at %s is down (%s: %s); checking again every %g s", host.url, kind,
                         error.message, self.RECHECK_SECONDS)
 
     def has_model(self, host, model):
         return host.models is None or any(same_model(model, name) for name in host.models)
 
     def installed(self, model):
-        """Whether a host listed the model the last time it was asked (never asks)."""
-        return any(host.models is not None and any(same_model(model, name) for name in host.models)
-                   for host in self.hosts)
+        """Whether a host is known to have the model: it listed it, or described it (never asks)."""
+        return any(host.has_installed(model) for host in self.hosts)
 
     # -- routing ---------------------------------------------------------------------
     def route(self, model, payload):
         """The hosts that may serve this model, for one generation (a 404 if none has it)."""
         if self.single:
-            return UpstreamRoute(self, self.hosts, None)
+            return UpstreamRoute(self, model, self.hosts, None)
         hosts = [host for host in self.hosts if self.has_model(host, model)]
         if not hosts and self._refresh_lists():
             hosts = [host for host in self.hosts if self.has_model(host, model)]
         if not hosts:
             raise self.missing_model(model)
-        return UpstreamRoute(self, hosts, conversation_key(payload))
+        return UpstreamRoute(self, model, hosts, conversation_key(payload))
 
     def _refresh_lists(self):
         """Ask every host for its models again, at most once per RECHECK_SECONDS: a model pulled
@@ -3110,11 +3424,11 @@ class UpstreamPool:
             left = [host for host in route.hosts if host not in route.tried]
             if not left:
                 return None
-            pool = [host for host in left if host.up] or left
-            least = min(host.in_flight for host in pool)
+            candidates = [host for host in left if host.up] or left
+            least = min(host.in_flight for host in candidates)
             chosen = self._affinity.get(route.conversation) if route.conversation else None
-            if chosen not in pool or chosen.in_flight > least:
-                idle = [host for host in pool if host.in_flight == least]
+            if chosen not in candidates or chosen.in_flight > least:
+                idle = [host for host in candidates if host.in_flight == least]
                 chosen = idle[self._turn % len(idle)]
                 self._turn += 1
             chosen.in_flight += 1
@@ -3178,7 +3492,7 @@ class UpstreamPool:
         host does not hold up the answer."""
         if self.single:
             return [self._probe(self.hosts[0], timeout)]
-        reports = [{"url": host.address, "reachable": False, "error": "no answer in time"} for host in self.hosts]
+        reports = [{"url": host.url, "reachable": False, "error": "no answer in time"} for host in self.hosts]
 
         def probe(index, host):
             reports[index] = self._probe(host, timeout)
@@ -3194,7 +3508,7 @@ class UpstreamPool:
 
     def _probe(self, host, timeout):
         default = self.config.ollama_model
-        report = {"url": host.address}
+        report = {"url": host.url}
         began = time.monotonic()
         try:
             status, body = host.get_json("/api/version", timeout=timeout)
@@ -3232,9 +3546,9 @@ class UpstreamPool:
         for host in self.hosts:
             try:
                 names = sorted(m["name"] for m in host.installed_models())
-                listings.append(f"{host.address}: {', '.join(names) or 'none'}")
+                listings.append(f"{host.url}: {', '.join(names) or 'none'}")
             except ProxyError:
-                listings.append(f"{host.address}: unreachable")
+                listings.append(f"{host.url}: unreachable")
         return ProxyError(404, f"model {model!r} is not installed on any Ollama host; installed: "
                                f"{'; '.join(listings)}. Run `ollama pull {model}` on a host or set "
                                "OLLAMA_MODEL / MODEL_MAP.", "not_found_error", retry=False)
@@ -3244,8 +3558,9 @@ class UpstreamRoute:
     """One generation's way through the pool: the host serving it, and the ones it may move to
     while Ollama has not answered."""
 
-    def __init__(self, pool, hosts, conversation):
+    def __init__(self, pool, model, hosts, conversation):
         self.pool = pool
+        self.model = model  # Ollama's name for it
         self.hosts = hosts
         self.conversation = conversation
         self.tried = []
@@ -3267,7 +3582,7 @@ class UpstreamRoute:
         self._host_failed(failed, error)
         moved = self._send(lambda host: host.resend(exchange.request_bytes))
         exchange.take_over(moved)
-        log.info("upstream: moved a request from Ollama at %s to %s", failed.address, self.host.address)
+        log.info("upstream: moved a request from Ollama at %s to %s", failed.url, self.host.url)
         return True
 
     def _send(self, send):
@@ -3317,21 +3632,267 @@ class Warmup:
             if stopped.is_set():
                 return
             if host.models is not None and not any(same_model(model, name) for name in host.models):
-                log.warning("warm-up: %s is not installed in Ollama at %s", model, host.address)
+                log.warning("warm-up: %s is not installed in Ollama at %s", model, host.url)
                 continue
             began = time.monotonic()
             try:
                 status, body = host.get_json("/api/chat", load_request(model, self.config),
                                              timeout=self.config.ollama_first_token_timeout)
             except ProxyError as error:
-                log.warning("warm-up: loading %s in Ollama at %s failed: %s", model, host.address, error.message)
+                log.warning("warm-up: loading %s in Ollama at %s failed: %s", model, host.url, error.message)
                 continue
             if status == 200:
-                log.info("warm-up: %s loaded in Ollama at %s in %.1f s", model, host.address,
+                log.info("warm-up: %s loaded in Ollama at %s in %.1f s", model, host.url,
                          time.monotonic() - began)
             else:
-                log.warning("warm-up: Ollama at %s answered HTTP %s loading %s: %s", host.address,
+                log.warning("warm-up: Ollama at %s answered HTTP %s loading %s: %s", host.url,
                             status, model, (body or {}).get("error") if isinstance(body, dict) else body)
+
+
+###############################################################################
+# Generation: one request's conversation with Ollama
+###############################################################################
+
+class Generation:
+    """One request's generation, from the request sent to Ollama to the last event translated.
+
+    - open() sends the request to a host of its UpstreamRoute (which picks the host and moves on
+      from hosts that fail);
+    - collect() reads a reply nobody streams, stream() writes one to the client as it comes; both
+      read Ollama's answer through batches(), under the first-token and between-token deadlines,
+      waiting in wait(), and move the request to another host while no line of the answer has
+      been given out;
+    - over() gives the host's count and the generation's slot back, as soon as the answer is
+      complete; close() then keeps Ollama's connection after a complete answer, or closes it,
+      which also stops a generation still running.
+
+    The client is reached only through `client`, which the HTTP handler gives: begin_stream(
+    cache_state), write_events(events), end_stream(events), `committed` (the 200 and the stream's
+    head are on their way), and `connection`, its socket, watched while Ollama works so that a
+    client who leaves stops the generation (ClientGone)."""
+
+    FAIL_FAST_SECONDS = 1.0  # how long a stream waits for Ollama's status before committing to 200
+    # Lines that arrived together leave together: the events of the first LINES_PER_WRITE lines at
+    # once, so the first text need not wait for the last, then of twice as many lines each write up
+    # to MAX_LINES_PER_WRITE, as each send() costs a system call and a hand-off of the interpreter
+    # lock. A text line makes one event.
+    LINES_PER_WRITE = 16
+    MAX_LINES_PER_WRITE = 256
+
+    def __init__(self, config, route, translator, client, *, request_id, input_estimate, stop_fd, on_over):
+        self.config = config
+        self.route = route
+        self.translator = translator
+        self.client = client
+        self.request_id = request_id  # for the log
+        self.input_estimate = input_estimate  # tokens, for a context-length refusal from Ollama
+        self.stop_fd = stop_fd  # readable once the proxy's shutdown grace is over
+        self.on_over = on_over  # gives the generation's slot back
+        self.exchange = None
+        self.first_token_at = None  # when Ollama's first output arrived
+        self.error = None  # what ended a committed stream early
+        self._next_ping = 0.0
+        self._over = False
+
+    def open(self, path, payload):
+        self.exchange = self.route.open(path, payload)
+
+    def over(self):
+        """Give the slot and the host's count back, once: as soon as Ollama's answer is complete,
+        before its last bytes leave, so that a client's next request never finds them still taken."""
+        if self._over:
+            return
+        self._over = True
+        self.route.finish()
+        self.on_over()
+
+    def close(self):
+        """Keep Ollama's connection after a complete answer; else close it, which also stops a
+        generation still running."""
+        self.over()
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if not self.translator.upstream_done:
+            exchange.close()
+            return
+        try:
+            exchange.keep_or_close()
+        except BaseException:
+            exchange.close()
+            raise
+
+    # -- reading Ollama's answer -----------------------------------------------------
+    def wait(self, deadline, what, until=None):
+        """Wait for Ollama until the deadline (or `until`), watching whether our client went away,
+        and keeping a committed stream alive with pings."""
+        exchange = self.exchange
+        if exchange.tls_pending():
+            exchange.receive()
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            raise ProxyError(504, what, "timeout_error")
+        step = min(deadline - now, 1.0)
+        if until is not None:
+            step = max(0.0, min(step, until - now))
+        committed = self.client.committed
+        if committed:
+            step = max(0.0, min(step, self._next_ping - now))
+        for fd, event in exchange.poller.poll(step * 1000):
+            if fd == exchange.fd:
+                exchange.receive()
+            elif fd == self.stop_fd:
+                raise ProxyError(529, "the proxy is shutting down", "overloaded_error")
+            else:
+                self._check_client(exchange.poller, event)
+        if committed and time.monotonic() >= self._next_ping:
+            self.client.write_events([("ping", {"type": "ping"})])
+            self._next_ping = time.monotonic() + self.config.ping_interval
+
+    def _check_client(self, poller, event):
+        if event & CLIENT_GONE_EVENTS:
+            raise ClientGone()
+        # Without POLLRDHUP only a read can tell a close from early bytes of the next request.
+        connection = self.client.connection
+        try:
+            peeked = connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise ClientGone() from exc
+        if not peeked:
+            raise ClientGone()
+        poller.unregister(connection)  # the client sent its next request early: reads cannot tell
+
+    def batches(self, commit=None):
+        """Ollama's NDJSON objects as they arrive, a list of those that came together at a time,
+        under the first-token and between-token deadlines.
+
+        `commit`, for streams, is called once: when Ollama's answer starts, or when it has not
+        started within FAIL_FAST_SECONDS (from then on pings keep the client waiting)."""
+        config, exchange = self.config, self.exchange
+        # Watch our client too: if it leaves, Ollama's request is closed, which stops the generation.
+        exchange.poller.register(self.client.connection, CLIENT_WATCH_EVENTS)
+        exchange.poller.register(self.stop_fd, select.POLLIN)
+        deadline = time.monotonic() + config.ollama_first_token_timeout
+        commit_at = time.monotonic() + self.FAIL_FAST_SECONDS if commit else None
+        first_wait = (f"Ollama sent nothing for {config.ollama_first_token_timeout:g} s "
+                      "(OLLAMA_FIRST_TOKEN_TIMEOUT): the model may still be loading or the prompt is very long")
+        # Until a line of the answer is given out, a host that fails costs the client nothing: the
+        # request moves to the next host (a stream's message_start says nothing a move changes).
+        while exchange.status in (None, 200) and not (exchange.has_lines() or exchange.finished):
+            if commit_at is not None and (exchange.status == 200 or time.monotonic() >= commit_at):
+                commit()
+                commit_at = None
+            try:
+                self.wait(deadline, first_wait, until=commit_at)
+            except ProxyError as error:
+                if not self.route.fail_over(exchange, error):
+                    raise
+        if exchange.status != 200:
+            raise self._failure()
+        if commit_at is not None:
+            commit(now=not exchange.has_lines())
+        silence = first_wait
+        while True:
+            lines = exchange.pop_lines()
+            if not lines:
+                if exchange.finished:
+                    raise ProxyError(502, f"Ollama at {exchange.url} ended the reply before it was done")
+                self.wait(deadline, silence)
+                continue
+            # The first line of a stream goes on alone, so that the first text need not wait for
+            # the lines that came with it to be decoded.
+            parts = (lines[:1], lines[1:]) if commit and self.first_token_at is None and len(lines) > 1 else (lines,)
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            deadline = time.monotonic() + config.ollama_timeout
+            silence = f"Ollama went silent for {config.ollama_timeout:g} s mid-reply (OLLAMA_TIMEOUT)"
+            for part in parts:
+                batch, error = decode_ndjson(part, exchange.url)
+                yield batch
+                if error:
+                    raise error
+
+    def _failure(self):
+        """The ProxyError for an Ollama answer with an error status."""
+        exchange = self.exchange
+        deadline = time.monotonic() + self.config.ollama_timeout
+        while not exchange.finished:
+            self.wait(deadline, "Ollama did not finish its error response")
+        raw = b"\n".join(exchange.pop_lines())
+        try:
+            text = json.loads(raw)["error"]
+        except (ValueError, KeyError, TypeError):
+            text = raw.decode("utf-8", "replace")
+        if exchange.status == 404:
+            return self.route.pool.missing_model(self.route.model)
+        return upstream_status_error(exchange.status, str(text)[:500], exchange.url,
+                                     self.input_estimate, self.config.ollama_num_ctx)
+
+    # -- the two ways to answer ------------------------------------------------------------
+    def collect(self):
+        """The whole message of a reply nobody streams."""
+        translator = self.translator
+        try:
+            for batch in self.batches():
+                if translator.translate(batch):
+                    return translator.message
+        except RecursionError:
+            raise upstream_nested_too_deeply() from None
+        raise ProxyError(502, f"Ollama at {self.exchange.url} ended the reply before it was done")
+
+    def stream(self, cache_state):
+        """Stream Ollama's answer as SSE; the message, or None if the stream had to end with an error.
+
+        Failures before the commit keep their HTTP status; after it they end the stream with an
+        error event, which is all a client can still be told."""
+        client, translator = self.client, self.translator
+        events = []
+
+        def commit(now=True):
+            """Begin the stream. Unless now, its opening events wait to leave with the first text,
+            already there: one write less before it."""
+            client.begin_stream(cache_state)
+            opening = translator.start() + [("ping", {"type": "ping"})]
+            if now:
+                client.write_events(opening)
+            else:
+                events.extend(opening)
+            self._next_ping = time.monotonic() + self.config.ping_interval
+
+        try:
+            for batch in self.batches(commit):
+                start, write_at = 0, self.LINES_PER_WRITE
+                while start < len(batch):
+                    end = start + write_at
+                    if translator.translate(batch[start:end], events):
+                        break
+                    start = end
+                    if start < len(batch):  # more of this burst to come
+                        client.write_events(events)
+                        events = []
+                        write_at = min(2 * write_at, self.MAX_LINES_PER_WRITE)
+                if translator.done:
+                    break
+                client.write_events(events)
+                events = []
+            else:
+                raise ProxyError(502, f"Ollama at {self.exchange.url} ended the reply before it was done")
+        except (ProxyError, RecursionError) as failure:
+            error = failure if isinstance(failure, ProxyError) else upstream_nested_too_deeply()
+            if not client.committed:
+                raise error from None
+            self.error = error
+            log.warning("%s stream ended by %s: %s", self.request_id, error.error_type, error.message)
+            # The error event and the closing chunk end the response cleanly: the connection,
+            # announced as kept alive, stays usable.
+            client.end_stream(events + translator.error_events(error))
+            return None
+        self.over()
+        client.end_stream(events)
+        return translator.message
 
 
 ###############################################################################
@@ -3345,16 +3906,19 @@ CACHED_STOP_REASONS = frozenset(("end_turn", "max_tokens", "stop_sequence", "too
 CACHE_KEY_PAYLOAD_FIELDS = ("model", "messages", "tools", "options", "format")
 
 
-def cache_key(ollama_payload, request, recover_tool_calls):
+def cache_key(ollama_payload, request, recover_tool_calls, redacted_thinking=False):
     """SHA-256 of the request as Ollama will see it, plus the fields the proxy acts on itself.
 
     The Ollama payload is already the normal form: the resolved model, the system prompt without
     Claude Code's per-request billing line, merged turns, no cache_control or metadata; it holds
     the messages, tools (after tool_choice), max_tokens and the sampling options. Stop sequences,
-    thinking and effort are enforced here rather than upstream, so they join the key separately."""
+    thinking and effort are enforced here rather than upstream, so they join the key separately,
+    as does the redact-thinking beta (a header), which changes the shape of thinking blocks."""
     material = [{field: ollama_payload[field] for field in CACHE_KEY_PAYLOAD_FIELDS if field in ollama_payload},
                 request.get("stop_sequences") or None, request.get("thinking"),
                 (request.get("output_config") or {}).get("effort"), recover_tool_calls]
+    if redacted_thinking:
+        material.append("redacted_thinking")
     canonical = _compact_json(material)
     return CACHE_KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -3388,6 +3952,7 @@ STORED_MESSAGE_KEYS = frozenset(("id", "type", "role", "model", "content", "stop
 STORED_USAGE_KEYS = frozenset(("input_tokens", "output_tokens", "cache_creation_input_tokens",
                                "cache_read_input_tokens"))
 STORED_BLOCK_KEYS = {"text": frozenset(("type", "text")), "thinking": frozenset(("type", "thinking", "signature")),
+                     "redacted_thinking": frozenset(("type", "data")),
                      "tool_use": frozenset(("type", "id", "name", "input"))}
 
 
@@ -3400,6 +3965,8 @@ def _is_replayable_block(block):
         return isinstance(block.get("text"), str)
     if kind == "thinking":
         return isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str)
+    if kind == "redacted_thinking":
+        return isinstance(block.get("data"), str)
     if kind == "tool_use":
         return (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
                 and isinstance(block.get("input"), dict))
@@ -3428,6 +3995,16 @@ def is_replayable_message(message):
 # Where replays of one answer differ (the message id, the model, each tool_use id): strings no real
 # id or model name is, encoded into the answer's JSON once and found again as json writes them.
 _REPLAY_SLOT = re.compile(rb'"\\u0000([imt])\\u0000"')
+
+
+def cache_policy(cache, cache_control, request, payload, recover_tool_calls, redacted_thinking=False):
+    """(key, look it up?, store the answer?) from CACHE and the client's Cache-Control header."""
+    if not cache.enabled:
+        return None, False, False
+    directives = cache_control.lower()
+    no_store = "no-store" in directives
+    key = cache_key(payload, request, recover_tool_calls, redacted_thinking)
+    return key, not no_store and "no-cache" not in directives, not no_store
 
 
 class ReplayableAnswer:
@@ -4109,16 +4686,6 @@ def is_loopback_name(host):
     return address.is_loopback or bool(mapped and mapped.is_loopback)
 
 
-def parse_allowed_origins(value):
-    """ALLOWED_ORIGINS: a comma list of origins, each may use * as a wildcard; a lone * allows any."""
-    patterns = []
-    for item in filter(None, (part.strip().lower().rstrip("/") for part in value.split(","))):
-        if "://" not in item and item != "*":
-            raise ValueError(f"ALLOWED_ORIGINS entry {item!r} is not an origin like https://app.example.com")
-        patterns.append(re.compile(".*".join(re.escape(piece) for piece in item.split("*"))))
-    return tuple(patterns)
-
-
 class OriginPolicy:
     """Which Host and Origin values the proxy serves, and the CORS headers its answers carry."""
 
@@ -4298,14 +4865,14 @@ class Metrics:
                "(MAX_CONCURRENT generations, MAX_CONNECTIONS connections).",
                [f"{prefix}overloaded_total{labels(limit=limit)} {overloaded.get(limit, 0)}"
                 for limit in ("generations", "connections")])
-        hosts = server.ollama.hosts
+        hosts = server.pool.hosts
         family("upstream_up", "gauge", "1 while an Ollama host takes requests, 0 while it is marked down.",
-               [f"{prefix}upstream_up{labels(host=host.address)} {int(host.up)}" for host in hosts])
+               [f"{prefix}upstream_up{labels(host=host.url)} {int(host.up)}" for host in hosts])
         family("upstream_in_flight", "gauge", "Generations in flight per Ollama host.",
-               [f"{prefix}upstream_in_flight{labels(host=host.address)} {host.in_flight}" for host in hosts])
+               [f"{prefix}upstream_in_flight{labels(host=host.url)} {host.in_flight}" for host in hosts])
         family("upstream_errors_total", "counter",
                "Ollama hosts failing before their answer, by kind (refused, reset, closed, timeout, other).",
-               [f"{prefix}upstream_errors_total{labels(host=host.address, kind=kind)} {count}"
+               [f"{prefix}upstream_errors_total{labels(host=host.url, kind=kind)} {count}"
                 for host in hosts for kind, count in sorted(host.errors.items())])
         return "\n".join(out) + "\n"
 
@@ -4313,16 +4880,6 @@ class Metrics:
 ###############################################################################
 # HTTP handler
 ###############################################################################
-
-class ClientGone(Exception):
-    """The client closed its connection; nothing more can be sent."""
-
-
-# A client that closes or resets is noticed while Ollama generates. POLLRDHUP (Linux) reports the
-# close even after the client sent bytes of its next request; elsewhere POLLIN and a peek must do.
-CLIENT_GONE_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR | select.POLLNVAL
-CLIENT_WATCH_EVENTS = getattr(select, "POLLRDHUP", select.POLLIN)
-
 
 def describe_failure(exc):
     """An unexpected exception as one log line's worth: type, message and where it was raised."""
@@ -4365,9 +4922,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, config, handler_class=None):
         self.config = config
-        self.ollama = UpstreamPool(config)
+        self.thinking_seal = ThinkingSeal.from_key_file(config.thinking_key_file)
+        self.pool = UpstreamPool(config)
         self.cache = ResponseCache(config)
-        self.metrics = Metrics(config, installed=self.ollama.installed)
+        self.metrics = Metrics(config, installed=self.pool.installed)
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
         self.origin_policy = OriginPolicy(config)
         self.read_deadlines = ReadDeadlines()
@@ -4385,7 +4943,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         if ":" in config.api_host:  # an IPv6 address such as ::1
             self.address_family = socket.AF_INET6
         super().__init__((config.api_host, config.api_port), handler_class or ProxyHandler)
-        self.ollama.start()
+        self.pool.start()
 
     def process_request(self, request, client_address):
         """One thread per connection, up to MAX_CONNECTIONS; past that a 529 without a thread."""
@@ -4423,11 +4981,144 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         os.close(self._grace_over_signal)
         self.read_deadlines.stopped.set()
         self.cache.close()
-        self.ollama.close()
+        self.pool.close()
+
+
+# Per-token events from pre-encoded templates: only the index and the text vary.
+DELTA_EVENT = {"text_delta": ("text", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                                     b'"index":%d,"delta":{"type":"text_delta","text":%s}}\n\n'),
+               "thinking_delta": ("thinking", b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                                              b'"index":%d,"delta":{"type":"thinking_delta","thinking":%s}}\n\n')}
+STOP_EVENT = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+FIXED_EVENTS = {"ping": ({"type": "ping"}, b'event: ping\ndata: {"type":"ping"}\n\n'),
+                "message_stop": ({"type": "message_stop"}, b'event: message_stop\ndata: {"type":"message_stop"}\n\n')}
+
+
+def sse_event(name, data):
+    """One event as SSE bytes: the same as the generic JSON encoding, faster for the events every
+    token and every block sends."""
+    if name == "content_block_delta" and len(data) == 3:
+        delta = data["delta"]
+        field, template = DELTA_EVENT.get(delta["type"], (None, None))
+        if field in delta and len(delta) == 2:
+            text = delta[field]
+            if text.__class__ is str and data["index"].__class__ is int:
+                return template % (data["index"], _json_string(text).encode())
+    elif name == "content_block_stop" and len(data) == 2 and data["index"].__class__ is int:
+        return STOP_EVENT % data["index"]
+    else:
+        fixed = FIXED_EVENTS.get(name)
+        if fixed is not None and data == fixed[0]:
+            return fixed[1]
+    return b"event: " + name.encode() + b"\ndata: " + _compact_json(data).encode() + b"\n\n"
+
+
+class Response:
+    """One request's answer as it is framed and sent: the head (status line and headers, which
+    leave with the first body bytes), then a JSON body, or an SSE stream in HTTP chunks (bare to
+    the close for HTTP/1.0). ProxyHandler makes one per request; a Generation streams through
+    begin_stream(), write_events() and end_stream(), and watches `connection`, the client's socket.
+
+    `close` says the connection ends after this answer; `status` and `answered` (when the last
+    byte left) are what the log and /metrics report."""
+
+    def __init__(self, wfile, connection, request_id, server_version):
+        self.wfile = wfile
+        self.connection = connection
+        self.request_id = request_id
+        self.server_version = server_version
+        self.version = "HTTP/1.1"  # the request's, once its line is read
+        self.method = "-"
+        self.cors_headers = {}
+        self.close = True
+        self.status = None
+        self.answered = None
+        self.committed = False  # a 200 event stream has begun
+        self.ended = False
+        self._chunked = True
+        self._head = b""
+
+    def head(self, status, headers):
+        """The status line and headers as bytes; sent together with the first body bytes."""
+        self.status = status
+        phrase = http.server.BaseHTTPRequestHandler.responses.get(
+            status, ("Overloaded" if status == 529 else "Error",))[0]
+        head = (f"HTTP/1.1 {status} {phrase}\r\nServer: {self.server_version}\r\n"
+                f"Date: {http_date()}\r\nrequest-id: {self.request_id}\r\n")
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        if self.cors_headers:
+            head += "".join(f"{name}: {value}\r\n" for name, value in self.cors_headers.items())
+        if self.close:
+            head += "Connection: close\r\n"
+        return (head + "\r\n").encode("latin-1")
+
+    def send(self, data):
+        try:
+            self.wfile.write(data)
+        except OSError as exc:
+            raise ClientGone() from exc
+        self.answered = time.monotonic()  # the answer's last byte, once no more follow
+
+    def send_json(self, status, payload, headers=None):
+        self.send_json_body(status, json_bytes(payload), headers)
+
+    def send_json_body(self, status, body, headers=None):
+        all_headers = {"Content-Type": "application/json", "Content-Length": len(body)}
+        all_headers.update(headers or {})
+        head = self.head(status, all_headers)
+        self.send(head if self.method == "HEAD" else head + body)
+
+    def begin_stream(self, cache_state=None):
+        """Commit to a 200 event stream; the head leaves with the first events."""
+        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        # An HTTP/1.0 client cannot read chunked framing: it gets the stream up to the close.
+        self._chunked = self.version != "HTTP/1.0"
+        if self._chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            self.close = True
+        if cache_state:
+            headers["x-cache"] = cache_state
+        self._head = self.head(200, headers)
+        self.committed = True
+
+    def framed(self, events):
+        """Events as one HTTP chunk (or bare, for HTTP/1.0), behind the head if it has not left yet."""
+        data = b"".join([sse_event(name, data) for name, data in events])
+        if self._chunked and data:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        data, self._head = self._head + data, b""
+        return data
+
+    def write_events(self, events):
+        """All the events of one moment in one write: one chunk, one send."""
+        if events:
+            self.send(self.framed(events))
+
+    def end_stream(self, events=()):
+        self.ended = True
+        self.send(self.framed(events) + (b"0\r\n\r\n" if self._chunked else b""))
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
-    """Serves one client connection; requests are read by RequestReader, not by http.server."""
+    """Serves one client connection, one request after another (http.server's handle() loop).
+
+    Its parts, as socketserver.BaseServer's docstring maps its own:
+    - the connection loop: handle_one_request() makes each request's Response (its answer as it
+      is framed and sent) and read_and_answer() reads the request line and headers with
+      RequestReader, not with http.server's parser; the connection stays open while
+      Response.close is false;
+    - admission: dispatch() calls admit(), every check that can refuse a request in the order
+      that reads nothing it need not (Host and Origin, route, API key, body size, then the body),
+      and then the route; refuse() and send_error_envelope() answer failures; log_request_line()
+      and record_metrics() close every request;
+    - request bodies: read_json(), check_api_key();
+    - the routes: route_preflight, route_root, route_health, route_metrics, route_models,
+      route_model, route_count_tokens and route_messages, which hands a generation to a
+      Generation (the upstream part of the file) and takes and gives back its slot.
+    Per-request state lives on the Response and the Generation; what stays here is the
+    request's line and headers (command, path, headers, as in http.server), its id, body and
+    log fields."""
 
     protocol_version = "HTTP/1.1"
     server_version = f"simple_api_proxy/{__version__}"
@@ -4445,13 +5136,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         ("POST", "/v1/messages/count_tokens"): "count_tokens",
     }
     MODEL_ROUTE = "/v1/models/"
-    FAIL_FAST_SECONDS = 1.0  # how long a stream waits for Ollama's status before committing to 200
-    # Lines that arrived together leave together: the events of the first LINES_PER_WRITE lines at
-    # once, so the first text need not wait for the last, then of twice as many lines each write up
-    # to MAX_LINES_PER_WRITE, as each send() costs a system call and a hand-off of the interpreter
-    # lock. A text line makes one event.
-    LINES_PER_WRITE = 16
-    MAX_LINES_PER_WRITE = 256
 
     def setup(self):
         super().setup()
@@ -4469,22 +5153,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # -- dispatch ------------------------------------------------------------
     def handle_one_request(self):
         self.request_id = new_id("req_")
-        self.started = self.answered = None
-        self.status = None
+        self.started = None
         self.log_extra = {}
-        self.input_estimate = 0  # tokens, for a context-length refusal from Ollama
-        self.upstream_route = None  # the Ollama host(s) a generation may use
-        self.holds_generation = False  # a generation slot taken, not yet given back
-        self.first_token_at = None  # when Ollama's first output arrived
-        self._committed = False
-        self._ended = False
-        self._chunked = True
-        self._head = b""
-        self.cors_headers = {}
+        self.response = Response(self.wfile, self.connection, self.request_id, self.server_version)
+        self.generation = None  # the conversation with Ollama, for /v1/messages
         self.body = b""
         self.head = None
         self.command, self.path, self.request_version = "-", "-", "HTTP/1.1"
-        self.close_connection = True
+        try:
+            self.read_and_answer()
+        finally:
+            self.close_connection = self.response.close or self.server.stopping
+
+    def read_and_answer(self):
         # Idle keep-alive time, request line and headers: CLIENT_TIMEOUT in all.
         self.deadlines.arm(self.request, self.config.client_timeout)
         try:
@@ -4506,10 +5187,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         head = self.head
         self.command, self.path, self.request_version, self.headers = \
             head.method, head.target, head.version, head.headers
-        self.close_connection = not head.keep_alive or self.server.stopping
+        self.response.version, self.response.method = head.version, head.method
+        self.response.close = not head.keep_alive or self.server.stopping
         self.dispatch()
-        if self.server.stopping:
-            self.close_connection = True
 
     def dispatch(self):
         # The body gets CLIENT_TIMEOUT of its own; answering has no such limit.
@@ -4523,12 +5203,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except ProxyError as error:
             self.refuse(error)
         except ClientGone:
-            self.status = 499  # nginx's convention: the client left before the answer was complete
-            self.close_connection = True
+            self.response.status = 499  # nginx's convention: the client left before the answer was complete
+            self.response.close = True
         except Exception as exc:  # RecursionError too: deep bodies are refused before this, so it is ours
             log.error("%s internal error on %s %s: %s", self.request_id, self.command, path, describe_failure(exc))
             log.debug("%s traceback", self.request_id, exc_info=True)
-            self.close_connection = True
+            self.response.close = True
             self.send_error_envelope(ProxyError(500, "internal proxy error; see the proxy's log", "api_error"),
                                      logged=True)
         finally:
@@ -4542,15 +5222,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         model = f" {extra['model']}->{extra['ollama_model']}" if "model" in extra else ""
         tokens = f" tokens={extra['input_tokens']}/{extra['output_tokens']}" if "output_tokens" in extra else ""
         flags = (" stream" if extra.get("stream") else "") + (f" cache={extra['cache']}" if "cache" in extra else "")
-        log.info("%s %s %s%s %s%s%s %.1fms", self.request_id, self.command, path, model, self.status,
-                 flags, tokens, ((self.answered or time.monotonic()) - self.started) * 1000)
+        log.info("%s %s %s%s %s%s%s %.1fms", self.request_id, self.command, path, model, self.response.status,
+                 flags, tokens, ((self.response.answered or time.monotonic()) - self.started) * 1000)
 
     def record_metrics(self, route):
         extra = self.log_extra
         generated = extra.get("cache") != "HIT" and "output_tokens" in extra
         self.server.metrics.request_done(
-            route, self.status or 499, extra.get("ollama_model", "none"), time.monotonic() - self.started,
-            None if self.first_token_at is None else self.first_token_at - self.started,
+            route, self.response.status or 499, extra.get("ollama_model", "none"), time.monotonic() - self.started,
+            None if self.generation is None or self.generation.first_token_at is None
+            else self.generation.first_token_at - self.started,
             extra["input_tokens"] if generated else 0, extra["output_tokens"] if generated else 0,
             extra.get("calls_from_text", 0))
 
@@ -4565,7 +5246,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if refusal is not None:
             raise refusal
         if origin is not None:
-            self.cors_headers = policy.response_headers(origin)
+            self.response.cors_headers = policy.response_headers(origin)
         name = self.ROUTES.get((self.command, path))
         if name is None and path.startswith(self.MODEL_ROUTE) and self.command in ("GET", "HEAD"):
             name = "model"
@@ -4586,17 +5267,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.deadlines.disarm(self.request)
             return name
         if not head.chunked and head.content_length is None:
-            self.close_connection = True
+            self.response.close = True
             raise ProxyError(411, "a request body needs a Content-Length header", retry=False)
         if (head.content_length or 0) > self.config.max_body_bytes:
             raise body_too_large(self.config.max_body_bytes, head.content_length)
         if head.expects_continue:
-            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.response.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.body_settled = True
         try:
             self.body = self.reader.read_body(head, self.config.max_body_bytes)
         except ProxyError:
-            self.close_connection = True
+            self.response.close = True
             raise
         self.deadlines.disarm(self.request)
         return name
@@ -4609,96 +5290,37 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         or a slow upload); then drop that body to keep the connection, if it can be done cheaply."""
         unread = self.head.has_body and not self.body_settled
         if unread and not self.reader.can_discard(self.head):
-            self.close_connection = True
+            self.response.close = True
             unread = False
         self.send_error_envelope(error)
-        if unread and not self.close_connection:
+        if unread and not self.response.close:
             self.drop_body()
 
     def drop_body(self):
         """Read and drop a body nobody will use, or close the connection when that cannot be done."""
         self.body_settled = True
         if not self.reader.discard_body(self.head):
-            self.close_connection = True
+            self.response.close = True
 
-    # -- responses -------------------------------------------------------------
-    def response_head(self, status, headers):
-        """The status line and headers as bytes; sent together with the first body bytes."""
-        self.status = status
-        phrase = self.responses.get(status, ("Overloaded" if status == 529 else "Error",))[0]
-        head = (f"HTTP/1.1 {status} {phrase}\r\nServer: {self.server_version}\r\n"
-                f"Date: {http_date()}\r\nrequest-id: {self.request_id}\r\n")
-        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        if self.cors_headers:
-            head += "".join(f"{name}: {value}\r\n" for name, value in self.cors_headers.items())
-        if self.close_connection:
-            head += "Connection: close\r\n"
-        return (head + "\r\n").encode("latin-1")
-
-    def send(self, data):
-        try:
-            self.wfile.write(data)
-        except OSError as exc:
-            raise ClientGone() from exc
-        self.answered = time.monotonic()  # the answer's last byte, once no more follow
-
-    def send_json(self, status, payload, headers=None):
-        self.send_json_body(status, json_bytes(payload), headers)
-
-    def send_json_body(self, status, body, headers=None):
-        all_headers = {"Content-Type": "application/json", "Content-Length": len(body)}
-        all_headers.update(headers or {})
-        head = self.response_head(status, all_headers)
-        self.send(head if self.command == "HEAD" else head + body)
-
+    # -- answers ---------------------------------------------------------------
     def send_error_envelope(self, error, logged=False):
         """Report a failure: as an error response, or as the last event of a stream already under way."""
         self.log_extra["error"] = error.message
         if error.status >= 500 and not logged:
             log.warning("%s %s: %s", self.request_id, error.error_type, error.message)
+        response = self.response
         try:
-            if self._ended or (self.status is not None and not self._committed):
+            if response.ended or (response.status is not None and not response.committed):
                 # The answer has left already: nothing more can be said on this connection.
-                self.close_connection = True
-            elif self._committed:
-                self.close_connection = True
-                self.end_stream([("error", {"type": "error",
-                                            "error": {"type": error.error_type, "message": error.message}})])
+                response.close = True
+            elif response.committed:
+                response.close = True
+                response.end_stream([("error", {"type": "error",
+                                                "error": {"type": error.error_type, "message": error.message}})])
             else:
-                self.send_json(error.status, error.body(self.request_id), error.headers())
+                response.send_json(error.status, error.body(self.request_id), error.headers())
         except ClientGone:
-            self.close_connection = True
-
-    def begin_stream(self, cache_state=None):
-        """Commit to a 200 event stream; the head leaves with the first events."""
-        headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
-        # An HTTP/1.0 client cannot read chunked framing: it gets the stream up to the close.
-        self._chunked = self.request_version != "HTTP/1.0"
-        if self._chunked:
-            headers["Transfer-Encoding"] = "chunked"
-        else:
-            self.close_connection = True
-        if cache_state:
-            headers["x-cache"] = cache_state
-        self._head = self.response_head(200, headers)
-        self._committed = True
-
-    def framed(self, events):
-        """Events as one HTTP chunk (or bare, for HTTP/1.0), behind the head if it has not left yet."""
-        data = b"".join([sse_event(name, data) for name, data in events])
-        if self._chunked and data:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        data, self._head = self._head + data, b""
-        return data
-
-    def write_events(self, events):
-        """All the events of one moment in one write: one chunk, one send."""
-        if events:
-            self.send(self.framed(events))
-
-    def end_stream(self, events=()):
-        self._ended = True
-        self.send(self.framed(events) + (b"0\r\n\r\n" if self._chunked else b""))
+            response.close = True
 
     # -- request bodies --------------------------------------------------------
     def read_json(self):
@@ -4738,16 +5360,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def route_preflight(self):
         """OPTIONS: a CORS preflight from an allowed origin (others got a 403), or a plain question."""
         headers = {"Allow": "GET, HEAD, POST, OPTIONS"}
-        if self.cors_headers:
+        if self.response.cors_headers:
             headers.update(self.server.origin_policy.preflight_headers(self.headers))
-        self.send(self.response_head(204, headers))
+        self.response.send(self.response.head(204, headers))
 
     def route_root(self):
-        self.send_json(200, {"status": "ok", "service": "simple_api_proxy", "version": __version__,
+        self.response.send_json(200, {"status": "ok", "service": "simple_api_proxy", "version": __version__,
                              "message": "Anthropic Messages API proxy for Ollama; see /health"})
 
     def route_health(self):
-        hosts = self.server.ollama.health(timeout=min(5.0, self.config.ollama_timeout))
+        hosts = self.server.pool.health(timeout=min(5.0, self.config.ollama_timeout))
         # One host: its report is the "ollama" object, as before there could be several.
         ollama = dict(hosts[0]) if len(hosts) == 1 else {"url": ",".join(host["url"] for host in hosts)}
         models = []
@@ -4768,13 +5390,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             # Without the key, say only whether it works: no addresses, models or errors.
             payload = {"status": payload["status"], "service": "simple_api_proxy", "version": __version__,
                        "instance_id": self.server.instance_id}
-        self.send_json(200 if healthy else 503, payload)
+        self.response.send_json(200 if healthy else 503, payload)
 
     def route_metrics(self):
         self.check_api_key()  # Prometheus sends it with `authorization` in its scrape config
         body = self.server.metrics.render(self.server).encode()
-        head = self.response_head(200, {"Content-Type": METRICS_CONTENT_TYPE, "Content-Length": len(body)})
-        self.send(head if self.command == "HEAD" else head + body)
+        head = self.response.head(200, {"Content-Type": METRICS_CONTENT_TYPE, "Content-Length": len(body)})
+        self.response.send(head if self.command == "HEAD" else head + body)
 
     def route_models(self):
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
@@ -4784,7 +5406,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise invalid("limit: Input should be a valid integer") from None
         if not 1 <= limit <= 1000:
             raise invalid("limit: Input should be between 1 and 1000")
-        models = [self.model_object(m) for m in self.server.ollama.installed_models()]
+        models = [model_object(m) for m in self.server.pool.installed_models()]
         ids = [m["id"] for m in models]
         after, before = query.get("after_id", [None])[0], query.get("before_id", [None])[0]
         if after in ids:
@@ -4792,32 +5414,22 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         elif before in ids:
             models = models[:ids.index(before)]
         page = models[-limit:] if before in ids else models[:limit]
-        self.send_json(200, {"data": page, "has_more": len(page) < len(models),
+        self.response.send_json(200, {"data": page, "has_more": len(page) < len(models),
                              "first_id": page[0]["id"] if page else None,
                              "last_id": page[-1]["id"] if page else None})
 
     def route_model(self):
         wanted = urllib.parse.unquote(self.path.split("?", 1)[0][len(self.MODEL_ROUTE):])
         target = resolve_model(wanted, self.config)
-        for model in self.server.ollama.installed_models():
+        for model in self.server.pool.installed_models():
             if same_model(target, model["name"]):
-                found = self.model_object(model)
+                found = model_object(model)
                 if target != wanted:
                     found.update(id=wanted, display_name=f"{wanted} (served by {model['name']})")
-                return self.send_json(200, found)
+                return self.response.send_json(200, found)
         raise ProxyError(404, f"model {wanted!r} not found in Ollama at "
-                              f"{', '.join(host.url for host in self.config.ollama_hosts)}",
+                              f"{', '.join(address.url for address in self.config.ollama_addresses)}",
                          "not_found_error", retry=False)
-
-    @staticmethod
-    def model_object(model):
-        created = model.get("modified_at") or "1970-01-01T00:00:00Z"
-        match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", str(created))
-        details = model.get("details") or {}
-        size = details.get("parameter_size")
-        display = f"{model['name']} ({size})" if size else model["name"]
-        return {"type": "model", "id": model["name"], "display_name": display,
-                "created_at": (match.group(1) + "Z") if match else "1970-01-01T00:00:00Z"}
 
     def route_count_tokens(self):
         request = validate_messages_request(self.read_json(), default_max_tokens=self.config.default_max_tokens,
@@ -4828,15 +5440,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         max_tokens = request.get("max_tokens")
         if type(max_tokens) is not int or max_tokens < 0:
             max_tokens = self.config.default_max_tokens
-        _, input_tokens = anthropic_to_ollama(dict(request, max_tokens=max_tokens), ollama_model, self.config)
+        _, input_tokens = anthropic_to_ollama(dict(request, max_tokens=max_tokens), ollama_model, self.config,
+                                              thinking_seal=self.server.thinking_seal)
         self.require_model(ollama_model)
-        self.send_json(200, {"input_tokens": input_tokens})
+        self.response.send_json(200, {"input_tokens": input_tokens})
 
     def require_model(self, ollama_model):
         """A 404 for a model Ollama lacks, on a route that answers without generating. Ollama
         unreachable is no error there: the answer needs no Ollama."""
         try:
-            self.server.ollama.capabilities(ollama_model)
+            self.server.pool.capabilities(ollama_model)
         except ProxyError as error:
             if error.status == 404:
                 raise
@@ -4847,13 +5460,24 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         ollama_model = resolve_model(model, self.config)
         stream = bool(request.get("stream"))
         self.log_extra.update(model=model, ollama_model=ollama_model, stream=stream)
-        ollama = self.server.ollama
+        pool = self.server.pool
         notes = []
         payload, input_tokens = anthropic_to_ollama(request, ollama_model, self.config, notes=notes,
-                                                    can_see=not carries_images(request) or self.model_can_see(ollama_model))
+                                                    can_see=not carries_images(request) or self.model_can_see(ollama_model),
+                                                    thinking_seal=self.server.thinking_seal)
         if notes:
             log.info("%s changed for the model: %s", self.request_id, "; ".join(notes))
-        cache, key, lookup, store = self.cache_policy(request, payload)
+        demanded = demanded_server_tool(request)
+        if demanded is not None:
+            log.info("%s %s is a server tool this proxy cannot run: answered unavailable", self.request_id,
+                     _one_line(demanded["name"], 80))
+            self.log_extra["cache"] = "BYPASS"
+            self.require_model(ollama_model)
+            return self.respond_message(server_tool_unavailable(demanded, model, input_tokens), stream, "BYPASS")
+        hidden_thinking = thinking_hidden(request, self.headers.get("anthropic-beta", ""))
+        cache = self.server.cache
+        key, lookup, store = cache_policy(cache, self.headers.get("Cache-Control", ""), request, payload,
+                                          self.config.tool_call_recovery, hidden_thinking == "redacted")
         if lookup:
             cached = cache.get(key)
             if cached is not None:
@@ -4866,34 +5490,30 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         maximum = prompt_limit(request["max_tokens"], num_ctx)
         if input_tokens > maximum:
             raise prompt_too_long(input_tokens, maximum, f" (the {num_ctx}-token window keeps room for the answer)")
-        self.input_estimate = input_tokens
 
         if request["max_tokens"] == 0:
             self.require_model(ollama_model)
             return self.respond_message(empty_message(model, input_tokens, "max_tokens"), stream, cache_state)
-        if "thinking" in ollama.capabilities(ollama_model):
+        if "thinking" in pool.capabilities(ollama_model):
             payload["think"] = ollama_think(request)
         tools = client_tools(request)
         translator = StreamTranslator(
             model, input_tokens, stop_sequences=request.get("stop_sequences") or (),
             tool_names={t["name"]: t.get("input_schema") for t in tools},
-            show_thinking=thinking_requested(request) and (request.get("thinking") or {}).get("display") != "omitted",
+            show_thinking=thinking_requested(request) and hidden_thinking is None,
+            hidden_thinking=hidden_thinking, thinking_seal=self.server.thinking_seal,
             recover_tool_calls=self.config.tool_call_recovery, forced=forces_tool_use(request))
-        if not self.server.slots.acquire(blocking=False):
-            self.server.metrics.overloaded_by("generations")
-            raise ProxyError(529, f"the proxy has {self.config.max_concurrent} generations in flight "
-                                  "(MAX_CONCURRENT); try again shortly", "overloaded_error", retry_after=2)
-        self.server.count("in_flight", 1)
-        self.holds_generation = True
-        exchange = None
+        route = pool.route(ollama_model, payload)
+        self.take_generation_slot()
+        generation = self.generation = Generation(
+            self.config, route, translator, self.response, request_id=self.request_id, input_estimate=input_tokens,
+            stop_fd=self.server.grace_over_fd, on_over=self.give_generation_slot_back)
         try:
-            self.upstream_route = ollama.route(ollama_model, payload)
-            exchange = self.upstream_route.open("/api/chat", payload)
-            if stream:
-                message = self.stream_reply(exchange, translator, ollama_model, cache_state)
+            generation.open("/api/chat", payload)
+            message = generation.stream(cache_state) if stream else generation.collect()
+            if message is None:
+                self.log_extra["error"] = generation.error.message
             else:
-                message = self.collect_reply(exchange, translator, ollama_model)
-            if message is not None:
                 self.log_extra.update(input_tokens=message["usage"]["input_tokens"],
                                       output_tokens=message["usage"]["output_tokens"],
                                       calls_from_text=translator.calls_from_text)
@@ -4901,8 +5521,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if store:
                     cache.put(key, message, body)
                 if not stream:
-                    self.generation_over()
-                    self.send_json_body(200, body, {"x-cache": cache_state})
+                    generation.over()
+                    self.response.send_json_body(200, body, {"x-cache": cache_state})
         except ClientGone:
             self.log_extra.update(input_tokens=translator.input_tokens, output_tokens=translator.chunks)
             raise
@@ -4912,225 +5532,36 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                             ", ".join(translator.dropped_calls))
             # Whatever happened, the slot and Ollama's connection are given back; the connection
             # only after the client has its answer, as keeping it may wait a moment.
-            self.generation_over()
-            if exchange is not None:
-                self.end_exchange(exchange, complete=translator.upstream_done)
+            generation.close()
 
-    @staticmethod
-    def end_exchange(exchange, complete):
-        """Keep Ollama's connection after a complete answer; else close it, which also stops a
-        generation still running."""
-        if not complete:
-            exchange.close()
-            return
-        try:
-            exchange.release()
-        except BaseException:
-            exchange.close()
-            raise
+    def take_generation_slot(self):
+        if not self.server.slots.acquire(blocking=False):
+            self.server.metrics.overloaded_by("generations")
+            raise ProxyError(529, f"the proxy has {self.config.max_concurrent} generations in flight "
+                                  "(MAX_CONCURRENT); try again shortly", "overloaded_error", retry_after=2)
+        self.server.count("in_flight", 1)
+
+    def give_generation_slot_back(self):
+        self.server.count("in_flight", -1)
+        self.server.slots.release()
 
     def model_can_see(self, ollama_model):
         """Whether the model takes images; when Ollama could not say, images go through as before."""
-        capabilities = self.server.ollama.capabilities(ollama_model)
+        capabilities = self.server.pool.capabilities(ollama_model)
         return "vision" in capabilities or not capabilities
-
-    def generation_over(self):
-        """Give the slot and the host's count back, once: as soon as Ollama's answer is complete,
-        before its last bytes leave, so that a client's next request never finds them still taken."""
-        if not self.holds_generation:
-            return
-        self.holds_generation = False
-        self.server.count("in_flight", -1)
-        self.server.slots.release()
-        if self.upstream_route is not None:
-            self.upstream_route.finish()
-
-    def cache_policy(self, request, payload):
-        """(cache, key, look it up?, store the answer?) from CACHE and the client's Cache-Control."""
-        cache = self.server.cache
-        if not cache.enabled:
-            return cache, None, False, False
-        directives = self.headers.get("Cache-Control", "").lower()
-        no_store = "no-store" in directives
-        key = cache_key(payload, request, self.config.tool_call_recovery)
-        return cache, key, not no_store and "no-cache" not in directives, not no_store
 
     def replay(self, answer, model, stream):
         self.log_extra.update(cache="HIT", input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)
         if stream:
             self.respond_message(answer.fresh_message(model), stream, "HIT")
         else:
-            self.send_json_body(200, answer.body(model), {"x-cache": "HIT"})
+            self.response.send_json_body(200, answer.body(model), {"x-cache": "HIT"})
 
     def respond_message(self, message, stream, cache_state):
         if not stream:
-            return self.send_json(200, message, {"x-cache": cache_state})
-        self.begin_stream(cache_state)
-        self.end_stream(message_to_events(message))
-
-    # -- talking to Ollama -------------------------------------------------------
-    def wait(self, exchange, deadline, what, until=None):
-        """Wait for Ollama until the deadline (or `until`), watching whether our client went away,
-        and keeping a committed stream alive with pings."""
-        if exchange.tls_pending():
-            exchange.receive()
-            return
-        now = time.monotonic()
-        if now >= deadline:
-            raise ProxyError(504, what, "timeout_error")
-        step = min(deadline - now, 1.0)
-        if until is not None:
-            step = max(0.0, min(step, until - now))
-        if self._committed:
-            step = max(0.0, min(step, self._next_ping - now))
-        for fd, event in exchange.poller.poll(step * 1000):
-            if fd == exchange.fd:
-                exchange.receive()
-            elif fd == self.server.grace_over_fd:
-                raise ProxyError(529, "the proxy is shutting down", "overloaded_error")
-            else:
-                self.check_client(exchange.poller, event)
-        if self._committed and time.monotonic() >= self._next_ping:
-            self.write_events([("ping", {"type": "ping"})])
-            self._next_ping = time.monotonic() + self.config.ping_interval
-
-    def check_client(self, poller, event):
-        if event & CLIENT_GONE_EVENTS:
-            raise ClientGone()
-        # Without POLLRDHUP only a read can tell a close from early bytes of the next request.
-        try:
-            peeked = self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            raise ClientGone() from exc
-        if not peeked:
-            raise ClientGone()
-        poller.unregister(self.connection)  # the client sent its next request early: reads cannot tell
-
-    def upstream_batches(self, exchange, ollama_model, commit=None):
-        """Ollama's NDJSON objects as they arrive, a list of those that came together at a time,
-        under the first-token and between-token deadlines.
-
-        `commit`, for streams, is called once: when Ollama's answer starts, or when it has not
-        started within FAIL_FAST_SECONDS (from then on pings keep the client waiting)."""
-        config = self.config
-        # Watch our client too: if it leaves, Ollama's request is closed, which stops the generation.
-        exchange.poller.register(self.connection, CLIENT_WATCH_EVENTS)
-        exchange.poller.register(self.server.grace_over_fd, select.POLLIN)
-        deadline = time.monotonic() + config.ollama_first_token_timeout
-        commit_at = time.monotonic() + self.FAIL_FAST_SECONDS if commit else None
-        first_wait = (f"Ollama sent nothing for {config.ollama_first_token_timeout:g} s "
-                      "(OLLAMA_FIRST_TOKEN_TIMEOUT): the model may still be loading or the prompt is very long")
-        # Until a line of the answer is given out, a host that fails costs the client nothing: the
-        # request moves to the next host (a stream's message_start says nothing a move changes).
-        while exchange.status in (None, 200) and not (exchange.has_lines() or exchange.finished):
-            if commit_at is not None and (exchange.status == 200 or time.monotonic() >= commit_at):
-                commit()
-                commit_at = None
-            try:
-                self.wait(exchange, deadline, first_wait, until=commit_at)
-            except ProxyError as error:
-                if not self.upstream_route.fail_over(exchange, error):
-                    raise
-        if exchange.status != 200:
-            raise self.upstream_failure(exchange, ollama_model)
-        if commit_at is not None:
-            commit(now=not exchange.has_lines())
-        silence = first_wait
-        while True:
-            lines = exchange.pop_lines()
-            if not lines:
-                if exchange.finished:
-                    raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
-                self.wait(exchange, deadline, silence)
-                continue
-            # The first line of a stream goes on alone, so that the first text need not wait for
-            # the lines that came with it to be decoded.
-            parts = (lines[:1], lines[1:]) if commit and self.first_token_at is None and len(lines) > 1 else (lines,)
-            if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
-            deadline = time.monotonic() + config.ollama_timeout
-            silence = f"Ollama went silent for {config.ollama_timeout:g} s mid-reply (OLLAMA_TIMEOUT)"
-            for part in parts:
-                batch, error = decode_ndjson(part, exchange.address)
-                yield batch
-                if error:
-                    raise error
-
-    def upstream_failure(self, exchange, ollama_model):
-        """The ProxyError for an Ollama answer with an error status."""
-        deadline = time.monotonic() + self.config.ollama_timeout
-        while not exchange.finished:
-            self.wait(exchange, deadline, "Ollama did not finish its error response")
-        raw = b"\n".join(exchange.pop_lines())
-        try:
-            text = json.loads(raw)["error"]
-        except (ValueError, KeyError, TypeError):
-            text = raw.decode("utf-8", "replace")
-        if exchange.status == 404:
-            return self.server.ollama.missing_model(ollama_model)
-        return upstream_status_error(exchange.status, str(text)[:500], exchange.address,
-                                     self.input_estimate, self.config.ollama_num_ctx)
-
-    def collect_reply(self, exchange, translator, ollama_model):
-        try:
-            for batch in self.upstream_batches(exchange, ollama_model):
-                if translator.translate(batch):
-                    return translator.message
-        except RecursionError:
-            raise upstream_nested_too_deeply() from None
-        raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
-
-    def stream_reply(self, exchange, translator, ollama_model, cache_state):
-        """Stream Ollama's answer as SSE; the message, or None if the stream had to end with an error.
-
-        Failures before the commit keep their HTTP status; after it they end the stream with an
-        error event, which is all a client can still be told."""
-        events = []
-
-        def commit(now=True):
-            """Begin the stream. Unless now, its opening events wait to leave with the first text,
-            already there: one write less before it."""
-            self.begin_stream(cache_state)
-            opening = translator.start() + [("ping", {"type": "ping"})]
-            if now:
-                self.write_events(opening)
-            else:
-                events.extend(opening)
-            self._next_ping = time.monotonic() + self.config.ping_interval
-
-        try:
-            for batch in self.upstream_batches(exchange, ollama_model, commit):
-                start, write_at = 0, self.LINES_PER_WRITE
-                while start < len(batch):
-                    end = start + write_at
-                    if translator.translate(batch[start:end], events):
-                        break
-                    start = end
-                    if start < len(batch):  # more of this burst to come
-                        self.write_events(events)
-                        events = []
-                        write_at = min(2 * write_at, self.MAX_LINES_PER_WRITE)
-                if translator.done:
-                    break
-                self.write_events(events)
-                events = []
-            else:
-                raise ProxyError(502, f"Ollama at {exchange.address} ended the reply before it was done")
-        except (ProxyError, RecursionError) as failure:
-            error = failure if isinstance(failure, ProxyError) else upstream_nested_too_deeply()
-            if not self._committed:
-                raise error from None
-            self.log_extra["error"] = error.message
-            log.warning("%s stream ended by %s: %s", self.request_id, error.error_type, error.message)
-            # The error event and the closing chunk end the response cleanly: the connection,
-            # announced as kept alive, stays usable.
-            self.end_stream(events + translator.error_events(error))
-            return None
-        self.generation_over()
-        self.end_stream(events)
-        return translator.message
+            return self.response.send_json(200, message, {"x-cache": cache_state})
+        self.response.begin_stream(cache_state)
+        self.response.end_stream(message_to_events(message))
 
 
 ###############################################################################
@@ -5180,12 +5611,18 @@ def serve(config):
     Returns the exit status."""
     try:
         server = ProxyServer(config)
+    except ThinkingKeyError as exc:
+        log.error("%s", exc)
+        return 1
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s; another process holds the port (stop it, or set API_PORT)",
                   config.api_host, config.api_port, exc.strerror or exc)
         return 1
     host, port = server.server_address[:2]
     log.info("simple_api_proxy %s listening on http://%s:%s | %s", __version__, host, port, config.describe())
+    window_warning = small_window_warning(config.ollama_num_ctx)
+    if window_warning:
+        log.warning("%s", window_warning)
     if not is_loopback_name(config.api_host) and not config.proxy_api_key:
         log.warning("API_HOST=%s exposes the proxy beyond this machine WITHOUT an API key: anyone who reaches "
                     "port %s can use your GPU. Set PROXY_API_KEY, or bind 127.0.0.1 and use an SSH tunnel.",

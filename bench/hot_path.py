@@ -2,7 +2,7 @@
 """CPU per request of simple_api_proxy's hot path, component by component, in one thread.
 
     python3 bench/hot_path.py                      # the current simple_api_proxy.py
-    python3 bench/hot_path.py --against bcac229    # and 1.0.0 next to it, measured the same way
+    python3 bench/hot_path.py --against 1.0.0      # and 1.0.0 (bcac229) next to it, measured the same way
     python3 bench/hot_path.py --proxy /path/to/simple_api_proxy.py --repeat 9
 
 Everything runs in this process through the proxy's own entry points: a real ProxyServer object
@@ -45,7 +45,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from run import PROXY_SCRIPT, materialize_baseline  # noqa: E402
+from run import PROXY_SCRIPT, materialize_baseline, release_label  # noqa: E402
 from standin_ollama import EncodedReplies  # noqa: E402
 from payloads import JSON_HEADERS, messages_request  # noqa: E402
 from load import http_request  # noqa: E402
@@ -165,16 +165,20 @@ class Profile:
         self.quiet, self.quiet_writer = os.pipe()
         # A real server object (it binds a loopback port, which nothing uses) with the replaying Ollama.
         self.server = module.ProxyServer(self.config)
-        self.server.ollama = ReplayingOllama(module, self.pieces, self.always_readable)
+        # The upstream pool is server.pool since 1.1.0, server.ollama before.
+        setattr(self.server, "pool" if hasattr(self.server, "pool") else "ollama",
+                ReplayingOllama(module, self.pieces, self.always_readable))
         self.numbers = itertools.count()
         self.fixed = {stream: self.request_bytes("Say hello", stream) for stream in (False, True)}
         # The line batches, decoded chunks and events one reply makes, for the components.
         self.batches = self.parse()
         self.decoded = [self.proxy.decode_ndjson(lines, "x")[0] for lines in self.batches]
         self.event_groups = self.feed()
-        self.streaming = self.handler(self.fixed[True], stop_before_dispatch=True)
-        self.streaming.begin_stream("MISS")
-        self.streaming.framed([])  # its head has left: encoding it is "everything else"
+        streaming = self.handler(self.fixed[True], stop_before_dispatch=True)
+        # The response framing is the request's own Response since 1.1.0, the handler's before.
+        self.framing = getattr(streaming, "response", streaming)
+        self.framing.begin_stream("MISS")
+        self.framing.framed([])  # its head has left: encoding it is "everything else"
 
     def close(self):
         self.server.server_close()
@@ -234,7 +238,8 @@ class Profile:
             for chunks in self.decoded:
                 translator.translate(chunks)
             return []
-        handler = self.proxy.ProxyHandler
+        # Where the write cadence lives: Generation since 1.1.0, the handler before.
+        handler = getattr(self.proxy, "Generation", self.proxy.ProxyHandler)
         groups, events = [], translator.start()
         for chunks in self.decoded:  # as stream_reply: LINES_PER_WRITE lines, then twice as many
             start, write_at = 0, handler.LINES_PER_WRITE
@@ -251,7 +256,7 @@ class Profile:
 
     def encode(self):
         for events in self.event_groups:
-            self.streaming.framed(events)
+            self.framing.framed(events)
 
     def table(self, loops, repeat):
         """{scenario: {component: µs or None}}: the components measured alone, "everything else"
@@ -339,7 +344,7 @@ def render(tables, labels, events):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--proxy", default=str(PROXY_SCRIPT), help="the simple_api_proxy.py to profile")
-    parser.add_argument("--against", metavar="REV", help="also profile simple_api_proxy.py of this git revision")
+    parser.add_argument("--against", metavar="REV", help="also profile simple_api_proxy.py of this release (1.0.0) or git revision")
     parser.add_argument("--per-token", action="store_true", help="the reply arrives one token per read")
     parser.add_argument("--loops", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
@@ -349,7 +354,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="simple_api_proxy_profile_") as scratch:
         if args.against:
             try:
-                sources.append((args.against, str(materialize_baseline(args.against, scratch))))
+                sources.append((release_label(args.against), str(materialize_baseline(args.against, scratch))))
             except RuntimeError as exc:
                 parser.error(str(exc))
         tables, events = [], []

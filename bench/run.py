@@ -120,7 +120,18 @@ class Process:
                 self.popen.wait()
 
 
-BASELINE_REVISION = "bcac229"  # simple_api_proxy 1.0.0, the release the speed targets are measured against
+# Released versions and their commits (CHANGELOG.md): a baseline may be named either way, and a
+# report names it both ways. Builds between two releases report the earlier one's version.
+RELEASES = {"1.0.0": "bcac229"}
+BASELINE_REVISION = "1.0.0"  # the release the speed targets are measured against
+
+
+def release_label(revision):
+    """'1.0.0 (bcac229)' for a release, given by version or commit; the revision itself otherwise."""
+    for version, commit in RELEASES.items():
+        if revision in (version, commit):
+            return f"{version} ({commit})"
+    return revision
 
 
 class BaselineUnavailable(RuntimeError):
@@ -130,6 +141,7 @@ class BaselineUnavailable(RuntimeError):
 def materialize_baseline(revision, directory):
     """simple_api_proxy.py as it was at a git revision, written into directory; its path.
     Needs a clone with that revision in its history."""
+    revision = RELEASES.get(revision, revision)
     try:
         source = subprocess.run(["git", "-C", str(BENCH.parent), "show", f"{revision}:simple_api_proxy.py"],
                                 check=True, capture_output=True).stdout
@@ -819,7 +831,8 @@ def main(argv=None):
     parser.add_argument("--keep-logs", action="store_true", help="keep the subprocesses' logs and print where")
     parser.add_argument("--baseline", metavar="REV",
                         help=f"also measure simple_api_proxy.py of this git revision on the rows the speed targets "
-                             f"compare (default {BASELINE_REVISION}, 1.0.0, left out with a note when the clone "
+                             f"compare, a version or a commit (default {release_label(BASELINE_REVISION)}, left out "
+                             "with a note when the clone "
                              "lacks it; a revision given here must be there)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline release")
     parser.add_argument("--only", metavar="KEYS", help="comma list of scenario key prefixes to run (hit_memory, "
@@ -855,7 +868,7 @@ def main(argv=None):
           f"{load_before:.2f}, proxy LOG_LEVEL=WARNING\n")
     print(markdown(lines))
     if baseline:
-        print(f"\nbaseline: simple_api_proxy.py at revision {revision}, run the same way as the proxy "
+        print(f"\nbaseline: simple_api_proxy.py {release_label(revision)}, run the same way as the proxy "
               "(memory cache) in the same rounds. do-nothing: a ThreadingHTTPServer answering every request with "
               "the bytes of a cache hit (bench/do_nothing_server.py), what http.server alone costs.")
     print("\nfloor: the same client straight to the stand-in Ollama with the same reply settings; for cache hits "

@@ -22,16 +22,19 @@ version, the largest ratio of a family's 1 MB figure to its 1 KB figure.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from hot_path import load_module  # noqa: E402
+from run import materialize_baseline, release_label  # noqa: E402
 TOOLS = {"Read": {"type": "object", "properties": {"file_path": {"type": "string"}, "limit": {"type": "integer"}}},
          "Bash": {"type": "object", "properties": {"command": {"type": "string"}}}}
 CALL = '{"name": "Read", "arguments": {"file_path": "/a"}}'
@@ -61,14 +64,6 @@ FAMILIES = {
     "gemma, deep": lambda n: repeat_to("a:{", n, "<|tool_call>call:Read{"),
     "prose lines, then a tag": lambda n: repeat_to("word word\n", n, "", "<tool_call>" + CALL),
 }
-
-
-def load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_once(proxy, text):
@@ -118,12 +113,7 @@ def worst_growth(results, sizes):
 def version_of(revision):
     if revision is None:
         return ROOT / "simple_api_proxy.py"
-    folder = Path(tempfile.mkdtemp(prefix="text_calls_"))
-    source = subprocess.run(["git", "-C", str(ROOT), "show", "%s:simple_api_proxy.py" % revision],
-                            check=True, capture_output=True).stdout
-    path = folder / "simple_api_proxy.py"
-    path.write_bytes(source)
-    return path
+    return materialize_baseline(revision, tempfile.mkdtemp(prefix="text_calls_"))
 
 
 def print_table(label, results, sizes):
@@ -141,17 +131,17 @@ def format_size(size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--against", help="a git revision to measure too, e.g. HEAD~3 or a release's commit")
+    parser.add_argument("--against", help="a release (1.0.0) or git revision to measure too")
     parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="reply sizes in characters")
     parser.add_argument("--repeat", type=int, default=3, help="rounds per figure (the lowest is kept)")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds one run may take before a family stops")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON as well")
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
-    versions = [("current", None)] + ([(args.against, args.against)] if args.against else [])
+    versions = [("current", None)] + ([(release_label(args.against), args.against)] if args.against else [])
     summary, everything = [], {}
     for label, revision in versions:
-        proxy = load(version_of(revision), "proxy_%d" % len(summary))
+        proxy = load_module(version_of(revision), "proxy_%d" % len(summary))
         results = measure(proxy, sizes, args.repeat, args.budget)
         print_table(label, results, sizes)
         worst, median = worst_growth(results, sizes)

@@ -19,7 +19,7 @@ def test_benchmark_smoke_run_completes():
 
 
 def test_hot_path_profile_prints_every_component_for_this_file_and_the_baseline():
-    against = ["--against", "bcac229"] if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "bcac229"],
+    against = ["--against", "1.0.0"] if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "bcac229"],
                                                           capture_output=True).returncode == 0 else []
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "hot_path.py"), "--loops", "5", "--repeat", "1"]
                             + against, capture_output=True, text=True, timeout=120)
@@ -28,7 +28,7 @@ def test_hot_path_profile_prints_every_component_for_this_file_and_the_baseline(
     for component in ("request line and headers", "upstream chunked parse and line split", "NDJSON decode",
                       "StreamTranslator feeds", "SSE encode", "everything else", "**total**"):
         assert re.search(r"\d+ µs", rows[component]), result.stdout
-    assert ("bcac229" in rows["component"]) == bool(against)
+    assert ("1.0.0 (bcac229)" in rows["component"]) == bool(against)  # a release named by version and commit
 
 
 def test_benchmark_without_git_history_leaves_the_default_baseline_out(tmp_path):

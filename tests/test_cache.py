@@ -2,9 +2,11 @@
 killed, tampered entries, and the proxy without redis-py).
 """
 
+import ast
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from standins.proxy import (
     assert_valid_stream, config, free_port, ollama_body, parse_sse, Proxy, request_body, running_proxy,
 )
 from standins.redis import PrivateRedis
-from standins.support import anthropic_module, need, redis_module, ROOT, wait_until
+from standins.support import anthropic_module, redis_module, ROOT, wait_until
 
 
 def key_of(body, **config_settings):
@@ -212,16 +214,15 @@ def test_stream_whose_client_left_is_not_stored(ollama):
 
 @pytest.fixture
 def shared_redis():
-    """The machine's Redis on 127.0.0.1:6379, database 13, emptied before and after."""
+    """A Redis the proxies under test share: a private redis-server on a free port, so that no test
+    reads, writes or empties a Redis it did not start (a user's Redis on 6379 may hold data)."""
     redis = redis_module()
-    client = redis.Redis(host="127.0.0.1", port=6379, db=13, socket_timeout=1)
+    server = PrivateRedis()
     try:
-        client.ping()
-    except redis.RedisError:
-        need(False, "no redis-server answers on 127.0.0.1:6379")
-    client.flushdb()
-    yield client, "redis://127.0.0.1:6379/13"
-    client.flushdb()
+        yield redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1), \
+            f"redis://127.0.0.1:{server.port}/0"
+    finally:
+        server.kill()
 
 
 @pytest.fixture
@@ -246,7 +247,7 @@ def test_redis_tier_is_shared_between_proxies_and_sets_the_ttl(ollama, shared_re
         assert_valid_stream(parse_sse(raw))
         health = second.json("GET", "/health")[2]["cache"]["redis"]
         assert health["state"] == "up" and health["hits"] == 1 and health["db_keys"] == 1
-        assert "127.0.0.1:6379" in health["url"]
+        assert url.split("/")[2] in health["url"]
 
 
 def test_sdk_stream_accumulator_parses_a_replayed_hit(ollama, shared_redis):
@@ -299,7 +300,7 @@ def test_proxy_runs_without_redis_py(ollama, tmp_path):
     blocker.write_text("import sys\nsys.modules['redis'] = None\n")
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(tmp_path), API_PORT=str(port), OLLAMA_HOST=ollama.url,
-               REDIS_URL="redis://127.0.0.1:6379/13", LOG_FILE="")
+               REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", LOG_FILE="")
     process = subprocess.Popen([sys.executable, str(ROOT / "simple_api_proxy.py")], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -335,8 +336,18 @@ def tampered_values(valid_entry):
     bad_usage["message"]["usage"]["output_tokens"] = "7"
     bad_block = json.loads(valid_entry)
     bad_block["message"]["content"] = [{"type": "tool_use", "name": "Bash"}]
+    # Right types where the checks look, wrong ones in fields a client parses too.
+    extra_fields = []
+    for place, field, value in (("message", "container", 7), ("usage", "server_tool_use", "many"),
+                                ("block", "citations", "not a list"), ("message", "id", 5),
+                                ("message", "model", None)):
+        entry = json.loads(valid_entry)
+        target = {"message": entry["message"], "usage": entry["message"]["usage"],
+                  "block": entry["message"]["content"][0]}[place]
+        target[field] = value
+        extra_fields.append(json.dumps(entry).encode())
     return values + [json.dumps(bad_usage).encode(), json.dumps(bad_block).encode(),
-                     valid_entry.replace(b'"v":2', b'"v":2,"x":1e400')]
+                     valid_entry.replace(b'"v":2', b'"v":2,"x":1e400')] + extra_fields
 
 
 def assert_tampered_entries_are_misses(gateway, tamper, read, caplog):
@@ -371,3 +382,17 @@ def test_tampered_redis_entries_are_misses_never_copied_to_memory(ollama, shared
             client.set(key, value)
 
         assert_tampered_entries_are_misses(gateway, tamper, client.get, caplog)
+
+
+def test_the_tests_never_empty_or_share_a_redis_they_did_not_start():
+    # A user who runs the test command on a machine whose Redis holds data must not lose it: every
+    # test Redis is a PrivateRedis, and nothing here flushes a database.
+    sources = [path for folder in ("tests", "bench") for path in (ROOT / folder).rglob("*.py")]
+    for path in sources:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.lower() in ("flushdb", "flushall", "flush_all"):
+                pytest.fail(f"{path.name}:{node.lineno} empties a Redis database")
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.search(
+                    r"redis://[^/]*:6379", node.value):
+                pytest.fail(f"{path.name}:{node.lineno} points at the machine's own Redis")

@@ -10,7 +10,7 @@ import pytest
 
 import simple_api_proxy as proxy
 
-from standins.ollama import chunk, final_chunk, MODEL, ollama_prompt, Reply, text_reply, tool_reply
+from standins.ollama import chunk, final_chunk, MODEL, ollama_call, ollama_prompt, Reply, text_reply, tool_reply
 from standins.proxy import free_port, running_proxy
 from standins.support import anthropic_module, claude_code_binary
 
@@ -326,3 +326,56 @@ def test_claude_code_session_with_nudges_and_parallel_calls_keeps_the_prompt_pre
     prompts = [ollama_prompt(chat) for chat in chats]
     for earlier, later in zip(prompts, prompts[1:]):
         assert later.startswith(earlier)
+
+
+def test_claude_code_print_mode_keeps_its_thinking_across_a_tool_call(claude_code, ollama, caplog, tmp_path):
+    """`-p` asks for thinking with display omitted: the reasoning comes back sealed in the block's
+    signature, and the next request gives it to the model again."""
+    ollama.responder = ClaudeCodeScript(
+        lambda: Reply([chunk(thinking="The user wants it run. "), chunk(thinking="I will call Bash."),
+                       chunk(content="Running it."),
+                       chunk(tool_calls=[ollama_call("Bash", {"command": "echo think-$((6*7))", "description": "Echo"})]),
+                       final_chunk()]),
+        lambda output: Reply([chunk(thinking="It printed the number."), chunk(content=f"Output: {output.strip()}"),
+                              final_chunk()]))
+    result = claude_code("run it", "--allowedTools", "Bash",
+                         settings={"OLLAMA_MODEL": "qwen3:8b", "LOG_BODIES": "1",
+                                   "THINKING_KEY_FILE": tmp_path / "thinking.key"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Output: think-42" and "I will call Bash" not in result.stdout
+    bodies = [json.loads(r.getMessage().split(" body: ", 1)[1]) for r in caplog.records if " body: " in r.getMessage()]
+    assert bodies[0]["thinking"] == {"type": "adaptive", "display": "omitted"}
+    returned = bodies[1]["messages"][-2]["content"][0]
+    assert returned["type"] == "thinking" and returned["thinking"] == "" and len(returned["signature"]) > 40
+    chats = ollama.chats()
+    assert [m for m in chats[1]["messages"] if m["role"] == "assistant"][0]["thinking"] == \
+        "The user wants it run. I will call Bash."
+    assert chats[0]["think"] and "left out" not in caplog.text
+
+
+def test_claude_code_web_search_reports_unavailable_and_the_session_goes_on(claude_code, ollama, caplog):
+    ollama.responder = ClaudeCodeSteps(
+        lambda: tool_reply(("ToolSearch", {"query": "select:WebSearch"})),
+        lambda: tool_reply(("WebSearch", {"query": "latest python release"})),
+        lambda: tool_reply(("Bash", {"command": "echo after-search", "description": "Echo"})),
+        last=lambda: text_reply("Web search is unavailable here; the rest is done."))
+    result = claude_code("search the web, then echo", "--allowedTools", "ToolSearch,WebSearch,Bash")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Web search is unavailable here; the rest is done."
+    chats = ollama.chats()
+    assert len(chats) == 4  # the side request never reached the model
+    search_result = latest_tool_results(chats[2])[0]["content"]
+    assert search_result.startswith('Web search results for query: "latest python release"')
+    assert "Web search error: unavailable" in search_result
+    assert latest_tool_results(chats[3])[0]["content"].strip() == "after-search"
+    assert "web_search is a server tool this proxy cannot run: answered unavailable" in caplog.text
+
+
+def test_claude_code_at_a_window_the_proxy_warns_about_is_refused_before_the_model_runs(claude_code, ollama):
+    """What the start-up warning for OLLAMA_NUM_CTX=8192 says: Claude Code's first request with all
+    its tools does not fit, and the session ends before anything is done."""
+    assert proxy.small_window_warning(8192)
+    ollama.responder = ClaudeCodeScript(lambda: text_reply("never"))
+    result = claude_code("say hello", settings={"OLLAMA_NUM_CTX": "8192"})
+    assert result.returncode == 1 and result.stdout.startswith("Prompt is too long · the request is ~")
+    assert int(result.stdout.split("~", 1)[1].split()[0]) > 13000 and ollama.chats() == []

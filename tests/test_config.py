@@ -31,7 +31,7 @@ def test_ollama_host_follows_ollamas_port_rules(value, url):
 def test_defaults_are_the_documented_ones():
     settings = proxy.load_config([], {})
     assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8000)
-    assert [h.url for h in settings.ollama_hosts] == ["http://localhost:11434"]
+    assert [h.url for h in settings.ollama_addresses] == ["http://localhost:11434"]
     assert settings.ollama_model == MODEL and settings.ollama_num_ctx == 32768
     assert (settings.ollama_timeout, settings.ollama_first_token_timeout) == (30, 300)
     assert settings.cache_ttl == 86400 and settings.cache_enabled and settings.redis_url == ""

@@ -229,7 +229,7 @@ def test_any_failure_frees_the_slot_and_the_upstream_connection(ollama, monkeypa
     with running_proxy(ollama.url, MAX_CONCURRENT=1, CACHE="on") as gateway:
         owner, name = {"open": (proxy.OllamaClient, "open"), "decode": (proxy, "decode_ndjson"),
                        "feed": (proxy.StreamTranslator, "translate"), "cache": (proxy.ResponseCache, "put"),
-                       "release": (proxy.UpstreamExchange, "release")}[stage]
+                       "release": (proxy.UpstreamExchange, "keep_or_close")}[stage]
         assert gateway.messages(request_body("warm-up"))[0] == 200  # the model's capabilities are known
         wait_until(lambda: gateway.server.active_requests == 0, what="the warm-up to end")
         for stream in (False, True):
@@ -319,7 +319,7 @@ def test_the_generation_slot_is_free_once_the_client_has_the_whole_answer(ollama
         for n in range(20):
             status, _, raw = gateway.call("POST", "/v1/messages", request_body(f"question {n}", stream=n % 2 == 0))
             assert status == 200 and (b"message_stop" if n % 2 == 0 else b'"end_turn"') in raw
-            assert gateway.server.in_flight == 0 and gateway.server.ollama.hosts[0].in_flight == 0, n
+            assert gateway.server.in_flight == 0 and gateway.server.pool.hosts[0].in_flight == 0, n
 
 
 def test_shutdown_ends_streams_and_requests_still_running_with_an_error(ollama, tmp_path):

@@ -1,6 +1,7 @@
 """The /metrics endpoint: what it counts, and who may read it.
 """
 
+import json
 import threading
 
 from standins.ollama import chunk, final_chunk, Gate, host_list, MODEL, Reply, tool_reply
@@ -78,7 +79,7 @@ def test_metrics_need_the_api_key_and_count_upstream_failures(hosts):
         assert gateway.call("GET", "/metrics")[0] == 401
         key = {"x-api-key": "s3cret"}
         hosts[0].stop()
-        gateway.server.ollama._turn = 0  # both idle: the first host is tried first
+        gateway.server.pool._turn = 0  # both idle: the first host is tried first
         assert gateway.messages(request_body(), headers=key)[0] == 200
         samples = scrape(gateway, {"authorization": "Bearer s3cret"})
     assert sample(samples, "upstream_up", host=hosts[0].url) == 0
@@ -101,3 +102,31 @@ def test_metrics_count_529s_by_limit(ollama):
         samples = scrape(gateway)
     assert sample(samples, "overloaded_total", limit="generations") == 1
     assert sample(samples, "requests_total", route="messages", status="529", model=MODEL) == 1
+
+
+def test_made_up_model_names_share_one_label_and_are_404_on_every_path(ollama):
+    with running_proxy(ollama.url) as gateway:
+        for number in range(50):
+            for max_tokens in (0, 16):
+                status, _, error = gateway.messages(request_body(model=f"made-up-{number}:7b", max_tokens=max_tokens))
+                assert status == 404 and error["error"]["type"] == "not_found_error", error
+        status, _, error = gateway.json("POST", "/v1/messages/count_tokens",
+                                        {"model": "made-up-0:7b", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 404, error
+        assert gateway.messages(request_body(model="llama3.2:3b", max_tokens=0))[0] == 200  # installed
+        assert gateway.messages(request_body(max_tokens=0))[0] == 200
+        samples = scrape(gateway)
+        models = {dict(labels).get("model") for (name, labels) in samples
+                  if name == "simple_api_proxy_requests_total"}
+        assert models == {"other", "llama3.2:3b", MODEL, "none"}, models
+        assert sample(samples, "requests_total", route="messages", status="404", model="other") == 100
+
+
+def test_no_request_can_break_metrics(ollama):
+    with running_proxy(ollama.url) as gateway:
+        for model in ("x\ud800", "\udfff", "new\nline\"quote\\", "claude-\ud83d"):
+            body = json.dumps(request_body(model=model, max_tokens=0)).encode()  # \\uXXXX escapes: valid JSON
+            status, _, raw = gateway.call("POST", "/v1/messages", body,
+                                          headers={"Content-Type": "application/json"})
+            assert status in (200, 404), raw
+            assert scrape(gateway), "every scrape answers"

@@ -3,13 +3,18 @@ real models wrote.
 """
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import simple_api_proxy as proxy
 
 from standins.ollama import chunk, final_chunk, Reply
+from standins.support import ROOT
 from standins.proxy import (
     assert_valid_stream, BASH_CALL, parse_sse, request_body, running_proxy, text_calls, TOOLS, translate,
 )
@@ -464,3 +469,68 @@ def test_qwen_xml_call_through_the_proxy_streaming_and_not(gateway, ollama):
             message = json.loads(raw)
             assert message["stop_reason"] == "tool_use"
             assert message["content"][1]["input"] == {"command": "echo 'a < b'", "timeout": 5000}
+
+
+# Replies that made the parse quadratic: a run of whitespace in an unclosed fence (a model stuck in
+# a loop, or one asked to by a prompt injection), thousands of tags, parameters without their close.
+ADVERSARIAL_REPLIES = {
+    "fence, then spaces": "```\n" + " " * 1000000,
+    "fence, spaces, half a close": "```json\n" + " " * 1000000 + "\n``",
+    "newlines only": "\n" * 1000000,
+    "python tags, thousands": ("<|python_tag|>" + BASH_CALL + "<|eom_id|>") * 20000,
+    "invoke parameters, unclosed": '<function_calls>\n<invoke name="Bash">' + '<parameter name="a">' * 50000,
+}
+ADVERSARIAL_CHILD = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import simple_api_proxy as proxy
+from test_text_tool_calls import ADVERSARIAL_REPLIES, TOOLS
+results = {}
+for name, text in ADVERSARIAL_REPLIES.items():
+    found = proxy.find_text_tool_calls(text, proxy.offered_tools(TOOLS))
+    translator = proxy.StreamTranslator("m", 1, tool_names=TOOLS)
+    pieces = [{"message": {"role": "assistant", "content": text[at:at + 40]}} for at in range(0, len(text), 40)]
+    translator.translate(pieces + [{"message": {"role": "assistant", "content": ""}, "done": True}], [])
+    blocks = translator.message["content"]
+    results[name] = [len(found[1]) if found else 0, [block["type"] for block in blocks][:1], len(blocks),
+                     sum(len(block.get("text", "")) for block in blocks)]
+print(json.dumps(results))
+'''
+
+
+def test_adversarial_replies_of_a_megabyte_are_read_in_linear_time():
+    # Linear code reads all of these in a few seconds; the quadratic parse took hours on the first
+    # (0.9 s for 32,000 spaces, x16 for each x4), holding the interpreter lock all the while. The
+    # child's time limit only tells a hang from an answer; bench/text_calls.py measures the cost.
+    tests_folder = str(Path(__file__).resolve().parent)
+    child = subprocess.run([sys.executable, "-c", ADVERSARIAL_CHILD, str(ROOT)], cwd=tests_folder,
+                           capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=tests_folder))
+    assert child.returncode == 0, child.stderr
+    results = json.loads(child.stdout)
+    for name in ("fence, then spaces", "fence, spaces, half a close", "newlines only"):
+        assert results[name] == [0, ["text"], 1, len(ADVERSARIAL_REPLIES[name])], name  # all of it, as text
+    assert results["python tags, thousands"][:3] == [20000, ["tool_use"], 20000]
+    assert results["invoke parameters, unclosed"][:3] == [0, ["text"], 1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_whitespace_run_in_an_unclosed_fence_comes_back_as_text(gateway, ollama, stream):
+    text = "```\n" + " " * 100000
+    pieces = [text[at:at + 40] for at in range(0, len(text), 40)]
+    ollama.script(Reply([chunk(content=piece) for piece in pieces] + [final_chunk(done_reason="length")]))
+    status, _, raw = gateway.call("POST", "/v1/messages", request_body(f"spaces {stream}", tools=_tools_body(),
+                                                                       stream=stream))
+    assert status == 200
+    if stream:
+        events = parse_sse(raw)
+        assert_valid_stream(events)
+        assert "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta") == text
+    else:
+        message = json.loads(raw)
+        assert message["content"] == [{"type": "text", "text": text}] and message["stop_reason"] == "max_tokens"
+
+
+def _tools_body():
+    return [{"name": name, "description": name, "input_schema": schema or {"type": "object"}}
+            for name, schema in proxy.offered_tools(TOOLS).items()]

@@ -177,7 +177,7 @@ def test_a_deferred_tool_named_by_tool_choice_is_offered_and_forced():
     payload = ollama_body(request_body(tools=tools, tool_choice={"type": "tool", "name": "NotebookEdit"}),
                                         MODEL, config())
     assert [tool["function"]["name"] for tool in payload["tools"]] == ["NotebookEdit"]
-    assert payload["format"]["properties"]["name"]["enum"] == ["NotebookEdit"]
+    assert payload["format"]["properties"]["name"] == {"const": "NotebookEdit"}
 
 
 def test_system_entries_in_messages_become_reminders_at_their_place():
@@ -507,10 +507,12 @@ def test_forced_tool_use_constrains_ollama_and_answers_with_tool_use(gateway, ol
     one = ollama_body(request_body(tools=WEATHER_TOOLS, tool_choice={"type": "tool", "name": "get_time"}),
                                     MODEL, config())
     assert one["format"] == {"type": "object", "required": ["name", "arguments"], "properties": {
-        "name": {"type": "string", "enum": ["get_time"]}, "arguments": WEATHER_TOOLS[1]["input_schema"]}}
+        "name": {"const": "get_time"}, "arguments": WEATHER_TOOLS[1]["input_schema"]}}
     assert [t["function"]["name"] for t in one["tools"]] == ["get_time"]
     both = ollama_body(request_body(tools=WEATHER_TOOLS, tool_choice={"type": "any"}), MODEL, config())
-    assert both["format"]["properties"]["arguments"] == {"anyOf": [t["input_schema"] for t in WEATHER_TOOLS]}
+    assert both["format"] == {"anyOf": [
+        {"type": "object", "required": ["name", "arguments"],
+         "properties": {"name": {"const": t["name"]}, "arguments": t["input_schema"]}} for t in WEATHER_TOOLS]}
     assert "format" not in ollama_body(request_body(tools=WEATHER_TOOLS), MODEL, config())
     for stream in (False, True):
         ollama.script(forced_reply("get_weather", {"city": "Paris"}))
@@ -529,9 +531,74 @@ def test_forced_tool_use_constrains_ollama_and_answers_with_tool_use(gateway, ol
             assert message["stop_reason"] == "tool_use"
             assert [(b["type"], b["name"], b["input"]) for b in message["content"]] == \
                 [("tool_use", "get_weather", {"city": "Paris"})]
-        assert ollama.chats()[-1]["format"]["properties"]["name"]["enum"] == ["get_weather", "get_time"]
+        assert [branch["properties"]["name"]["const"] for branch in ollama.chats()[-1]["format"]["anyOf"]] == \
+            ["get_weather", "get_time"]
     status, _, error = gateway.messages(request_body(tools=WEATHER_TOOLS, tool_choice={"type": "tool", "name": "nope"}))
     assert status == 400 and "tool_choice.name" in error["error"]["message"]
+
+
+CLAUDE_CODE_TOOLS = [
+    {"name": "Read", "description": "Read a file",
+     "input_schema": {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "title": "ReadInput",
+                      "properties": {"file_path": {"type": "string"}, "limit": {"type": "integer", "minimum": 1}},
+                      "required": ["file_path"], "additionalProperties": False}},
+    {"name": "Bash", "description": "Run a command",
+     "input_schema": {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+                      "properties": {"command": {"type": "string"}}, "required": ["command"],
+                      "additionalProperties": False}},
+]
+
+
+def test_a_forced_format_pairs_each_name_with_its_own_arguments_and_loses_schema_metadata():
+    payload = ollama_body(request_body(tools=CLAUDE_CODE_TOOLS, tool_choice={"type": "any"}), MODEL, config())
+    branches = payload["format"]["anyOf"]
+    assert [branch["properties"]["name"] for branch in branches] == [{"const": "Read"}, {"const": "Bash"}]
+    for branch, tool in zip(branches, payload["tools"]):
+        assert branch["properties"]["arguments"] == tool["function"]["parameters"]  # the same lean copy
+        assert "$schema" not in json.dumps(branch) and "title" not in branch["properties"]["arguments"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("name, arguments, why", [
+    ("Read", {"command": "rm -rf ~/project"}, "Bash's arguments under Read's name"),
+    ("Read", {"file_path": "/a", "limit": 0}, "a bound broken"),
+    ("Read", {"file_path": 7}, "a wrong type"),
+    ("Bash", {"command": "ls", "file_path": "/a"}, "a property the schema rules out"),
+])
+def test_a_forced_call_whose_arguments_break_its_tools_schema_is_no_tool_use(gateway, ollama, stream, name,
+                                                                             arguments, why):
+    # An Ollama that does not enforce `format` (or a model that escapes it) can pair any name with any
+    # arguments; the proxy must not hand Read a command to run.
+    ollama.script(forced_reply(name, arguments))
+    body = request_body(f"forced {name} {why} {stream}", tools=CLAUDE_CODE_TOOLS, tool_choice={"type": "any"},
+                        stream=stream)
+    status, _, raw = gateway.call("POST", "/v1/messages", body)
+    assert status == 200
+    if stream:
+        events = parse_sse(raw)
+        assert_valid_stream(events)
+        assert not [d for n, d in events if n == "content_block_start" and d["content_block"]["type"] == "tool_use"]
+        text = "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
+    else:
+        message = json.loads(raw)
+        assert [block["type"] for block in message["content"]] == ["text"] and message["stop_reason"] == "end_turn"
+        text = message["content"][0]["text"]
+    assert json.loads(text) == {"name": name, "arguments": arguments}  # nothing the model said is lost
+    ollama.script(forced_reply("Read", {"file_path": "/a", "limit": 5}))
+    status, _, message = gateway.messages(request_body(f"fine {stream} {why}", tools=CLAUDE_CODE_TOOLS,
+                                                       tool_choice={"type": "any"}))
+    assert status == 200 and message["content"][0]["input"] == {"file_path": "/a", "limit": 5}
+
+
+def test_schema_checks_end_on_cycles_and_branch_bombs():
+    bomb = {"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"}
+    assert proxy.schema_violation({"x": 1}, bomb) is None  # bounded: taken as valid, as the sampler held it
+    assert proxy.schema_violation(1, {"$ref": "#"}) is None
+    nested = {"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"}
+    assert proxy.schema_violation([[[]]], nested) is None
+    assert proxy.schema_violation([[1]], nested) == "input[0][0] is not of type array"
+    assert proxy.schema_violation(True, {"enum": [1]}) and proxy.schema_violation(1.0, {"const": 1}) is None
+    assert proxy.schema_violation("x", {"oneOf": [{"type": "string"}, {"maxLength": 3}]}) == "input does not match oneOf"
 
 
 def test_sdk_tool_choice_any_gets_a_tool_use(sdk, ollama):

@@ -20,7 +20,8 @@ from standins.ollama import (
     tool_reply,
 )
 from standins.proxy import (
-    assert_threads_freed, assert_valid_stream, config, free_port, parse_sse, request_body, running_proxy,
+    assert_threads_freed, assert_valid_stream, config, free_port, parse_sse, proxy_message, request_body,
+    running_proxy,
 )
 from standins.support import wait_for, wait_until
 
@@ -182,7 +183,7 @@ def fast_recheck(monkeypatch):
 
 def test_ollama_host_lists_several_hosts(capsys):
     settings = config(OLLAMA_HOST="gpu-a, gpu-b:11500 ,https://gpu-c")
-    assert [h.url for h in settings.ollama_hosts] == ["http://gpu-a:11434", "http://gpu-b:11500",
+    assert [h.url for h in settings.ollama_addresses] == ["http://gpu-a:11434", "http://gpu-b:11500",
                                                       "https://gpu-c:443"]
     assert settings.ollama_warmup == "on"
     for value, message in (("gpu-a,gpu-a:11434", "more than once"), (" , ", "OLLAMA_HOST is empty")):
@@ -213,14 +214,14 @@ def test_concurrent_generations_spread_over_the_hosts(hosts):
         for thread in threads:
             thread.join(20)
         assert [results.get() for _ in threads] == [200] * 4
-        wait_for(lambda: [h.in_flight for h in gateway.server.ollama.hosts] == [0, 0], "the generations to end")
+        wait_for(lambda: [h.in_flight for h in gateway.server.pool.hosts] == [0, 0], "the generations to end")
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_host_that_fails_before_answering_costs_no_request(hosts, stream):
     first, second = hosts
     with running_proxy(host_list(hosts)) as gateway:
-        pool = gateway.server.ollama
+        pool = gateway.server.pool
 
         def first_host_next():
             # Both hosts idle: the tie goes to the first, marked up again so that it is tried.
@@ -277,7 +278,7 @@ def test_a_hung_host_marked_down_does_not_hold_up_the_model_list(ollama, monkeyp
     threading.Thread(target=take, daemon=True).start()
     try:
         with running_proxy(f"http://127.0.0.1:{hung.getsockname()[1]},{ollama.url}", OLLAMA_TIMEOUT=1) as gateway:
-            pool = gateway.server.ollama
+            pool = gateway.server.pool
             wait_for(lambda: not pool.hosts[0].up, "the start-up check to mark the hung host down")
             asked = len(accepted)
             status, _, body = gateway.json("GET", "/v1/models")
@@ -292,9 +293,9 @@ def test_a_hung_host_marked_down_does_not_hold_up_the_model_list(ollama, monkeyp
 def test_a_stream_committed_while_waiting_still_moves_to_another_host(hosts):
     first, second = hosts
     # Silent past FAIL_FAST_SECONDS (the client already has message_start and a ping), then gone.
-    first.responder = lambda body: Reply(delay_before=proxy.ProxyHandler.FAIL_FAST_SECONDS + 0.5, drop="reset")
+    first.responder = lambda body: Reply(delay_before=proxy.Generation.FAIL_FAST_SECONDS + 0.5, drop="reset")
     with running_proxy(host_list(hosts)) as gateway:
-        gateway.server.ollama._turn = 0  # both idle: the first host is tried first
+        gateway.server.pool._turn = 0  # both idle: the first host is tried first
         status, _, raw = gateway.stream(request_body())
     events = parse_sse(raw)
     assert status == 200 and [name for name, _ in events].count("message_start") == 1
@@ -316,7 +317,7 @@ def test_a_host_that_comes_back_is_warmed_up_and_used_again(hosts, fast_recheck)
     first, second = hosts
     first.stop()
     with running_proxy(host_list(hosts), OLLAMA_WARMUP="on", OLLAMA_NUM_CTX=8192) as gateway:
-        pool = gateway.server.ollama.hosts
+        pool = gateway.server.pool.hosts
         wait_for(lambda: not pool[0].up, "the stopped host to be marked down")
         assert gateway.messages(request_body())[0] == 200 and len(second.chats()) == 1
         back = restarted(first)
@@ -372,7 +373,7 @@ def test_a_conversation_stays_on_its_host_while_that_host_is_not_busier(hosts):
         for _ in range(4):  # idle hosts would take turns; the conversation does not move
             next_turn()
             # The host counts a generation until just after its answer left: the next turn comes later.
-            wait_for(lambda: not any(host.in_flight for host in gateway.server.ollama.hosts), "the generation to end")
+            wait_for(lambda: not any(host.in_flight for host in gateway.server.pool.hosts), "the generation to end")
         home = 0 if turns(hosts[0]) else 1
         assert turns(hosts[home]) == 4 and turns(hosts[1 - home]) == 0
         gate = Gate()
@@ -517,7 +518,7 @@ def test_chunk_parser_matches_the_whole_body_on_random_splits_of_real_streams():
             cuts = sorted(rng.sample(range(1, len(wire)), rng.choice([1, 2, 5, 20, min(200, len(wire) - 1)])))
             lines, exchange = read_in_pieces(wire, cuts, fd_holder.fileno())
             assert lines == expected[number], cuts
-            assert exchange.finished and not exchange.unusable
+            assert exchange.finished and not exchange.response.unusable
             splits += 1
     assert splits >= 600
 
@@ -531,8 +532,8 @@ def test_an_answer_of_many_odd_chunks_is_split_once_not_once_per_chunk():
     with socket.socket() as fd_holder:
         exchange = proxy.UpstreamExchange(ScriptedSocket([wire], fd_holder.fileno()), "test")
         calls = []
-        fast = exchange._whole_line_chunks
-        exchange._whole_line_chunks = lambda *args: calls.append(args[1]) or fast(*args)
+        fast = exchange.response._whole_line_chunks
+        exchange.response._whole_line_chunks = lambda *args: calls.append(args[1]) or fast(*args)
         lines = []
         while not exchange.finished:
             exchange.receive()
@@ -647,11 +648,11 @@ def test_tool_arguments_nested_too_deep_from_ollama_are_its_failure(raw_ollama, 
 @pytest.mark.parametrize("extra", [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", b"\r\n", b""])
 def test_an_upstream_connection_with_bytes_after_its_answer_is_not_reused(extra):
     settings = config(OLLAMA_HOST="127.0.0.1:9")
-    pool = proxy.OllamaClient(settings, settings.ollama_hosts[0])
+    client = proxy.OllamaClient(settings, settings.ollama_addresses[0])
     ours, ollama = socket.socketpair()
     ours.setblocking(False)
     with ours, ollama:
-        exchange = proxy.UpstreamExchange(ours, "test", pool)
+        exchange = proxy.UpstreamExchange(ours, "test", client)
         ollama.sendall(ollama_wire(text_reply("done").steps))
         lines = []
         while not exchange.finished:
@@ -659,12 +660,12 @@ def test_an_upstream_connection_with_bytes_after_its_answer_is_not_reused(extra)
             exchange.receive()
             lines += exchange.pop_lines()
         assert json.loads(lines[-1])["done"]
-        exchange.release()
-        assert pool._idle == [ours]
+        exchange.keep_or_close()
+        assert client._idle == [ours]
         if extra:
             ollama.sendall(extra)  # arrives after the answer was complete, while the connection is kept
             select.select([ours], [], [], 5)
-        assert pool._idle_connection() is (None if extra else ours)
+        assert client._idle_connection() is (None if extra else ours)
         assert ours.fileno() == (-1 if extra else exchange.fd)
 
 
@@ -688,11 +689,77 @@ def test_bytes_after_a_complete_upstream_answer_close_that_connection(raw_ollama
 
 def test_ipv6_ollama_host_gets_a_bracketed_host_header():
     settings = config(OLLAMA_HOST="[::1]:11434")
-    client = proxy.OllamaClient(settings, settings.ollama_hosts[0])
+    client = proxy.OllamaClient(settings, settings.ollama_addresses[0])
     assert client._host_header == b"[::1]:11434"
 
 
 def test_each_ollama_host_uses_its_own_scheme():
     settings = config(OLLAMA_HOST="https://gpu-a,gpu-b")
-    secure, plain = (proxy.OllamaClient(settings, host) for host in settings.ollama_hosts)
+    secure, plain = (proxy.OllamaClient(settings, host) for host in settings.ollama_addresses)
     assert secure._tls is not None and plain._tls is None
+
+
+def stop_listening(host):
+    """The host stops taking connections; connections it has stay open, as a crashing Ollama's
+    kept-alive sockets do for a moment."""
+    host.server.shutdown()
+    host.server.server_close()
+
+
+def upstream_in_flight(gateway):
+    text = gateway.call("GET", "/metrics")[2].decode()
+    return sorted(line for line in text.splitlines() if line.startswith("simple_api_proxy_upstream_in_flight{"))
+
+
+# Where the first host dies, and whether the request can still move: until a line of the answer
+# has been given out, the client must not notice; after that it gets an error, never a 500. In
+# every case the host then stops listening, as an Ollama that crashed, so a resend on a fresh
+# connection to it fails too.
+KILL_STEPS = {
+    "connect": ("gone", True),                     # no connection at all
+    "send": (Reply(drop="reset"), True),           # it takes the request and resets the connection
+    "kept-alive": ("kept", True),                  # the kept connection closed without an answer
+    "headers": (Reply([("cut",)]), True),          # 200 and its headers, then nothing
+    "first line": (Reply([chunk(content="Hal"), ("cut",)]), False),
+    "mid-stream": (Reply([chunk(content="Hal"), chunk(content="f a"), chunk(content="nswer"), ("cut",)]), False),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("step", list(KILL_STEPS))
+def test_a_host_killed_at_every_step_moves_the_request_or_fails_cleanly(hosts, step, stream):
+    first, second = hosts
+    how, moves = KILL_STEPS[step]
+    with running_proxy(host_list(hosts), OLLAMA_WARMUP="off") as gateway:
+        pool = gateway.server.pool
+        wait_for(lambda: all(host.models is not None for host in pool.hosts), "both hosts' model lists")
+        pool._turn = 0  # both idle: the first host is asked first
+        assert gateway.messages(request_body("a first turn keeps a connection to the first host"))[0] == 200
+        assert len(first.chats()) == 1 and not second.chats()
+        if how == "gone":
+            first.stop()
+        else:
+            if how == "kept":
+                first.drop_kept = True
+            else:
+                first.script(how)
+            stop_listening(first)
+        pool._turn = 0
+        status, _, raw = gateway.call("POST", "/v1/messages", request_body("the question", stream=stream))
+        if moves:
+            assert status == 200
+            message = proxy_message(raw, stream)
+            assert message["content"][0]["text"] == "Hello! I am the stand-in model.", raw
+            assert len(second.chats()) == 1
+        else:
+            assert not second.chats(), "the answer had begun: it must not be generated twice"
+            if stream:
+                events = parse_sse(raw)
+                assert status == 200 and events[-1][0] == "error"
+                assert "Hal" in "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
+            else:
+                assert status == 502 and json.loads(raw)["error"]["type"] == "api_error", raw
+        wait_for(lambda: [host.in_flight for host in pool.hosts] == [0, 0], "every host's count back to 0")
+        assert upstream_in_flight(gateway) == sorted(
+            f'simple_api_proxy_upstream_in_flight{{host="{host.url}"}} 0' for host in hosts)
+        assert_threads_freed(gateway)
