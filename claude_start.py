@@ -792,10 +792,12 @@ class SshConnection:
 
 # The box's command line: check python3, then read the program's length, the program, and hand
 # it the rest of stdin (a JSON request line and uploads). It parses in a login shell of bash or sh.
-BOX_LOADER = '''command -v python3 >/dev/null 2>&1 || { echo '{"event": "fail", "message": "python3 not found on the box: install python3 (3.8 or newer)"}'; exit 1; }
+BOX_LOADER = '''command -v python3 >/dev/null 2>&1 || {
+    echo '{"event": "fail", "message": "python3 not found on the box: install python3 (3.8 or newer)"}'; exit 1; }
 exec python3 -S -c "import sys, json
 if sys.version_info < (3, 8):
-    print(json.dumps({'event': 'fail', 'message': 'python3 on the box is ' + sys.version.split()[0] + ', older than 3.8: install a newer one'}))
+    print(json.dumps({'event': 'fail', 'message': 'python3 on the box is %s, older than 3.8: install a newer one'
+                                                  % sys.version.split()[0]}))
     sys.exit(1)
 b = sys.stdin.buffer
 s = b.read(int(b.readline())).decode()
@@ -926,7 +928,8 @@ class Box:
         say("deploying to %s: %s/ (proxy on 127.0.0.1:%d, model(s): %s)"
             % (self.destination, BOX_FOLDER, settings.remote_port, " ".join(models)))
         try:
-            answer = self.call("up", timeout, {"simple_api_proxy.py": script, "proxy.json": settings.box_proxy_settings()},
+            files = {"simple_api_proxy.py": script, "proxy.json": settings.box_proxy_settings()}
+            answer = self.call("up", timeout, files,
                                port=settings.remote_port, health_wait=settings.health_wait,
                                generate_key=not settings.value("PROXY_API_KEY"), **self.models_request())
         except Failure as failure:
@@ -1470,7 +1473,8 @@ class Launcher:
         asked = self.settings.local_port
         port = find_free_port(asked)
         if port is None:
-            raise Failure("no free local port in %d-%d: free one or pass --local-port" % (asked, asked + PORT_TRIES - 1))
+            raise Failure("no free local port in %d-%d: free one or pass --local-port"
+                          % (asked, asked + PORT_TRIES - 1))
         if port != asked:
             say("local port %d is in use; using %d" % (asked, port))
         return port

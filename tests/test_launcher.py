@@ -1,9 +1,9 @@
 """claude_start.sh, the laptop-side launcher (the entry point, and claude_start.py behind it).
 
-Unit tests call claude_start's functions; the end-to-end tests run the real entry point. Stand-in `ssh` and `claude` executables (standins/bin) sit
-first on PATH; the "remote" proxy is a stdlib HTTP server on a loopback port that the stand-in
-ssh reaches by running the remote command locally, and whose tunnel (`ssh -N -L L:127.0.0.1:R`)
-is a real TCP forwarder.
+Unit tests call claude_start's functions; the end-to-end tests run the real entry point.
+Stand-in `ssh` and `claude` executables (standins/bin) sit first on PATH; the "remote" proxy is a
+stdlib HTTP server on a loopback port that the stand-in ssh reaches by running the remote command
+locally, and whose tunnel (`ssh -N -L L:127.0.0.1:R`) is a real TCP forwarder.
 """
 
 import contextlib
