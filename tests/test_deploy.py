@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import urllib.error
@@ -90,12 +91,13 @@ def test_deploy_bare_box_to_an_answer_then_keep_or_restart_the_proxy(lab, tmp_pa
     resume = re.search(r"resume this conversation with: (.*)", result.stderr)
     assert resume and re.fullmatch(r"\S*claude_start\.sh --ssh box-a --remote-port \d+ --local-port \d+ "
                                    r"-- --resume [0-9a-f-]{36}", resume.group(1)), result.stderr
-    # What it leaves on the box: the file, a private env file, logs, pidfiles, the instance id.
+    # What it leaves on the box: the file, a private settings file, logs, pidfiles, the instance id.
     assert (box.folder / "simple_api_proxy.py").read_bytes() == (ROOT / "simple_api_proxy.py").read_bytes()
-    env_file = box.folder / "proxy.env"
-    assert env_file.stat().st_mode & 0o777 == 0o600
-    assert {"OLLAMA_NUM_CTX=16384", "PROXY_API_KEY=box-key-123", "API_PORT=%d" % box.proxy_port,
-            "OLLAMA_MODEL=%s" % MODEL} <= set(env_file.read_text().splitlines())
+    settings_file = box.folder / "proxy.json"
+    assert settings_file.stat().st_mode & 0o777 == 0o600
+    assert {"OLLAMA_NUM_CTX": "16384", "PROXY_API_KEY": "box-key-123", "API_PORT": str(box.proxy_port),
+            "API_HOST": "127.0.0.1", "OLLAMA_MODEL": MODEL}.items() <= json.loads(settings_file.read_text()).items()
+    assert not (box.folder / "proxy.key").exists()  # the user's key, none made up
     pid = box.pid("proxy.pid")
     assert _process_alive(pid) and _process_alive(box.pid("ollama.pid"))
     assert "box-key-123" not in Path("/proc/%d/cmdline" % pid).read_text()
@@ -186,8 +188,8 @@ def test_tunnel_killed_mid_request_is_reopened_and_the_session_answers(lab):
     (box.state / "delay_once").write_text("30")
     launcher = lab.start(box, "--", "-p", "say hello", env=lab.env(real_claude=True))
     assert poll_until(lambda: chats.exists() and chats.read_text().count("\n") == 1, 60)
-    tunnels = [pid for pid in _pids_with_parent(launcher.pid) if " -N -L " in _cmdline(pid)]
-    assert len(tunnels) == 1, [_cmdline(pid) for pid in _pids_with_parent(launcher.pid)]
+    tunnels = [pid for pid in _descendants(launcher.pid) if " -N -L " in _cmdline(pid)]
+    assert len(tunnels) == 1, [_cmdline(pid) for pid in _descendants(launcher.pid)]
     os.kill(tunnels[0], signal.SIGKILL)
     out, err = launcher.communicate(timeout=90)
     assert launcher.returncode == 0 and out.strip() == "Answer from box a.", out + err
@@ -201,14 +203,20 @@ def _cmdline(pid):
     return ""
 
 
-def _pids_with_parent(parent):
-    pids = []
+def _descendants(pid):
+    """Every process below pid (the launcher's tunnels run under their keepers)."""
+    children = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError, IndexError):
-                if int(Path("/proc/%s/stat" % entry).read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                    pids.append(int(entry))
-    return pids
+                parent = int(Path("/proc/%s/stat" % entry).read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def test_two_launchers_at_once_each_reach_their_own_box(lab):
@@ -232,14 +240,14 @@ def test_stop_all_and_sigterm_clean_up(lab):
         pidfile.unlink()
     assert poll_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 60)
     claude = int(pidfile.read_text())
-    tunnels = [pid for pid in _pids_with_parent(launcher.pid) if " -N -L " in _cmdline(pid)]
+    tunnels = [pid for pid in _descendants(launcher.pid) if " -N -L " in _cmdline(pid)]
     local = int(_cmdline(tunnels[0]).split(" -L ")[1].split(":")[0])
 
     # The box's proxy restarts (a new instance) and the tunnel drops: the new instance is taken.
     os.kill(box.pid("proxy.pid"), signal.SIGTERM)
     restart = subprocess.run([str(lab.laptop / "bin" / "ssh"), "box-a", "python3 /root/.simple_api_proxy/box.py"],
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-    assert "@ready" in restart.stdout, restart.stdout + restart.stderr
+    assert '"event": "ready"' in restart.stdout, restart.stdout + restart.stderr
     said = []
     reader = threading.Thread(target=lambda: said.extend(launcher.stderr), daemon=True)
     reader.start()
@@ -248,8 +256,7 @@ def test_stop_all_and_sigterm_clean_up(lab):
     assert poll_until(lambda: any("reopened" in line for line in said), 30), said
     assert any("the proxy on box-a restarted (instance %s" % instance in line for line in said), said
     assert _health_instance(local) == instance
-    tunnels = [pid for pid in _pids_with_parent(launcher.pid) for pid in [pid] + _pids_with_parent(pid)
-               if " -N -L " in _cmdline(pid)]
+    tunnels = [pid for pid in _descendants(launcher.pid) if " -N -L " in _cmdline(pid)]
 
     launcher.send_signal(signal.SIGTERM)
     launcher.wait(timeout=20)
@@ -267,7 +274,7 @@ def test_stop_all_and_sigterm_clean_up(lab):
     # README's on-start line brings both back after a container restart, and returns.
     onstart = subprocess.run([str(lab.laptop / "bin" / "ssh"), "box-a", "python3 /root/.simple_api_proxy/box.py"],
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-    assert onstart.returncode == 0 and "@ready" in onstart.stdout, onstart.stdout + onstart.stderr
+    assert onstart.returncode == 0 and '"event": "ready"' in onstart.stdout, onstart.stdout + onstart.stderr
     assert _process_alive(box.pid("proxy.pid")) and _process_alive(box.pid("ollama.pid"))
 
 
@@ -362,8 +369,9 @@ def test_deploy_as_a_normal_user_then_stop_and_say_that_installing_ollama_needs_
     result = lab.run(box, "--deploy")
     assert result.returncode == 0, result.stderr
     assert "started ollama serve" in result.stderr and "started the proxy" in result.stderr
-    env_file = box.folder / "proxy.env"
-    assert env_file.stat().st_mode & 0o777 == 0o600 and env_file.stat().st_uid == uid
+    settings_file, key_file = box.folder / "proxy.json", box.folder / "proxy.key"
+    for private in (settings_file, key_file):
+        assert private.stat().st_mode & 0o777 == 0o600 and private.stat().st_uid == uid
     assert all(item.stat().st_uid == uid for item in [box.folder, *box.folder.iterdir()])
     pid = box.pid("proxy.pid")
     assert _process_alive(pid) and os.stat("/proc/%d" % pid).st_uid == uid
@@ -387,3 +395,63 @@ def test_deploy_as_a_normal_user_then_stop_and_say_that_installing_ollama_needs_
     assert "no internet in tests" not in missing.stderr
     assert "Ollama is not installed, and its official install script" in missing.stderr, missing.stderr
     assert "needs root: %s is not root and has no passwordless sudo" % box.user in missing.stderr
+
+
+###############################################################################
+# Defects of the bash launcher, each fixed
+###############################################################################
+
+def _proxy_call(port, key=None):
+    headers = {"x-api-key": key} if key else {}
+    request = urllib.request.Request("http://127.0.0.1:%d/v1/models" % port, headers=headers)
+    try:
+        return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10).status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_deploy_without_a_key_gives_the_box_its_own_and_claude_code_gets_it(lab):
+    box = lab.boxes["a"]
+    result = lab.run(box, "--deploy", "--", "-p", "say hello", env=lab.env(real_claude=True))
+    assert result.returncode == 0 and result.stdout.strip() == "Answer from box a.", result.stderr
+    box_key = box.folder / "proxy.key"
+    laptop_key = lab.laptop / "home" / ".config" / "simple_api_proxy" / "keys" / "box-a"
+    for private in (box_key, laptop_key):
+        assert private.stat().st_mode & 0o777 == 0o600, private
+    key = box_key.read_text().strip()
+    assert len(key) >= 32 and laptop_key.read_text().strip() == key
+    # Another user of the box reaches the proxy's loopback port, but not without the key.
+    assert _proxy_call(box.proxy_port) == 401 and _proxy_call(box.proxy_port, key) == 200
+    again = lab.run(box, "--deploy")
+    assert again.returncode == 0 and "already running" in again.stderr, again.stderr
+    assert box_key.read_text().strip() == key
+
+
+def test_no_setting_can_add_a_line_to_the_proxys_settings(lab):
+    box = lab.boxes["a"]
+    separators = ["\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+    value = "secret" + "".join(separator + "API_HOST=0.0.0.0" for separator in separators)
+    result = lab.run(box, "--deploy", env=lab.env(REDIS_PASSWORD=value))
+    assert result.returncode == 0, result.stderr
+    environ = dict(item.split(b"=", 1) for item in
+                   Path("/proc/%d/environ" % box.pid("proxy.pid")).read_bytes().split(b"\0") if b"=" in item)
+    assert environ[b"API_HOST"] == b"127.0.0.1" and environ[b"REDIS_PASSWORD"] == value.encode()
+
+
+def test_stop_never_signals_a_process_that_took_the_proxys_pid(lab):
+    box = lab.boxes["a"]
+    assert lab.run(box, "--deploy").returncode == 0
+    proxy = box.pid("proxy.pid")
+    os.kill(proxy, signal.SIGKILL)
+    assert poll_until(lambda: not _process_alive(proxy), 10)
+    # A process that now holds the pid the pidfile names, and looks like the proxy.
+    lookalike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "simple_api_proxy.py"])
+    try:
+        (box.folder / "proxy.pid").write_text("%d\n" % lookalike.pid)
+        result = lab.run(box, "--stop")
+        assert result.returncode == 0, result.stderr
+        assert "no proxy started by the launcher is running" in result.stderr
+        assert lookalike.poll() is None
+    finally:
+        lookalike.kill()
+        lookalike.wait()

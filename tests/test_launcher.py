@@ -1,9 +1,9 @@
-"""claude_start.sh, the laptop-side launcher.
+"""claude_start.sh, the laptop-side launcher (the entry point, and claude_start.py behind it).
 
-The real script runs under bash. Stand-in `ssh` and `claude` executables (standins/bin) sit
-first on PATH; the "remote" proxy is a stdlib HTTP server on a loopback port that the stand-in
-ssh reaches by running the remote command locally, and whose tunnel (`ssh -N -L L:127.0.0.1:R`)
-is a real TCP forwarder.
+Unit tests call claude_start's functions; the end-to-end tests run the real entry point.
+Stand-in `ssh` and `claude` executables (standins/bin) sit first on PATH; the "remote" proxy is a
+stdlib HTTP server on a loopback port that the stand-in ssh reaches by running the remote command
+locally, and whose tunnel (`ssh -N -L L:127.0.0.1:R`) is a real TCP forwarder.
 """
 
 import contextlib
@@ -21,9 +21,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
+import claude_box
+import claude_start
 import simple_api_proxy as proxy
 
 from standins.support import LAUNCHER_SCRIPT, pid_alive, poll_until, ROOT, STANDIN_BIN
@@ -148,9 +151,9 @@ class _LauncherSandbox:
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def run(self, args, env):
+    def run(self, args, env, cwd=None):
         proc = subprocess.Popen(
-            [str(LAUNCHER_SCRIPT), *args], env=env, stdin=subprocess.DEVNULL,
+            [str(LAUNCHER_SCRIPT), *args], env=env, stdin=subprocess.DEVNULL, cwd=cwd,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             start_new_session=True,
         )
@@ -230,6 +233,12 @@ def launcher_sandbox(tmp_path):
         sandbox.cleanup()
 
 
+def _settings(argv, environ):
+    arguments = claude_start.parse_args(argv)
+    arguments.check_modes()
+    return claude_start.Settings(arguments, environ)
+
+
 def _launcher_expected_env(port, model=LAUNCHER_MODEL_DEFAULT, context="32768",
                            output="8192", timeout="600000"):
     return {
@@ -262,11 +271,45 @@ def test_launcher_shellcheck_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_launcher_is_executable_bash_script():
+def test_launcher_is_a_short_posix_entry_point_that_hands_over_to_python():
     assert os.access(LAUNCHER_SCRIPT, os.X_OK)
-    first = LAUNCHER_SCRIPT.read_text().splitlines()[0]
-    assert first == "#!/usr/bin/env bash"
-    assert "set -euo pipefail" in LAUNCHER_SCRIPT.read_text()
+    text = LAUNCHER_SCRIPT.read_text()
+    assert text.splitlines()[0] == "#!/bin/sh" and len(text.splitlines()) <= 40
+    assert "import claude_start; sys.exit(claude_start.main())' \"$here\" \"$@\"" in text
+
+
+def test_launcher_without_python_says_what_to_do(tmp_path):
+    result = subprocess.run([shutil.which("sh"), str(LAUNCHER_SCRIPT), "--help"], env={"PATH": str(tmp_path)},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("claude_start: python3 (3.8 or newer) not found on PATH: install it")
+
+
+def test_launcher_on_a_python_older_than_3_8_says_what_to_do(tmp_path):
+    # A python3 that reports 3.7, as an old one would, to the launcher's first lines; the entry
+    # point calls it as: python3 -S -c CODE FOLDER ARGS...
+    old = tmp_path / "python3"
+    old.write_text('#!/bin/sh\nshift 2\nexec %s -S -c "import sys; sys.version_info = (3, 7, 9); '
+                   'sys.version = \'3.7.9 (old)\'; exec(sys.argv.pop(1))" "$@"\n' % sys.executable)
+    old.chmod(0o755)
+    result = subprocess.run([shutil.which("sh"), str(LAUNCHER_SCRIPT), "--help"], env={"PATH": str(tmp_path)},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr.startswith("claude_start: python3 is 3.7.9 here, older than 3.8: install python3 3.8")
+    # A newer python3.X beside it takes over.
+    (tmp_path / "python3.11").symlink_to(sys.executable)
+    result = subprocess.run([shutil.which("sh"), str(LAUNCHER_SCRIPT), "--help"], env={"PATH": str(tmp_path)},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "Usage: claude_start.sh" in result.stdout, result.stderr
+
+
+def test_launcher_found_through_a_symlink_uses_the_files_beside_it(launcher_sandbox):
+    link = launcher_sandbox.root / "bin" / "claude_start"
+    link.parent.mkdir()
+    link.symlink_to(LAUNCHER_SCRIPT)
+    result = subprocess.run([str(link), "--help"], env=launcher_sandbox.env(), capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0 and "Usage: claude_start.sh" in result.stdout, result.stderr
 
 
 def test_launcher_help_lists_every_flag_and_variable(launcher_sandbox):
@@ -274,7 +317,7 @@ def test_launcher_help_lists_every_flag_and_variable(launcher_sandbox):
         result = launcher_sandbox.run([flag], launcher_sandbox.env())
         assert result.returncode == 0, result.stderr
         for word in ("--ssh", "--ssh-port", "--remote-port", "--local-port", "--local",
-                     "--check", "--model", "--config", "--help", "--", "--lean",
+                     "--check", "--model", "--config", "--help", "--", "--lean", "--full-tools",
                      "CLAUDE_START_SSH", "CLAUDE_START_SSH_PORT", "CLAUDE_START_REMOTE_PORT",
                      "CLAUDE_START_LOCAL_PORT", "CLAUDE_START_MODEL",
                      "CLAUDE_START_CONTEXT_TOKENS", "CLAUDE_START_MAX_OUTPUT_TOKENS",
@@ -289,40 +332,43 @@ def test_launcher_help_lists_every_flag_and_variable(launcher_sandbox):
 
 
 def test_launcher_passes_on_every_proxy_setting_but_the_ones_it_decides(launcher_sandbox):
-    text = LAUNCHER_SCRIPT.read_text()
-    found = re.search(r'^readonly PROXY_SETTINGS="([^"]*)"', text, re.M)
-    launcher_settings = found.group(1).replace("\\\n", " ").split()
     owned = {"API_HOST", "API_PORT", "LOG_FILE"}
-    assert launcher_settings == [name for name, *_ in proxy.SETTINGS if name not in owned]
-    for name in owned:
-        assert re.search(r"(?<![A-Z_])%s=" % name, text), "the launcher no longer sets %s itself" % name
+    assert list(claude_start.PROXY_SETTINGS) == [name for name, *_ in proxy.SETTINGS if name not in owned]
+    settings = _settings(["--ssh", "me@gpu-box", "--remote-port", "8010"], {})
+    written = json.loads(settings.box_proxy_settings())
+    assert {name: written[name] for name in owned} == {"API_HOST": "127.0.0.1", "API_PORT": "8010", "LOG_FILE": ""}
     result = launcher_sandbox.run(["--help"], launcher_sandbox.env())
-    assert all(name in result.stdout for name in launcher_settings)
+    assert all(name in result.stdout for name in claude_start.PROXY_SETTINGS)
 
 
-@pytest.mark.parametrize("with_proxy_copy", [True, False])
-def test_box_program_reads_ollama_host_by_the_proxys_rules(tmp_path, with_proxy_copy):
+OLDEST_BOX_PYTHON = "/root/.pyenv/versions/3.8.18/bin/python3"  # where this machine keeps python 3.8
+
+
+@pytest.mark.parametrize("python", [sys.executable, OLDEST_BOX_PYTHON])
+def test_box_program_reads_ollama_host_by_the_proxys_rules(python):
+    if not os.access(python, os.X_OK):
+        pytest.skip("no python 3.8 at %s" % python)
     hosts = {"gpu": "http://gpu:11434", "http://gpu": "http://gpu:80", "https://gpu": "https://gpu:443",
              "0.0.0.0": "http://127.0.0.1:11434", "[::1]:11500": "http://[::1]:11500",
              "http://127.0.0.1:11500/,http://other:11434": "http://127.0.0.1:11500"}
-    folder = tmp_path / ".simple_api_proxy"
-    folder.mkdir()
-    if with_proxy_copy:
-        shutil.copy(ROOT / "simple_api_proxy.py", folder)
-    result = subprocess.run([sys.executable, str(STANDIN_BIN / "box_rules_check.py"), str(LAUNCHER_SCRIPT),
-                             json.dumps(list(hosts))],
-                            capture_output=True, text=True, timeout=60, env=dict(os.environ, HOME=str(tmp_path)))
+    check = ("import json, sys; sys.path.insert(0, sys.argv[1]); import claude_box; "
+             "rules = claude_box.Rules(sys.argv[2]); "
+             "print(json.dumps([[rules.ollama_url({'OLLAMA_HOST': v}) for v in json.loads(sys.argv[3])], "
+             "rules.installed('llama3.2', ['llama3.2:latest']), rules.installed('llama3.2', ['llama3.2:3b'])]))")
+    result = subprocess.run([python, "-c", check, str(ROOT), claude_start.rules_source(), json.dumps(list(hosts))],
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    answer = json.loads(result.stdout)
-    assert answer == {"from_proxy": with_proxy_copy, "urls": list(hosts.values()), "installed": [True, False]}
+    assert json.loads(result.stdout) == [list(hosts.values()), True, False]
     for value in hosts:
         assert proxy.parse_ollama_hosts(value)[0].url == hosts[value]
 
 
 def test_readme_lists_what_the_launcher_sets_for_claude_code():
-    run_claude = re.search(r"^run_claude\(\) \{\n(.*?)^\}", LAUNCHER_SCRIPT.read_text(), re.S | re.M).group(1)
-    exported = set(re.findall(r"^\s*export (\w+)=", run_claude, re.M))
-    unset = set(re.findall(r"^\s*unset (\w+)", run_claude, re.M))
+    settings = _settings(["--local"], {})
+    before = {"ANTHROPIC_API_KEY": "sk-real", "PATH": "/bin"}
+    env = claude_start.ClaudeRun(settings, 8001, "token").environment(before)
+    exported = {name for name in env if env[name] != before.get(name)}
+    unset = set(before) - set(env)
     readme = (ROOT / "README.md").read_text()
     by_hand = readme.split("**Set it up by hand** instead:", 1)[1].split("```", 2)[1]
     assert exported and unset
@@ -516,8 +562,9 @@ def test_launcher_local_starts_proxy_and_stops_it(launcher_sandbox):
     env = dict(rec["env"])
     assert env.pop("ANTHROPIC_AUTH_TOKEN") == "sekrit"
     assert env == _launcher_expected_env(port)
-    assert (sb.tmp / ("simple_api_proxy.%d.log" % port)).exists()
+    assert started["env"]["LOG_FILE"] == ""  # its log is the run folder's, never a file in the project
     assert poll_until(lambda: not pid_alive(started["pid"]), 5)
+    assert list(sb.tmp.iterdir()) == []  # the run folder went with the run
     assert _launcher_http_status(port) is None
 
 
@@ -549,6 +596,8 @@ def test_launcher_local_proxy_that_never_answers(launcher_sandbox):
     assert result.returncode != 0
     line = _launcher_all_prefixed(result)[-1]
     assert "did not answer" in line and "simple_api_proxy.%d.log" % port in line
+    log = Path(re.search(r"see (\S+), or raise", line).group(1))
+    assert log.exists() and log.parent.parent == sb.tmp and log.parent.stat().st_mode & 0o777 == 0o700
     assert not sb.claude_out.exists()
     pid = json.loads(record.read_text())["pid"]
     assert poll_until(lambda: not pid_alive(pid), 5)
@@ -640,7 +689,7 @@ def test_launcher_config_precedence(launcher_sandbox):
         "CLAUDE_START_MAX_OUTPUT_TOKENS='3333'\n"
         "API_TIMEOUT_MS=1234\n" % (remote, file_port)
     )
-    result = sb.run(["--model", "flag-model", "--local-port", str(flag_port)],
+    result = sb.run(["--model", "flag-model", "--local-port", str(flag_port), "--full-tools"],
                     sb.env(CLAUDE_START_MODEL="env-model", CLAUDE_START_CONTEXT_TOKENS=2222,
                            CLAUDE_START_LOCAL_PORT=env_port, API_TIMEOUT_MS=5678))
     assert result.returncode == 0, result.stderr
@@ -657,7 +706,7 @@ def test_launcher_config_precedence(launcher_sandbox):
     result = sb.run([], sb.env(CLAUDE_START_LOCAL_PORT=env_port))
     assert result.returncode == 0, result.stderr
     assert sb.claude_record()["env"]["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:%d" % env_port
-    assert sb.claude_record()["argv"] == ["--model", "file-model"]
+    assert sb.claude_record()["argv"][:2] == ["--model", "file-model"]  # and the lean set: a 1111-token window
     sb.assert_no_tunnel_left()
 
 
@@ -755,3 +804,226 @@ def test_launcher_missing_explicit_config_fails(launcher_sandbox):
     result = sb.run(["--local"], sb.env(CLAUDE_START_CONFIG=sb.root / "missing.env"))
     line = _launcher_error_line(result)
     assert "missing.env" in line and "not found" in line
+
+
+###############################################################################
+# Unit tests of the launcher's parts
+###############################################################################
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ssh"], "--ssh needs a value"), (["--model="], "--model needs a non-empty value"),
+    (["-x"], "unknown option '-x' (arguments for claude go after --)"),
+    (["--deploy", "--stop"], "go one at a time"), (["--all"], "--all goes with --stop"),
+    (["--local", "--deploy"], "go one at a time")])
+def test_arguments_that_cannot_work_are_usage_errors(argv, message):
+    with pytest.raises(claude_start.UsageError) as refused:
+        claude_start.parse_args(argv).check_modes()
+    assert message in refused.value.message and refused.value.message.endswith("(see --help)")
+    assert refused.value.status == 2
+
+
+def test_arguments_keep_the_command_line_for_the_resume_and_stop_hints():
+    arguments = claude_start.parse_args(["--ssh=me@box", "--deploy", "--model", "m", "--remote-port", "9",
+                                         "--lean", "--", "-p", "hi"])
+    assert arguments.claude_args == ["-p", "hi"] and arguments.lean
+    settings = claude_start.Settings(arguments, {"CLAUDE_START_COMMAND": "./claude_start.sh"})
+    assert settings.launch_command() == "./claude_start.sh --ssh=me@box --model m --remote-port 9 --lean"
+    assert settings.launch_command(stop=True) == "./claude_start.sh --ssh=me@box --remote-port 9"
+
+
+def test_settings_come_from_flag_then_environment_then_file_then_default(tmp_path, caplog):
+    config = tmp_path / "claude_start.env"
+    config.write_text("# comment\n\nexport CLAUDE_START_MODEL='file-model'\nCLAUDE_START_LOCAL_PORT = 9001\n"
+                      "CLAUDE_START_REMOTE_PORT=9002\nOLLAMA_NUM_CTX=\"16384\"\nBOGUS=1\nno equals sign\r\n")
+    environ = {"CLAUDE_START_CONFIG": str(config), "CLAUDE_START_LOCAL_PORT": "9101", "CLAUDE_START_MODEL": "",
+               "CLAUDE_START_SSH": "a@one b@two"}
+    settings = _settings(["--remote-port", "9203"], environ)
+    assert (settings.model, settings.local_port, settings.remote_port) == ("file-model", 9101, 9203)
+    assert settings.health_wait == claude_start.DEFAULT_HEALTH_WAIT
+    assert settings.proxy_values() == {"OLLAMA_NUM_CTX": "16384"}
+    assert settings.mode == "boxes" and [d.target for d in settings.destinations] == ["a@one", "b@two"]
+    said = caplog.text
+    assert "%s:7: unknown setting 'BOGUS', ignored" % config in said and ":8: not a KEY=VALUE line" in said
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"CLAUDE_START_HEALTH_WAIT": "0"}, "CLAUDE_START_HEALTH_WAIT must be a whole number >= 1, got '0'"),
+    ({"CLAUDE_START_SSH_PORT": "99999"}, "ssh port must be a whole number >= 1 and <= 65535"),
+    ({"CLAUDE_START_SSH": "-oProxyCommand=x"}, "must not start with '-'"),
+    ({"MODEL_MAP": "haiku"}, "MODEL_MAP entry 'haiku' is not family=model")])
+def test_settings_that_cannot_work_are_refused(environ, message):
+    with pytest.raises(claude_start.UsageError) as refused:
+        _settings([], environ).required_models()
+    assert message in refused.value.message
+
+
+def test_required_models_are_the_model_the_map_and_ollama_model_once_each():
+    settings = _settings(["--model", "a:1"], {"MODEL_MAP": "haiku=b:2, sonnet=a:1", "OLLAMA_MODEL": "c:3"})
+    assert settings.required_models() == ["a:1", "b:2", "c:3"]
+
+
+def test_box_answers_become_events_and_other_lines_are_shown(caplog):
+    answer = claude_start.BoxAnswer()
+    for line in ['{"event": "say", "text": "pulling m"}', '{"event": "need", "files": ["proxy.json"]}',
+                 '{"event": "hop", "name": "model", "status": "failed", "detail": "model m not installed"}',
+                 '{"event": "health", "status": 503, "instance": "abc", "key": "k"}',
+                 '{"event": "ollama", "address": "127.0.0.1:11434"}', "Welcome to the box!",
+                 '{"event": "fail", "message": "two\\nlines"}']:
+        answer.take(line)
+    assert answer.need == ["proxy.json"] and answer.ollama == "127.0.0.1:11434" and answer.fail == "two\nlines"
+    assert answer.health == {"event": "health", "status": 503, "instance": "abc", "key": "k"}
+    assert answer.hop_detail("model", "failed") == "model m not installed"
+    assert [r.getMessage() for r in caplog.records] == ["box: pulling m", "box: Welcome to the box!"]
+
+
+SEPARATORS = ["\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\r\n"]
+
+
+@pytest.mark.parametrize("separator", SEPARATORS)
+def test_no_setting_can_add_a_line_to_the_proxys_settings_on_the_box(tmp_path, monkeypatch, separator):
+    value = "secret%sAPI_HOST=0.0.0.0" % separator
+    settings = _settings(["--ssh", "me@gpu-box"], {"REDIS_PASSWORD": value, "MODEL_MAP": "haiku=m"})
+    monkeypatch.setattr(claude_box, "FOLDER", str(tmp_path))
+    (tmp_path / claude_box.PROXY_SETTINGS).write_bytes(settings.box_proxy_settings())
+    read = claude_box.proxy_settings()
+    assert read["API_HOST"] == "127.0.0.1" and read["REDIS_PASSWORD"] == value and read["MODEL_MAP"] == "haiku=m"
+
+
+def test_health_counts_a_live_proxy_whatever_its_status_says():
+    assert [claude_start.Health(status).up for status in (0, 200, 204, 401, 403, 404, 500, 503)] == \
+        [False, True, True, True, True, False, False, True]
+    assert claude_start.Health(503).note().startswith("HTTP 503: proxy up, Ollama not reachable")
+
+
+def test_an_ssh_destination_from_a_provider_carries_its_port_and_known_hosts():
+    destination = claude_start.SshDestination.of("root", "ssh4.vast.ai", 31234, "/tmp/known")
+    assert destination.target == "root@ssh4.vast.ai" and str(destination) == "root@ssh4.vast.ai (port 31234)"
+    options = destination.options()
+    assert options[options.index("-p") + 1] == "31234" and "UserKnownHostsFile=/tmp/known" in options
+    assert destination.command("true") == "ssh -p 31234 true root@ssh4.vast.ai"
+
+
+###############################################################################
+# Defects of the bash launcher, each fixed
+###############################################################################
+
+def _descendants(pid):
+    """Every process below pid, found through /proc."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                parent = int(Path("/proc/%s/stat" % entry).read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _cmdline(pid):
+    with contextlib.suppress(OSError):
+        return Path("/proc/%d/cmdline" % pid).read_bytes().replace(b"\0", b" ").decode()
+    return ""
+
+
+def test_the_keeper_closes_its_tunnel_when_the_launcher_is_killed(launcher_sandbox):
+    sb = launcher_sandbox
+    remote, local = sb.remote_proxy(), _launcher_free_port()
+    proc = subprocess.Popen([str(LAUNCHER_SCRIPT), "--ssh", "me@gpu-box", "--remote-port", str(remote),
+                             "--local-port", str(local)], env=sb.env(STUB_CLAUDE_SLEEP=60),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    sb.procs.append(proc)
+    assert poll_until(sb.claude_out.exists, 15)
+    started = [pid for pid in _descendants(proc.pid) if "stub-claude" not in _cmdline(pid)]
+    assert started and _launcher_http_status(local) == 200
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    for record in sb.ssh_records(tunnel=True):  # the tunnel drops too
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record["pid"], signal.SIGKILL)
+    # Nothing the launcher started is left to reopen the tunnel: the port closes and stays closed.
+    assert poll_until(lambda: not any(map(pid_alive, started)), 10), [_cmdline(pid) for pid in started]
+    assert all(not pid_alive(record["pid"]) for record in sb.ssh_records(tunnel=True))
+    assert _launcher_http_status(local) is None
+
+
+@pytest.mark.parametrize("mode", ["remote", "local"])
+def test_logs_and_sockets_live_in_a_private_run_folder(launcher_sandbox, mode):
+    sb = launcher_sandbox
+    port = _launcher_free_port()
+    if mode == "remote":
+        args = ["--ssh", "me@gpu-box", "--remote-port", str(sb.remote_proxy()), "--local-port", str(port)]
+        env = sb.env(STUB_CLAUDE_SLEEP=60)
+    else:
+        args = ["--local", "--local-port", str(port)]
+        env = sb.env(ssh=False, STUB_CLAUDE_SLEEP=60, CLAUDE_START_PROXY_SCRIPT=sb.stub_proxy)
+    proc = subprocess.Popen([str(LAUNCHER_SCRIPT), *args], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    sb.procs.append(proc)
+    assert poll_until(sb.claude_out.exists, 15)
+    entries = list(sb.tmp.iterdir())
+    assert entries and all(entry.is_dir() and entry.name.startswith("claude_start.")
+                           and entry.stat().st_mode & 0o777 == 0o700 for entry in entries), entries
+    logs = [path.name for path in sb.tmp.rglob("*.log")]
+    assert logs == ["tunnel.%d.log" % port] if mode == "remote" else ["simple_api_proxy.%d.log" % port], logs
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=LAUNCHER_RUN_TIMEOUT)
+    assert proc.returncode == 143, err
+    assert list(sb.tmp.iterdir()) == []
+
+
+def test_local_mode_leaves_the_project_folder_alone(launcher_sandbox):
+    sb = launcher_sandbox
+    project = sb.root / "project"
+    project.mkdir()
+    result = sb.run(["--local", "--local-port", str(_launcher_free_port())],
+                    sb.env(ssh=False, CLAUDE_START_PROXY_SCRIPT=ROOT / "simple_api_proxy.py", OLLAMA_WARMUP="off",
+                           OLLAMA_HOST="127.0.0.1:%d" % _launcher_free_port()), cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert sb.claude_record()["health"] == 503  # the real proxy answered, without an Ollama
+    assert list(project.iterdir()) == []
+
+
+###############################################################################
+# Small context windows: limits from the window, the lean tool set by itself
+###############################################################################
+
+@pytest.mark.parametrize("environ,argv,window,output,lean", [
+    ({}, [], 32768, 8192, False),
+    ({"OLLAMA_NUM_CTX": "8192"}, [], 8192, 2048, True),
+    ({"CLAUDE_START_CONTEXT_TOKENS": "12288", "OLLAMA_NUM_CTX": "65536"}, [], 12288, 3072, True),
+    ({"OLLAMA_NUM_CTX": "16384"}, [], 16384, 4096, True),
+    ({"OLLAMA_NUM_CTX": "16384", "CLAUDE_START_MAX_OUTPUT_TOKENS": "2048"}, [], 16384, 2048, False),
+    ({"OLLAMA_NUM_CTX": "24576"}, [], 24576, 6144, False),
+    ({"OLLAMA_NUM_CTX": "8192"}, ["--full-tools"], 8192, 2048, False),
+    ({}, ["--lean"], 32768, 8192, True)])
+def test_the_window_sets_the_output_limit_and_the_tool_set(environ, argv, window, output, lean):
+    settings = _settings(["--local"] + argv, environ)
+    assert (settings.context_tokens, settings.max_output_tokens, settings.lean) == (window, output, lean)
+
+
+def test_lean_and_full_tools_do_not_go_together():
+    with pytest.raises(claude_start.UsageError, match="--lean and --full-tools do not go together"):
+        claude_start.parse_args(["--lean", "--full-tools"]).check_modes()
+
+
+def test_a_small_window_runs_claude_code_lean_and_says_so_unless_told_otherwise(launcher_sandbox):
+    sb = launcher_sandbox
+    port = _launcher_free_port()
+    sb.local_proxy(port)
+    result = sb.run(["--local", "--local-port", str(port)], sb.env(ssh=False, OLLAMA_NUM_CTX=8192))
+    assert result.returncode == 0, result.stderr
+    record = sb.claude_record()
+    assert record["argv"][2] == "--disallowedTools" and "Agent" in record["argv"][3].split(",")
+    assert (record["env"]["CLAUDE_CODE_MAX_CONTEXT_TOKENS"], record["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"]) == \
+        ("8192", "2048")
+    assert "a window of 8192 tokens cannot hold Claude Code's full prompt" in result.stderr
+    assert "--full-tools keeps them" in result.stderr
+    result = sb.run(["--local", "--local-port", str(port), "--full-tools"], sb.env(ssh=False, OLLAMA_NUM_CTX=8192))
+    assert result.returncode == 0, result.stderr
+    assert sb.claude_record()["argv"] == ["--model", LAUNCHER_MODEL_DEFAULT]
+    assert "cannot hold" not in result.stderr
