@@ -60,6 +60,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import simple_api_proxy as proxy  # noqa: E402  (the proxy beside this file: its settings and rules)
+import claude_vast  # noqa: E402  (renting the box on vast.ai: --vast)
 
 PROG = "claude_start"
 log = logging.getLogger(PROG)
@@ -176,6 +177,9 @@ Usage: claude_start.sh [--ssh USER@HOST] [--ssh-port P] [--remote-port 8000]
                        [--local-port 8001] [--model NAME] [--config FILE]
                        [--deploy | --stop [--all] | --local | --check] [--lean]
                        [-- CLAUDE_ARGS...]
+       claude_start.sh --vast [--gpu NAMES] [--max-price USD] [--disk GB] [--model NAME]
+                       [--idle-stop 30m] [--on-exit keep|stop|destroy] [-- CLAUDE_ARGS...]
+       claude_start.sh --vast --status | --stop | --destroy [--yes] | --check
 
 Start Claude Code against simple_api_proxy.py (Anthropic Messages API -> Ollama).
 
@@ -200,6 +204,28 @@ Modes:
                       local health, claude on PATH) as ok/failed/warning, then
                       exit (status 1 if any failed); combine with --local to
                       check the local setup
+
+Rent the box on vast.ai (key: VAST_API_KEY or ~/.config/vastai/vast_api_key; API: VAST_URL):
+  --vast              use our instance (label --vast-label): a running one, else start
+                      a stopped one, else rent the cheapest offer that fits; wait for
+                      it, then --deploy and run claude as above. A rental not usable
+                      within --boot-timeout is destroyed
+  --vast --status     our instances (state, GPU, $/h, uptime, cost, idle time), credit
+  --vast --stop       stop them; --vast --destroy destroys them (asks unless --yes)
+  --vast --check      the checks above, on our running instance
+  --gpu "RTX 4090,RTX 3090"  GPUs to rent (default: any)
+  --max-price USD     at most this per hour, the disk's storage included
+  --disk GB           disk to rent (40)
+  --idle-stop 30m     the box stops itself after this long without requests and
+                      without a launcher attached ("off": never)
+  --idle-action stop|destroy   what the idle box does (stop)
+  --on-exit keep|stop|destroy  what this run does to the box at exit (keep)
+  --boot-timeout 10m  how long a rented or started instance may take to be usable
+  --vast-label NAME   the label that marks our instances (simple_api_proxy)
+  CLAUDE_START_VAST_POLL, CLAUDE_START_VAST_HEARTBEAT, CLAUDE_START_VAST_WATCHDOG_TICK:
+                      seconds between looks at a starting instance (3), heartbeats
+                      to the box (15) and the box watchdog's looks (30);
+                      CLAUDE_START_VAST_IMAGE: the image to rent (ollama/ollama:latest)
 
 Options (each has a variable; flag > environment > config file > default):
   --ssh USER@HOST     CLAUDE_START_SSH            ssh destination (no default);
@@ -281,6 +307,8 @@ def usage():
 
 
 VALUE_FLAGS = ("--ssh", "--ssh-port", "--remote-port", "--local-port", "--model", "--config")
+VAST_FLAGS = ("--gpu", "--max-price", "--disk", "--vast-label", "--idle-stop", "--idle-action", "--on-exit",
+              "--boot-timeout")
 
 
 @dataclasses.dataclass
@@ -295,6 +323,10 @@ class Arguments:
     stop_all: bool = False
     lean: bool = False
     full_tools: bool = False
+    vast: bool = False
+    status: bool = False
+    destroy: bool = False
+    yes: bool = False
     values: dict = dataclasses.field(default_factory=dict)  # --flag -> its last value
     ssh: list = dataclasses.field(default_factory=list)  # every --ssh, in order
     claude_args: list = dataclasses.field(default_factory=list)
@@ -309,10 +341,23 @@ class Arguments:
             raise UsageError("--all goes with --stop")
         if self.lean and self.full_tools:
             raise UsageError("--lean and --full-tools do not go together")
+        if not self.vast:
+            given = [flag for flag in VAST_FLAGS if flag in self.values] + [
+                flag for flag, name in (("--status", "status"), ("--destroy", "destroy")) if getattr(self, name)]
+            if given:
+                raise UsageError("%s goes with --vast" % given[0])
+            return
+        if self.local or self.ssh or "--ssh-port" in self.values:
+            raise UsageError("--vast finds or rents the box itself: leave out --ssh, --ssh-port and --local")
+        if self.deploy:
+            raise UsageError("--vast deploys by itself: leave out --deploy")
+        if self.status + self.stop + self.destroy + self.check > 1:
+            raise UsageError("--status, --stop, --destroy and --check go one at a time")
 
 
 SWITCHES = {"--local": "local", "--check": "check", "--deploy": "deploy", "--stop": "stop", "--all": "stop_all",
-            "--lean": "lean", "--full-tools": "full_tools"}
+            "--lean": "lean", "--full-tools": "full_tools", "--vast": "vast", "--status": "status",
+            "--destroy": "destroy", "--yes": "yes"}
 
 
 def parse_args(argv):
@@ -331,7 +376,7 @@ def parse_args(argv):
             setattr(arguments, SWITCHES[word], True)
             if word != "--deploy":
                 arguments.launch_args.append(word)
-        elif flag in VALUE_FLAGS:
+        elif flag in VALUE_FLAGS or flag in VAST_FLAGS:
             if has_value:
                 arguments.launch_args.append(word)
             else:
@@ -393,10 +438,11 @@ class SshDestination:
     target: str
     port: str = ""
     known_hosts: str = ""
+    identity: str = ""  # the key a provider registered for the box ("": ssh's own choice)
 
     @classmethod
-    def of(cls, user, host, port, known_hosts=""):
-        return cls("%s@%s" % (user, host), str(port), str(known_hosts))
+    def of(cls, user, host, port, known_hosts="", identity=""):
+        return cls("%s@%s" % (user, host), str(port), str(known_hosts), str(identity))
 
     def options(self):
         # ServerAlive*: notice a dead link within ~45 s instead of hanging.
@@ -404,6 +450,8 @@ class SshDestination:
                    "-o", "ServerAliveInterval=%d" % SSH_ALIVE_INTERVAL, "-o", "ServerAliveCountMax=3"]
         if self.known_hosts:
             options += ["-o", "UserKnownHostsFile=%s" % self.known_hosts]
+        if self.identity:
+            options += ["-i", self.identity, "-o", "IdentitiesOnly=yes"]
         if self.port:
             options += ["-p", self.port]
         return options
@@ -414,6 +462,39 @@ class SshDestination:
     def command(self, *words):
         """The ssh command line a user can try by hand."""
         return " ".join(["ssh"] + (["-p", self.port] if self.port else []) + list(words) + [self.target])
+
+
+class VastChoices:
+    """What --vast rents and how the box's life goes: the offer filters, the label, the idle stop,
+    the exit. The API key and URL are the provider's (claude_vast.VastProvider.from_environment).
+    CLAUDE_START_VAST_POLL, _HEARTBEAT and _WATCHDOG_TICK (seconds) set how often the launcher
+    looks at a starting instance, beats its heartbeat and the box's watchdog looks."""
+
+    def __init__(self, arguments, environ):
+        flag = arguments.values.get
+        self.label = flag("--vast-label") or claude_vast.DEFAULT_LABEL
+        try:
+            max_price = float(flag("--max-price")) if flag("--max-price") else None
+            self.idle_stop = claude_vast.parse_duration(flag("--idle-stop") or "30m")
+            self.boot_timeout = claude_vast.parse_duration(flag("--boot-timeout") or "10m")
+            self.poll = float(environ.get("CLAUDE_START_VAST_POLL") or 3)
+            self.heartbeat = float(environ.get("CLAUDE_START_VAST_HEARTBEAT") or 15)
+            self.watchdog_tick = float(environ.get("CLAUDE_START_VAST_WATCHDOG_TICK") or 30)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if max_price is not None and max_price <= 0:
+            raise UsageError("--max-price must be a number of dollars per hour above 0")
+        if not self.boot_timeout:
+            raise UsageError("--boot-timeout needs a duration such as 10m")
+        disk = whole_number("--disk", flag("--disk") or str(claude_vast.DEFAULT_DISK_GB), 10, 10000)
+        self.query = claude_vast.OfferQuery(gpus=(flag("--gpu") or "").split(","), max_price=max_price, disk_gb=disk)
+        self.idle_action = flag("--idle-action") or "stop"
+        self.on_exit = flag("--on-exit") or "keep"
+        if self.idle_action not in ("stop", "destroy"):
+            raise UsageError("--idle-action is stop or destroy, not '%s'" % self.idle_action)
+        if self.on_exit not in ("keep", "stop", "destroy"):
+            raise UsageError("--on-exit is keep, stop or destroy, not '%s'" % self.on_exit)
+        self.image = environ.get("CLAUDE_START_VAST_IMAGE") or claude_vast.DEFAULT_IMAGE
 
 
 class Settings:
@@ -427,7 +508,10 @@ class Settings:
         self.values = self.read_values()
         flag = arguments.values.get
         self.mode = "local" if arguments.local else "remote"
-        self.destinations = self.read_destinations()
+        self.vast = VastChoices(arguments, environ) if arguments.vast else None
+        if self.vast:
+            self.mode = "vast"  # the destination comes when the instance is found or rented
+        self.destinations = [] if self.vast else self.read_destinations()
         if len(self.destinations) > 1:
             if arguments.local:
                 raise UsageError("--local and several --ssh boxes do not go together")
@@ -1398,6 +1482,9 @@ class Launcher:
         self.claude = None
         self.keys = KeyStore(environ)
         self.ollama_warned = False
+        self.rental = None  # --vast: the instance this run uses, and what it costs
+        self.attachment = None  # --vast: this launcher's heartbeat on the box
+        self.watchdog_armed = True
 
     # ------------------------------------------------------------ the run
 
@@ -1429,6 +1516,11 @@ class Launcher:
 
     def run_mode(self):
         settings = self.settings
+        if settings.mode == "vast":
+            try:
+                return self.run_vast()
+            except claude_vast.VastError as error:
+                raise Failure(str(error)) from None
         if settings.arguments.stop:
             return self.stop_boxes() if settings.mode == "boxes" else self.stop_box()
         if settings.arguments.check:
@@ -1443,6 +1535,8 @@ class Launcher:
     def close(self, keep_logs=False):
         if self.claude is not None and self.claude.process is not None:
             self.claude.finish()
+        if self.attachment is not None:  # a session that ended by a signal: settle the box as at an exit
+            self.settle_rental()
         for tunnel in self.tunnels:
             tunnel.close()
         for connection in self.connections:
@@ -1648,6 +1742,100 @@ class Launcher:
             say("the boxes %s keep running (and billing) with Ollama on them: stop it with %s --stop --all, and "
                 "stop or destroy the instances with your provider when done"
                 % (" ".join(d.target for d in settings.destinations), settings.launch_command(stop=True)))
+        elif settings.mode == "vast":
+            self.settle_rental()
+
+    def settle_rental(self):
+        """Detach (from now on the box's idle clock runs), apply --on-exit, and say what the
+        session cost and what keeps billing until when."""
+        self.attachment.close()
+        self.attachment = None
+        choices = self.settings.vast
+        try:
+            lines = self.rental.summary(choices.on_exit, choices.idle_stop if self.watchdog_armed else None)
+        except claude_vast.VastError as error:
+            lines = ["could not settle instance %s at exit: %s" % (self.rental.instance.id, error)]
+        for line in lines:
+            say(line)
+
+    # ------------------------------------------------------------ vast.ai
+    #
+    # --vast: the box is our instance on vast.ai, found by its label, started or rented, then
+    # deployed as with --deploy; its watchdog stops it when idle, and this run's heartbeat keeps
+    # it from doing so while the session lasts.
+
+    def new_rental(self):
+        choices, environ = self.settings.vast, self.environ
+        cache = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or "~", ".cache")
+        provider = claude_vast.VastProvider.from_environment(environ)
+        return claude_vast.Rental(provider, label=choices.label, query=choices.query, image=choices.image,
+                                  boot_timeout=choices.boot_timeout, poll=choices.poll,
+                                  state_dir=os.path.join(cache, "simple_api_proxy", "vast"), say=say,
+                                  vast_url=provider.api.url, home=environ.get("HOME"))
+
+    @staticmethod
+    def vast_destination(target):
+        return SshDestination.of(target.user, target.host, target.port, target.known_hosts, target.identity)
+
+    @staticmethod
+    def on_box(destination):
+        """ssh_command(remote) for claude_vast's calls to the box."""
+        return lambda remote: ["ssh"] + destination.options() + ["-o", "BatchMode=yes", "--", destination.target,
+                                                                  remote]
+
+    def confirm_destroy(self, instance):
+        if self.settings.arguments.yes:
+            return True
+        sys.stderr.write("%s: destroy instance %s (%s, %s)? Its disk and everything on it goes. [y/N] "
+                         % (PROG, instance.id, instance.gpu, instance.state))
+        sys.stderr.flush()
+        answer = sys.stdin.readline()
+        if not sys.stdin.isatty():
+            sys.stderr.write(answer if answer.endswith("\n") else answer + "\n")  # as a terminal would echo it
+        return answer.strip().lower() in ("y", "yes")
+
+    def run_vast(self):
+        arguments, choices = self.settings.arguments, self.settings.vast
+        rental = self.rental = self.new_rental()
+        if arguments.status:
+            for line in rental.status_lines(rental.idle_of):
+                say(line)
+            return 0
+        if arguments.stop:
+            stopped = rental.stop_all()
+            say("stopped instance(s) %s: their disks still bill a little; --vast --destroy ends that"
+                % ", ".join(map(str, stopped)) if stopped else "no running instance labelled %s" % choices.label)
+            return 0
+        if arguments.destroy:
+            destroyed = rental.destroy_all(self.confirm_destroy)
+            say("destroyed instance(s) %s: nothing of them bills any more" % ", ".join(map(str, destroyed))
+                if destroyed else "nothing destroyed")
+            return 0
+        self.require_ssh()
+        if arguments.check:
+            running = [i for i in rental.provider.list_by_label(choices.label) if i.state == "running"]
+            if not running:
+                raise Failure("no running instance labelled %s: see --vast --status, or start one with --vast"
+                              % choices.label)
+            self.settings.destinations = [self.vast_destination(rental.target_of(running[-1]))]
+            self.settings.mode = "remote"
+            return self.check()
+        if shutil.which("claude") is None:  # before anything is rented
+            raise Failure("claude not found on PATH: install Claude Code (npm install -g @anthropic-ai/claude-code) "
+                          "or fix PATH")
+        destination = self.vast_destination(rental.acquire())
+        self.settings.destinations = [destination]
+        self.settings.arguments.deploy = True
+        try:
+            claude_vast.arm_watchdog(self.on_box(destination), rental.watchdog_settings(
+                choices.idle_stop, choices.idle_action, self.settings.remote_port, choices.watchdog_tick))
+        except claude_vast.VastError as error:
+            say("warning: %s: nothing will stop this box when idle; stop it yourself with --vast --stop" % error)
+            self.watchdog_armed = False
+        # From here on, however the run ends, close() settles the box (--on-exit) and says what it costs.
+        self.attachment = claude_vast.Attachment(self.on_box(destination), choices.heartbeat).start()
+        port, token = self.start_remote()
+        return self.run_claude(port, token)
 
     # ------------------------------------------------------------ --check
 

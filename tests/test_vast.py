@@ -8,6 +8,7 @@ processes when stopped, and come back on a new port with a new host key, running
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,8 +20,8 @@ import pytest
 
 import claude_vast
 from standins.proxy import free_port
-from standins.support import ROOT, need
-from standins.vast_api import VastStandIn, offer
+from standins.support import ROOT, STANDIN_BIN, need
+from standins.vast_api import Laptop, VastStandIn, ollama_image, offer
 
 
 def _mount_namespaces_work():
@@ -354,3 +355,139 @@ def test_an_image_without_python3_is_waited_for_until_the_on_start_script_instal
     target = rental(vast, tmp_path, said=said).acquire()
     assert any("waiting for its on-start script to install python3" in line for line in said), said
     assert ssh(target, "python3", "-c", "'print(1)'").stdout == "1\n"
+
+
+###############################################################################
+# The launcher: claude_start.sh --vast, from nothing to Claude Code's answer
+###############################################################################
+
+
+@pytest.fixture
+def laptop_run(laptop, tmp_path, monkeypatch):
+    ollama_dir = tmp_path / "ollama-bin"
+    ollama_dir.mkdir()
+    shutil.copy(STANDIN_BIN / "box_ollama.py", ollama_dir / "ollama")
+    (ollama_dir / "ollama").chmod(0o755)
+    monkeypatch.setenv("HOME", str(laptop))
+    standin = VastStandIn(tmp_path / "vast", laptop / ".ssh" / "id_ed25519.pub", path_dirs=[ollama_dir],
+                          boot_delay=0.2, image_setup=ollama_image,
+                          offers=[offer(1, "RTX 4090", dph_base=0.40), offer(2, "RTX 3090", dph_base=0.20)])
+    (tmp_path / "laptop").mkdir()
+    yield Laptop(laptop, standin, tmp_path / "laptop")
+    standin.close()
+
+
+def _said(done):
+    return [line[len("claude_start: "):] for line in done.stderr.splitlines() if line.startswith("claude_start: ")]
+
+
+def test_rent_answer_exit_idle_stop_resume_destroy(laptop_run):
+    vast = laptop_run.vast
+    first = laptop_run.run("--gpu", "RTX 4090", "--max-price", "0.5", "--idle-stop", "2s")
+    assert first.returncode == 0, first.stderr
+    (instance_id,) = vast.instances
+    assert first.stdout == "Answer from vast instance %d.\n" % instance_id
+    said = _said(first)
+    assert "renting RTX 4090 at $0.408/h in Sweden, SE, reliability 99.5% (offer 1)" in said, said
+    assert "credit: $25.00; this box costs $0.408/h" in said
+    assert any(line.startswith("session ") and "on instance %d at $0.408/h" % instance_id in line for line in said)
+    assert any("keeps running and billing $0.408/h until it stops itself after 2s idle" in line for line in said)
+    assert "credit left: $25.00" in said
+    # exit -> the box's watchdog stops it, with the instance's own key
+    vast.wait_for(lambda: vast.instances[instance_id]["intended_status"] == "stopped")
+    stops = [w for m, p, _, w in vast.requests if m == "PUT" and p == "/api/v0/instances/%d/" % instance_id]
+    assert stops == ["instance"]
+    # resume: started again, on a new port with a new host key, deployed, answered
+    again = laptop_run.run("--idle-stop", "off", "--on-exit", "stop")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "Answer from vast instance %d.\n" % instance_id
+    said = _said(again)
+    assert any(line.startswith("starting stopped instance %d" % instance_id) for line in said), said
+    assert any("instance %d stopped: its disk still bills a little" % instance_id in line for line in said), said
+    assert vast.count("PUT", r"^/api/v0/asks/") == 1 and vast.instances[instance_id]["intended_status"] == "stopped"
+    status = _said(laptop_run.run("--status"))
+    assert status[0] == "credit: $25.00" and status[1].startswith("instance %d  stopped" % instance_id), status
+    refused = laptop_run.run("--destroy", stdin="n\n")
+    assert "nothing destroyed" in _said(refused) and instance_id in vast.instances
+    destroyed = laptop_run.run("--destroy", "--yes")
+    assert _said(destroyed) == ["destroyed instance(s) %d: nothing of them bills any more" % instance_id]
+    assert vast.instances == {}
+    assert _said(laptop_run.run("--status"))[1] == "no instance labelled simple_api_proxy: nothing bills"
+
+
+def test_a_session_with_the_launcher_attached_is_never_stopped(laptop_run):
+    vast = laptop_run.vast
+    vast.offers[2]["rented"] = True  # one offer left, so the instance's id (and its log's path) is known
+    log = vast.root / "instance-7000001" / "home" / ".simple_api_proxy" / "watchdog.log"
+    # The stand-in Claude Code stays (a user reading) until the box's watchdog has kept the box 10
+    # times, each past --idle-stop since the last request.
+    done = laptop_run.run("--idle-stop", "1s", STUB_CLAUDE_WAIT_LOG=log,
+                          STUB_CLAUDE_WAIT_TEXT="keep: a launcher is attached", STUB_CLAUDE_WAIT_COUNT=10)
+    assert done.returncode == 0, done.stderr
+    vast.wait_for(lambda: vast.instances[7000001]["intended_status"] == "stopped")
+    text = log.read_text()
+    assert text.index("act: idle") > text.rindex("keep: a launcher is attached")  # only once the launcher left
+
+
+def test_no_offer_or_a_rejected_key_rents_nothing(laptop_run):
+    vast = laptop_run.vast
+    done = laptop_run.run("--gpu", "H100 SXM")
+    assert done.returncode == 1 and "no H100 SXM is offered" in done.stderr and "Nothing was rented" in done.stderr
+    done = laptop_run.run(VAST_API_KEY="wrong")
+    assert done.returncode == 1 and "rejected the API key read from VAST_API_KEY (HTTP 401" in done.stderr
+    assert vast.count("PUT", r"^/api/v0/asks/") == 0 and vast.instances == {}
+
+
+def test_check_runs_the_usual_checks_on_our_running_instance(laptop_run):
+    nothing = laptop_run.run("--check")
+    assert nothing.returncode == 1 and "no running instance labelled simple_api_proxy" in nothing.stderr
+    assert laptop_run.run("--idle-stop", "off").returncode == 0
+    done = laptop_run.run("--check")
+    assert done.returncode == 0, done.stderr
+    assert "ssh reachable" in done.stdout and "local health" in done.stdout and "failed" not in done.stdout, done.stdout
+    assert _said(done)[-1] == "all checks passed"
+
+
+def test_the_launcher_destroys_a_rental_that_never_boots_and_says_so(laptop_run):
+    vast = laptop_run.vast
+    for row in vast.offers.values():
+        row["boots"] = False
+    done = laptop_run.run("--boot-timeout", "1s")
+    assert done.returncode == 1
+    said = _said(done)
+    assert any("destroying instance 7000001, rented by this run, so that nothing keeps billing" in line
+               for line in said), said
+    assert said[-1] == "instance 7000001 was not usable within 1s (--boot-timeout)"
+    assert vast.instances == {}
+
+
+def test_a_session_ended_by_a_signal_still_settles_the_box(laptop_run):
+    vast = laptop_run.vast
+    # the stand-in Claude Code answers, then stays (it waits for a text that never comes)
+    launcher = laptop_run.start("--on-exit", "stop", STUB_CLAUDE_WAIT_LOG=laptop_run.root / "never",
+                                STUB_CLAUDE_WAIT_TEXT="never")
+    try:
+        assert launcher.stdout.readline().startswith("Answer from vast instance")
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode == 128 + signal.SIGTERM
+    (instance_id,) = vast.instances
+    assert "claude_start: instance %d stopped: its disk still bills a little" % instance_id in err, err
+    assert vast.instances[instance_id]["intended_status"] == "stopped"
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--status"], "--status goes with --vast"), (["--gpu", "RTX 4090"], "--gpu goes with --vast"),
+    (["--vast", "--ssh", "root@box"], "leave out --ssh"), (["--vast", "--deploy"], "deploys by itself"),
+    (["--vast", "--status", "--destroy"], "one at a time"), (["--vast", "--idle-stop", "soon"], "not a duration"),
+    (["--vast", "--on-exit", "pause"], "--on-exit is keep, stop or destroy"),
+    (["--vast", "--max-price", "0"], "--max-price must be"),
+])
+def test_vast_usage_errors(args, word, tmp_path):
+    done = subprocess.run([str(ROOT / "claude_start.sh"), *args], capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+    assert done.returncode == 2 and word in done.stderr, done.stderr

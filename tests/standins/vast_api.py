@@ -14,7 +14,7 @@ Keys travel only as `Authorization: Bearer`; an instance's own key may start, st
 instance and nothing else. Every answer is `Content-Type: application/json`.
 
 Sections: Boxes (Container: sshd in a private mount namespace), the API state (VastStandIn),
-HTTP (Handler).
+HTTP (Handler), the laptop (Laptop: claude_start.sh --vast as a user runs it).
 """
 
 import contextlib
@@ -33,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from standins.proxy import free_port
+from standins.support import LAUNCHER_SCRIPT, STANDIN_BIN
 from standins.sshlab import _pids_in_namespace
 
 
@@ -421,3 +422,57 @@ class Handler(BaseHTTPRequestHandler):
                 standin.ssh_keys.append(entry)
                 return 200, {"success": True, "key": entry}
         return 404, {"success": False, "error": "not_found", "msg": "%s %s is not a stand-in route" % (method, path)}
+
+
+###############################################################################
+# The laptop
+###############################################################################
+
+class Laptop:
+    """claude_start.sh --vast as a user runs it: HOME with an SSH key, ssh reading only its own
+    config (never the machine's), the stand-in Claude Code that asks one question, the vast key."""
+
+    def __init__(self, home, vast, root):
+        self.home, self.vast, self.root = home, vast, root
+        self.bin = root / "bin"
+        self.bin.mkdir()
+        config = root / "ssh_config"
+        config.write_text("Host *\n  GlobalKnownHostsFile /dev/null\n")
+        (self.bin / "ssh").write_text("#!/bin/sh\nexec %s -F %s \"$@\"\n" % (shutil.which("ssh"), config))
+        (self.bin / "ssh").chmod(0o755)
+        shutil.copy(STANDIN_BIN / "answering_claude.py", self.bin / "claude")
+        self.remote_port = free_port()
+
+    def env(self, **extra):
+        env = {"PATH": "%s:%s" % (self.bin, os.environ["PATH"]), "HOME": str(self.home), "LANG": "C.UTF-8",
+               "TMPDIR": str(self.root), "XDG_CACHE_HOME": str(self.root / "cache"), "TERM": "dumb",
+               "VAST_API_KEY": self.vast.key, "VAST_URL": self.vast.url,
+               "CLAUDE_START_VAST_POLL": "0.05", "CLAUDE_START_VAST_HEARTBEAT": "0.3",
+               "CLAUDE_START_VAST_WATCHDOG_TICK": "0.2"}
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def argv(self, *args):
+        argv = [str(LAUNCHER_SCRIPT), "--vast", *args]
+        if not any(a in args for a in ("--status", "--stop", "--destroy")):
+            argv += ["--remote-port", str(self.remote_port), "--local-port", str(free_port())]
+        return argv
+
+    def run(self, *args, stdin="", timeout=120, **extra):
+        began = time.monotonic()
+        done = subprocess.run(self.argv(*args), env=self.env(**extra), input=stdin, capture_output=True, text=True,
+                              timeout=timeout, cwd=self.root)
+        done.seconds = time.monotonic() - began
+        return done
+
+    def start(self, *args, **extra):
+        return subprocess.Popen(self.argv(*args), env=self.env(**extra), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.root)
+
+
+def ollama_image(home, instance_id):
+    """What the ollama/ollama image brings: Ollama, here the stand-in's state with its reply."""
+    state = home / ".standin-ollama"
+    state.mkdir()
+    (state / "models").write_text("")
+    (state / "reply").write_text("Answer from vast instance %d." % instance_id)
