@@ -13,6 +13,8 @@ run through ./claude_start.sh (standard library only, python3 >= 3.8):
   --deploy          (with remote) first set the box up (claude_box.py, sent over ssh).
   --stop [--all]    stop the box's proxy (--all: also the ollama serve it started).
   --check           report each hop as ok/failed and exit.
+  --vast            the box is our vast.ai instance: found by its label, started or rented, then
+                    deployed as with --deploy; the provider is claude_vast.py beside this file.
 Settings: flag > environment > config file (KEY=VALUE lines) > default.
 
 The proxy's setting names, its OLLAMA_HOST address rules and Ollama's model naming come from the
@@ -1471,6 +1473,7 @@ class CheckReport:
 class Launcher:
     """One run: the main flow per mode, and everything it started, so that the end stops exactly
     that and nothing else. Parts: run() (signals, the exit); stop / check / start_* per mode;
+    run_vast() (--vast: the rental, its watchdog and heartbeat, settle_rental() at the end);
     run_claude(); close()."""
 
     def __init__(self, settings, environ):
