@@ -1540,6 +1540,8 @@ class Launcher:
             self.claude.finish()
         if self.attachment is not None:  # a session that ended by a signal: settle the box as at an exit
             self.settle_rental()
+        elif self.rental is not None and self.rental.rented_now and self.rental.started_at is None:
+            self.abandon_rental()
         for tunnel in self.tunnels:
             tunnel.close()
         for connection in self.connections:
@@ -1747,6 +1749,19 @@ class Launcher:
                 % (" ".join(d.target for d in settings.destinations), settings.launch_command(stop=True)))
         elif settings.mode == "vast":
             self.settle_rental()
+
+    def abandon_rental(self):
+        """A rental this run made and left before it was usable (a signal while it was created or
+        booted): it has no watchdog yet, so it is destroyed here rather than left billing."""
+        try:
+            destroyed = self.rental.abandon()
+        except claude_vast.VastError as error:
+            say("could not destroy what this run rented (%s): run %s --vast --destroy" % (
+                error, self.environ.get("CLAUDE_START_COMMAND") or "claude_start.sh"))
+            return
+        for instance_id in destroyed:
+            say("destroyed instance %s, rented by this run and not set up yet, so that nothing keeps billing"
+                % instance_id)
 
     def settle_rental(self):
         """Detach (from now on the box's idle clock runs), apply --on-exit, and say what the

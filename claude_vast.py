@@ -592,6 +592,7 @@ class Rental:
                 self.say("destroying instance %s, rented by this run, so that nothing keeps billing"
                          % self.instance.id)
                 self.provider.destroy(self.instance.id)
+                self.rented_now = False  # nothing of this run's is left to abandon
             raise
         self.started_at = time.time()
         return target
@@ -608,6 +609,7 @@ class Rental:
         if self.provider.register_ssh_key(public_key):
             self.say("registered this laptop's SSH key with the vast.ai account")
         env = {"OLLAMA_HOST": "127.0.0.1:11434", "VAST_URL": self.vast_url}
+        self.rented_now = True  # from the moment the create is sent: it may have acted whatever happens next
         try:
             instance_id = self.provider.create(offer, self.label, self.image, self.query.disk_gb, ON_START, env)
         except Unreachable:
@@ -618,10 +620,21 @@ class Rental:
                 raise VastError("vast.ai did not answer the rental and no instance labelled %s exists: nothing was "
                                 "rented; run the launcher again" % self.label) from None
             instance_id = ours[-1].id
-        self.rented_now = True
         self.instance = self.provider.show(instance_id) or Instance(
             instance_id, self.label, "starting", offer.gpu, offer.dollars_per_hour, None, None, None)
         self.say("rented instance %s" % instance_id)
+
+    def abandon(self):
+        """Destroy what this run rented before it was usable (the run is ending); the ids destroyed.
+        When the create's answer never came, the rental is found by its label (there was none
+        before, or this run would not have rented)."""
+        if self.instance is not None:
+            doomed = [self.instance.id]
+        else:
+            doomed = [instance.id for instance in self.provider.list_by_label(self.label)]
+        for instance_id in doomed:
+            self.provider.destroy(instance_id)
+        return doomed
 
     def wait_usable(self, identity, known_hosts):
         """Until the instance runs and SSH logs in, with progress; BootFailed after boot_timeout."""

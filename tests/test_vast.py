@@ -480,6 +480,29 @@ def test_a_session_ended_by_a_signal_still_settles_the_box(laptop_run):
     assert vast.instances[instance_id]["intended_status"] == "stopped"
 
 
+@pytest.mark.parametrize("moment", ["booting", "creating"])
+def test_a_signal_before_the_rental_is_usable_destroys_it(laptop_run, moment):
+    vast = laptop_run.vast
+    for row in vast.offers.values():
+        row["boots"] = False
+    if moment == "creating":
+        vast.fail("PUT", r"^/api/v0/asks/", ("late", 20))  # the create acts; its answer is slow to come
+    launcher = laptop_run.start("--boot-timeout", "10m")
+    try:
+        if moment == "booting":  # the launcher knows the instance: it asks how it is
+            vast.wait_for(lambda: vast.count("GET", r"^/api/v0/instances/7000001/$"))
+        else:
+            vast.wait_for(lambda: vast.instances)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert "destroyed instance 7000001, rented by this run and not set up yet" in err, err
+    assert vast.instances == {}
+
+
 @pytest.mark.parametrize("args, word", [
     (["--status"], "--status goes with --vast"), (["--gpu", "RTX 4090"], "--gpu goes with --vast"),
     (["--vast", "--ssh", "root@box"], "leave out --ssh"), (["--vast", "--deploy"], "deploys by itself"),
