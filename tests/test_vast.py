@@ -180,9 +180,9 @@ def test_429_is_retried_and_success_false_is_a_failure(vast, tmp_path):
 
 
 def test_a_timeout_on_create_does_not_rent_twice(vast, tmp_path):
-    vast.fail("PUT", r"^/api/v0/asks/", ("late", 3))
+    vast.fail("PUT", r"^/api/v0/asks/", ("late", 1.5))
     said = []
-    target = rental(vast, tmp_path, provider=provider_for(vast, timeout=1), said=said).acquire()
+    target = rental(vast, tmp_path, provider=provider_for(vast, timeout=0.5), said=said).acquire()
     assert ssh(target, "true").returncode == 0
     assert vast.count("PUT", r"^/api/v0/asks/") == 1 and len(vast.instances) == 1
     assert any("looking for it by its label instead of renting again" in line for line in said), said
@@ -383,7 +383,7 @@ def _said(done):
 
 def test_rent_answer_exit_idle_stop_resume_destroy(laptop_run):
     vast = laptop_run.vast
-    first = laptop_run.run("--gpu", "RTX 4090", "--max-price", "0.5", "--idle-stop", "2s")
+    first = laptop_run.run("--gpu", "RTX 4090", "--max-price", "0.5", "--idle-stop", "1s")
     assert first.returncode == 0, first.stderr
     (instance_id,) = vast.instances
     assert first.stdout == "Answer from vast instance %d.\n" % instance_id
@@ -391,7 +391,7 @@ def test_rent_answer_exit_idle_stop_resume_destroy(laptop_run):
     assert "renting RTX 4090 at $0.408/h in Sweden, SE, reliability 99.5% (offer 1)" in said, said
     assert "credit: $25.00; this box costs $0.408/h" in said
     assert any(line.startswith("session ") and "on instance %d at $0.408/h" % instance_id in line for line in said)
-    assert any("keeps running and billing $0.408/h until it stops itself after 2s idle" in line for line in said)
+    assert any("keeps running and billing $0.408/h until it stops itself after 1s idle" in line for line in said)
     assert "credit left: $25.00" in said
     # exit -> the box's watchdog stops it, with the instance's own key
     vast.wait_for(lambda: vast.instances[instance_id]["intended_status"] == "stopped")
@@ -420,8 +420,8 @@ def test_a_session_with_the_launcher_attached_is_never_stopped(laptop_run):
     vast.offers[2]["rented"] = True  # one offer left, so the instance's id (and its log's path) is known
     log = vast.root / "instance-7000001" / "home" / ".simple_api_proxy" / "watchdog.log"
     # The stand-in Claude Code stays (a user reading) until the box's watchdog has kept the box 10
-    # times, each past --idle-stop since the last request.
-    done = laptop_run.run("--idle-stop", "1s", STUB_CLAUDE_WAIT_LOG=log,
+    # times (2 s at a look every 0.2 s), the last ones long past --idle-stop since the last request.
+    done = laptop_run.run("--idle-stop", "0.5s", STUB_CLAUDE_WAIT_LOG=log,
                           STUB_CLAUDE_WAIT_TEXT="keep: a launcher is attached", STUB_CLAUDE_WAIT_COUNT=10)
     assert done.returncode == 0, done.stderr
     vast.wait_for(lambda: vast.instances[7000001]["intended_status"] == "stopped")

@@ -179,7 +179,7 @@ class VastStandIn:
         self.server.daemon_threads = True
         self.server.standin = self
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     # -- for tests ------------------------------------------------------------
