@@ -1167,10 +1167,12 @@ def schema_violation(value, schema):
 
 
 class SchemaCheck:
-    """One check of a value against a JSON schema. The keywords that say what a valid value is are
-    checked (type, enum, const, properties, required, additionalProperties, items, prefixItems,
-    lengths and bounds, anyOf, oneOf, allOf, not, local $refs); `pattern` is not, as a client's
-    regular expression run on a model's text could take any time."""
+    """One check of a value against a JSON schema, which finds only what is surely wrong: type,
+    enum, const, properties, required, additionalProperties, items, prefixItems, lengths and
+    bounds, allOf, anyOf and local $refs are checked. What it cannot judge counts as valid: a
+    client's regular expressions (pattern, patternProperties) are not run on a model's output,
+    as they could take any time; oneOf is read as anyOf and `not` is skipped, since an unjudged
+    keyword would make a valid value seem to match more branches, or the excluded one."""
 
     def __init__(self, root):
         self.root = root
@@ -1216,6 +1218,8 @@ class SchemaCheck:
         for name, item in value.items():
             if name in properties:
                 found = self.violation(item, properties[name], f"{path}.{name}", depth + 1)
+            elif schema.get("patternProperties"):
+                found = None  # which pattern a name matches is not judged: neither allowed nor refused
             elif additional is False:
                 found = f"{path} has {name!r}, which the schema does not allow"
             else:
@@ -1244,11 +1248,8 @@ class SchemaCheck:
             if not isinstance(branches, list) or not branches:
                 continue
             matching = sum(1 for inner in branches if self.violation(value, inner, path, depth + 1) is None)
-            if (key == "allOf" and matching < len(branches) or key == "anyOf" and not matching
-                    or key == "oneOf" and matching != 1):
+            if key == "allOf" and matching < len(branches) or key != "allOf" and not matching:
                 return f"{path} does not match {key}"
-        if isinstance(schema.get("not"), dict) and self.violation(value, schema["not"], path, depth + 1) is None:
-            return f"{path} matches what the schema rules out"
         return None
 
 
@@ -2022,6 +2023,7 @@ def find_text_tool_calls(text, tools):
     return (start, calls) if calls else None
 
 
+BLANK_LINES = re.compile(r"(?:[ \t]*\n)*")
 # What call_prospect() says of text that begins where a call may begin.
 NO_OPENER = "no opener"    # no marker (or JSON, at the reply's start) begins there
 MAYBE = "maybe"            # undecided: hold it
@@ -2181,12 +2183,18 @@ class TextCallGate:
         self.open = True         # a call written as text may still come
         self.settled = False     # pending[offset:] names an offered tool: held to the end
         self.offset = 0
-        self.preamble = ""       # text let through so far while open
         self.line_start = True   # pending begins at the start of a line
+        # The text let through so far while open, in pieces (joined once, at the end), and what the
+        # decisions read of it, kept as it grows, so that no token costs a pass over all of it: the
+        # preamble stripped (while at most PREAMBLE_LIMIT long; past that the gate closes) and the
+        # whitespace after it (no more than makes it too long, once text follows).
+        self.preamble_parts = []
+        self.preamble_core = ""
+        self.preamble_trailing = ""
 
     def close(self):
         self.open = self.settled = False
-        self.preamble = ""
+        self.preamble_parts, self.preamble_core, self.preamble_trailing = [], "", ""
 
     def hold_from(self, pending):
         """Where in pending the text to hold back begins (len(pending): nothing to hold)."""
@@ -2194,11 +2202,13 @@ class TextCallGate:
             return self.offset
         position = 0 if self.line_start else pending.find("\n") + 1 or None
         while self.open and position is not None:
-            before = self.preamble + pending[:position]
-            untagged = not before.strip()
+            before = self._stripped_with(pending[:position])
+            untagged = before == ""
+            if not untagged:  # after text, no call begins on a blank line (it adds nothing to before)
+                position = BLANK_LINES.match(pending, position).end()
             verdict = call_prospect(pending[position:], self.tools, untagged)
             if verdict is not NO_OPENER:
-                if verdict is NOT_A_CALL or not (untagged or preamble_allows(before)):
+                if verdict is NOT_A_CALL or not (untagged or before is not None and preamble_allows(before)):
                     self.close()  # the first place a call could begin holds none: none follows
                     break
                 self.settled, self.offset = verdict is CALL, position
@@ -2206,22 +2216,40 @@ class TextCallGate:
             position = pending.find("\n", position) + 1 or None
         return len(pending)
 
+    def _stripped_with(self, head):
+        """(The preamble + head).strip(), or None when that is longer than PREAMBLE_LIMIT."""
+        body = head.strip()
+        if not body:
+            return self.preamble_core
+        gap = self.preamble_trailing + head[:len(head) - len(head.lstrip())] if self.preamble_core else ""
+        if len(self.preamble_core) + len(gap) + len(body) > PREAMBLE_LIMIT:
+            return None
+        return self.preamble_core + gap + body
+
     def let_through(self, text):
         """text, from the start of pending, left as text."""
         self.offset -= len(text)
-        if text and self.open:
-            self.line_start = text.endswith("\n")
-            self.preamble += text
-            if len(self.preamble) > PREAMBLE_LIMIT and len(self.preamble.strip()) > PREAMBLE_LIMIT:
-                self.close()
+        if not text or not self.open:
+            return
+        self.line_start = text.endswith("\n")
+        self.preamble_parts.append(text)
+        stripped = self._stripped_with(text)
+        if stripped is None:
+            self.close()
+        elif text.strip():
+            self.preamble_core, self.preamble_trailing = stripped, text[len(text.rstrip()):]
+        elif self.preamble_core:
+            self.preamble_trailing = (self.preamble_trailing + text)[:PREAMBLE_LIMIT + 1]
 
     def calls(self, pending):
         """At the reply's end: (the held text before the calls, the calls), or None."""
-        found = find_text_tool_calls(self.preamble + pending, self.tools) if self.open else None
-        if not found or found[0] < len(self.preamble):
+        if not self.open:
             return None
-        start = found[0] - len(self.preamble)
-        return pending[:start], found[1]
+        preamble = "".join(self.preamble_parts)
+        found = find_text_tool_calls(preamble + pending, self.tools)
+        if not found or found[0] < len(preamble):
+            return None
+        return pending[:found[0] - len(preamble)], found[1]
 
 
 ###############################################################################

@@ -63,6 +63,8 @@ FAMILIES = {
     "mistral, deep": lambda n: repeat_to("[", n, "[TOOL_CALLS]"),
     "gemma, deep": lambda n: repeat_to("a:{", n, "<|tool_call>call:Read{"),
     "prose lines, then a tag": lambda n: repeat_to("word word\n", n, "", "<tool_call>" + CALL),
+    "a line, then blank lines": lambda n: repeat_to("\n", n, "Let me check.\n"),
+    "a word, then spaces": lambda n: repeat_to(" ", n, "Hi"),
 }
 
 

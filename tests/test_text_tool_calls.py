@@ -479,6 +479,10 @@ ADVERSARIAL_REPLIES = {
     "newlines only": "\n" * 1000000,
     "python tags, thousands": ("<|python_tag|>" + BASH_CALL + "<|eom_id|>") * 20000,
     "invoke parameters, unclosed": '<function_calls>\n<invoke name="Bash">' + '<parameter name="a">' * 50000,
+    # Prose, then a model stuck in blank lines or spaces: the text streams, and the gate that
+    # watches for a call must not read everything let through again for each token.
+    "a line, then blank lines": "Let me check.\n" + "\n" * 1000000,
+    "a word, then spaces": "Hi" + " " * 1000000,
 }
 ADVERSARIAL_CHILD = r'''
 import json, sys
@@ -508,7 +512,8 @@ def test_adversarial_replies_of_a_megabyte_are_read_in_linear_time():
                            env=dict(os.environ, PYTHONPATH=tests_folder))
     assert child.returncode == 0, child.stderr
     results = json.loads(child.stdout)
-    for name in ("fence, then spaces", "fence, spaces, half a close", "newlines only"):
+    for name in ("fence, then spaces", "fence, spaces, half a close", "newlines only", "a line, then blank lines",
+                 "a word, then spaces"):
         assert results[name] == [0, ["text"], 1, len(ADVERSARIAL_REPLIES[name])], name  # all of it, as text
     assert results["python tags, thousands"][:3] == [20000, ["tool_use"], 20000]
     assert results["invoke parameters, unclosed"][:3] == [0, ["text"], 1]

@@ -590,6 +590,26 @@ def test_a_forced_call_whose_arguments_break_its_tools_schema_is_no_tool_use(gat
     assert status == 200 and message["content"][0]["input"] == {"file_path": "/a", "limit": 5}
 
 
+@pytest.mark.parametrize("arguments, schema", [
+    ({"url": "http://x", "x-trace": "1"},
+     {"type": "object", "properties": {"url": {"type": "string"}}, "patternProperties": {"^x-": {"type": "string"}},
+      "additionalProperties": False}),
+    ({"n_count": 3}, {"type": "object", "patternProperties": {"^n_": {"type": "integer"}},
+                      "additionalProperties": {"type": "string"}}),
+    ({"command": "ls -la"}, {"type": "object", "properties": {"command": {"type": "string", "not": {"pattern": "^rm "}}}}),
+    ({"to": "a@b.c"}, {"type": "object", "properties": {"to": {"oneOf": [{"type": "string", "format": "email"},
+                                                                          {"type": "string", "pattern": "@"}]}}}),
+    ({"data": list(range(12000))}, {"type": "object", "properties": {"data": {
+        "oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}}}),
+    ({"path": None}, {"type": "object", "properties": {"path": {"type": ["string", "null"]}}}),
+    ({"limit": 5.0}, {"type": "object", "properties": {"limit": {"type": "integer"}}}),
+])
+def test_what_the_schema_check_cannot_judge_never_refuses_a_valid_call(arguments, schema):
+    # Patterns are not run and exclusive branches not counted: a keyword left unjudged must not
+    # turn a valid forced call into text.
+    assert proxy.schema_violation(arguments, schema) is None
+
+
 def test_schema_checks_end_on_cycles_and_branch_bombs():
     bomb = {"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"}
     assert proxy.schema_violation({"x": 1}, bomb) is None  # bounded: taken as valid, as the sampler held it
@@ -598,7 +618,7 @@ def test_schema_checks_end_on_cycles_and_branch_bombs():
     assert proxy.schema_violation([[[]]], nested) is None
     assert proxy.schema_violation([[1]], nested) == "input[0][0] is not of type array"
     assert proxy.schema_violation(True, {"enum": [1]}) and proxy.schema_violation(1.0, {"const": 1}) is None
-    assert proxy.schema_violation("x", {"oneOf": [{"type": "string"}, {"maxLength": 3}]}) == "input does not match oneOf"
+    assert proxy.schema_violation(7, {"oneOf": [{"type": "string"}, {"type": "array"}]}) == "input does not match oneOf"
 
 
 def test_sdk_tool_choice_any_gets_a_tool_use(sdk, ollama):
