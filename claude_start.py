@@ -461,6 +461,14 @@ class Settings:
             if destination.target.startswith("-"):
                 raise UsageError("ssh destination '%s' must not start with '-'" % destination.target)
 
+    def lean_notice(self):
+        """What the user is told when the window, not --lean, chose the lean tool set; else None."""
+        if not self.lean or self.arguments.lean:
+            return None
+        return ("a window of %d tokens cannot hold Claude Code's full prompt (about %d tokens) and %d output tokens: "
+                "leaving out the tools --lean leaves out (--full-tools keeps them)"
+                % (self.context_tokens, proxy.CLAUDE_CODE_PROMPT_TOKENS, self.max_output_tokens))
+
     def find_config_file(self):
         named = self.arguments.values.get("--config") or self.environ.get("CLAUDE_START_CONFIG")
         if named:
@@ -1622,10 +1630,9 @@ class Launcher:
 
     def run_claude(self, port, token):
         settings = self.settings
-        if settings.lean and not settings.arguments.lean:
-            say("a window of %d tokens cannot hold Claude Code's full prompt (about %d tokens) and %d output tokens: "
-                "leaving out the tools --lean leaves out (--full-tools keeps them)"
-                % (settings.context_tokens, proxy.CLAUDE_CODE_PROMPT_TOKENS, settings.max_output_tokens))
+        notice = settings.lean_notice()
+        if notice:
+            say(notice)
         claude = self.claude = ClaudeRun(settings, port, token)
         claude.start(self.environ)
         for tunnel in self.tunnels:
