@@ -1,16 +1,15 @@
 """Small context windows with the real Claude Code CLI (CLAUDE_CODE_BIN, 2.1.332): for OLLAMA_NUM_CTX
 of 8192, 12288 and 16384, Claude Code runs with the environment and the arguments the launcher
 (claude_start.py) derives for that window, through a proxy with that window in front of the
-stand-in Ollama, to a finished tool loop and one compaction (`/compact` in a `--continue` session),
-and the session goes on after it.
+stand-in Ollama: to a finished tool loop and one compaction (`/compact` in a `--continue`
+session) with a turn after it, and through a session that grows past the window.
 
 What 2.1.332 sent, as the proxy estimates it (estimate_tokens), at all three windows: the launcher
 chose the lean tool set (Bash, Edit, Read, Write), the first request was about 4,400 tokens, the
 one with the tool result about 4,420, the summarization request about 6,240 (its instructions add
-about 1,800) and the first request after the compaction about 4,840.
-"""
+about 1,800) and the first request after the compaction about 4,840."""
 
-import json
+import itertools
 import os
 import subprocess
 
@@ -106,3 +105,40 @@ def test_claude_code_at_a_small_window_finishes_a_tool_loop_and_a_compaction(lau
     assert SUMMARY in continued["content"]
     assert not any(message["role"] == "tool" for message in after[0]["messages"])  # the summary replaced them
     assert proxy.estimate_tokens(after[0]) < proxy.estimate_tokens(summarize[0])
+
+
+def listing_session(steps):
+    """The stand-in's answers for a longer session: `steps` Bash calls, each printing 30 lines
+    (about 280 tokens), a summary whenever Claude Code asks for one, then a final answer."""
+    calls = itertools.count()
+
+    def reply(request):
+        last = request["messages"][-1]
+        if last["role"] == "user" and SUMMARY_REQUEST in last["content"]:
+            return text_reply("<summary>The user asked for listings; several were printed.</summary>")
+        step = next(calls)
+        if step >= steps:
+            return text_reply("All listings printed.")
+        command = f"seq -f 'line %g of the listing' {step * 100} {step * 100 + 29}"
+        return tool_reply(("Bash", {"command": command, "description": "Print a listing"}))
+
+    return reply
+
+
+@pytest.mark.parametrize("window,compactions", [(8192, 1), (12288, 0), (16384, 0)])
+def test_claude_code_at_a_small_window_compacts_as_a_session_grows_and_finishes_it(launched_claude_code, ollama,
+                                                                                 window, compactions):
+    """Told the bare window, Claude Code 2.1.332's compaction point (window less output less its
+    13,000-token summary buffer) is below zero at these windows: it compacted before every
+    request after the first tool result and ended the session after three ("Autocompact is
+    thrashing"). As the launcher tells it now, it compacts when the proxy says the prompt is too
+    long, and goes on."""
+    ollama.responder = listing_session(12)
+    result, settings = launched_claude_code(window, "print the listings", "--allowedTools", "Bash")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "All listings printed."
+    chats = ollama.chats()
+    summaries = [chat for chat in chats if SUMMARY_REQUEST in str(chat["messages"][-1].get("content"))]
+    assert len(summaries) == compactions
+    assert len(chats) == 13 + compactions  # every listing, the answer, and each summary once
+    assert all(proxy.estimate_tokens(chat) + chat["options"]["num_predict"] <= window for chat in chats)
