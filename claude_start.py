@@ -73,6 +73,10 @@ DEFAULT_MODEL = "qwen2.5-coder:7b"
 # truncates the prompt.
 DEFAULT_CONTEXT_TOKENS = 32768
 DEFAULT_MAX_OUTPUT_TOKENS = 8192
+# Claude Code (2.1.332) compacts once the conversation reaches its window less its output limit
+# (at most 20,000) less a 13,000-token buffer kept for the summary.
+CLAUDE_CODE_SUMMARY_BUFFER = 13000
+CLAUDE_CODE_OUTPUT_RESERVE_CAP = 20000
 DEFAULT_API_TIMEOUT_MS = 600000
 DEFAULT_REMOTE_PORT = 8000
 DEFAULT_LOCAL_PORT = 8001
@@ -255,8 +259,10 @@ Options (each has a variable; flag > environment > config file > default):
   --                  everything after it is passed to claude
 
 Variables (environment or config file):
-  CLAUDE_START_CONTEXT_TOKENS     CLAUDE_CODE_MAX_CONTEXT_TOKENS, the window (default: the
-                                  proxy setting OLLAMA_NUM_CTX if you set it, else {context})
+  CLAUDE_START_CONTEXT_TOKENS     the window (default: the proxy setting OLLAMA_NUM_CTX if
+                                  you set it, else {context}), as CLAUDE_CODE_MAX_CONTEXT_TOKENS
+                                  (13000 more where Claude Code would otherwise compact
+                                  before every request)
   CLAUDE_START_MAX_OUTPUT_TOKENS  CLAUDE_CODE_MAX_OUTPUT_TOKENS (a quarter of the window, at
                                   most {output})
   API_TIMEOUT_MS                  Claude Code request timeout in ms ({timeout})
@@ -536,6 +542,7 @@ class Settings:
         # else the lean tool set (about 4,500 tokens).
         self.lean = arguments.lean or (not arguments.full_tools and self.context_tokens
                                        < proxy.CLAUDE_CODE_PROMPT_TOKENS + self.max_output_tokens)
+        self.claude_code_window = self.compacting_window()
         self.timeout_ms = number("API_TIMEOUT_MS", DEFAULT_API_TIMEOUT_MS)
         self.health_wait = number("CLAUDE_START_HEALTH_WAIT", DEFAULT_HEALTH_WAIT)
         self.install_timeout = number("CLAUDE_START_INSTALL_TIMEOUT", DEFAULT_INSTALL_TIMEOUT)
@@ -546,6 +553,25 @@ class Settings:
         for destination in self.destinations:
             if destination.target.startswith("-"):
                 raise UsageError("ssh destination '%s' must not start with '-'" % destination.target)
+
+    def compacting_window(self):
+        """The window Claude Code is told. Where its compaction point (window less output less
+        its summary buffer) would leave less room than one answer, a summary of that size would
+        have it compact again before every request, and after three in a row it ends the session
+        ("Autocompact is thrashing"): told the buffer more, it compacts when the proxy answers
+        `prompt is too long`, which the proxy does at the real window."""
+        reserve = min(self.max_output_tokens, CLAUDE_CODE_OUTPUT_RESERVE_CAP) + CLAUDE_CODE_SUMMARY_BUFFER
+        if self.context_tokens - reserve < self.max_output_tokens:
+            return self.context_tokens + CLAUDE_CODE_SUMMARY_BUFFER
+        return self.context_tokens
+
+    def lean_notice(self):
+        """What the user is told when the window, not --lean, chose the lean tool set; else None."""
+        if not self.lean or self.arguments.lean:
+            return None
+        return ("a window of %d tokens cannot hold Claude Code's full prompt (about %d tokens) and %d output tokens: "
+                "leaving out the tools --lean leaves out (--full-tools keeps them)"
+                % (self.context_tokens, proxy.CLAUDE_CODE_PROMPT_TOKENS, self.max_output_tokens))
 
     def find_config_file(self):
         named = self.arguments.values.get("--config") or self.environ.get("CLAUDE_START_CONFIG")
@@ -1391,7 +1417,7 @@ class ClaudeRun:
             # The attribution header changes per request and would defeat the model's prompt cache.
             "CLAUDE_CODE_ATTRIBUTION_HEADER": "0",
             "API_TIMEOUT_MS": str(settings.timeout_ms),
-            "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(settings.context_tokens),
+            "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(settings.claude_code_window),
             "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(settings.max_output_tokens),
         })
         # One file read, command output or MCP result at most about a quarter of the window
@@ -1721,10 +1747,9 @@ class Launcher:
 
     def run_claude(self, port, token):
         settings = self.settings
-        if settings.lean and not settings.arguments.lean:
-            say("a window of %d tokens cannot hold Claude Code's full prompt (about %d tokens) and %d output tokens: "
-                "leaving out the tools --lean leaves out (--full-tools keeps them)"
-                % (settings.context_tokens, proxy.CLAUDE_CODE_PROMPT_TOKENS, settings.max_output_tokens))
+        notice = settings.lean_notice()
+        if notice:
+            say(notice)
         claude = self.claude = ClaudeRun(settings, port, token)
         claude.start(self.environ)
         for tunnel in self.tunnels:

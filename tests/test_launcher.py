@@ -240,7 +240,8 @@ def _settings(argv, environ):
 
 
 def _launcher_expected_env(port, model=LAUNCHER_MODEL_DEFAULT, context="32768",
-                           output="8192", timeout="600000"):
+                           output="8192", timeout="600000", told=None):
+    """told: the window Claude Code is told, when not `context` (see compacting_window)."""
     return {
         "ANTHROPIC_BASE_URL": "http://127.0.0.1:%d" % port,
         "ANTHROPIC_MODEL": model,
@@ -252,7 +253,7 @@ def _launcher_expected_env(port, model=LAUNCHER_MODEL_DEFAULT, context="32768",
         "CLAUDE_CODE_ATTRIBUTION_HEADER": "0",
         "DISABLE_TELEMETRY": "1",
         "API_TIMEOUT_MS": timeout,
-        "CLAUDE_CODE_MAX_CONTEXT_TOKENS": context,
+        "CLAUDE_CODE_MAX_CONTEXT_TOKENS": told or context,
         "CLAUDE_CODE_MAX_OUTPUT_TOKENS": output,
         "CLAUDE_CODE_FILE_READ_MAX_OUTPUT_TOKENS": str(int(context) // 4),
         "MAX_MCP_OUTPUT_TOKENS": str(int(context) // 4),
@@ -697,8 +698,9 @@ def test_launcher_config_precedence(launcher_sandbox):
     assert rec["argv"] == ["--model", "flag-model"]
     env = dict(rec["env"])
     env.pop("ANTHROPIC_AUTH_TOKEN")
+    # A window this small is told with Claude Code's summary buffer added (see compacting_window).
     assert env == _launcher_expected_env(flag_port, model="flag-model", context="2222",
-                                         output="3333", timeout="5678")
+                                         output="3333", timeout="5678", told="15222")
     assert {r["dest"] for r in sb.ssh_records()} == {"file@gpu-box"}
 
     # Without the flag the environment's port wins over the file's.
@@ -1006,6 +1008,27 @@ def test_the_window_sets_the_output_limit_and_the_tool_set(environ, argv, window
     assert (settings.context_tokens, settings.max_output_tokens, settings.lean) == (window, output, lean)
 
 
+@pytest.mark.parametrize("environ,told", [
+    ({"OLLAMA_NUM_CTX": "8192"}, 21192),
+    ({"OLLAMA_NUM_CTX": "12288"}, 25288),
+    ({"OLLAMA_NUM_CTX": "16384"}, 29384),
+    ({"OLLAMA_NUM_CTX": "16384", "CLAUDE_START_MAX_OUTPUT_TOKENS": "2048"}, 29384),
+    ({"OLLAMA_NUM_CTX": "24576"}, 37576),
+    ({"OLLAMA_NUM_CTX": "28672"}, 28672),
+    ({}, 32768),
+    ({"OLLAMA_NUM_CTX": "65536", "CLAUDE_START_MAX_OUTPUT_TOKENS": "30000"}, 65536)])
+def test_claude_code_is_told_a_window_where_its_compaction_point_leaves_room_for_a_summary(environ, told):
+    """Claude Code compacts at its window less its output limit (at most 20,000) less 13,000; where
+    that leaves less than one answer it would compact before every request, so it is told 13,000
+    more and compacts when the proxy says the prompt is too long."""
+    settings = _settings(["--local"], environ)
+    assert settings.claude_code_window == told
+    env = claude_start.ClaudeRun(settings, 8001, "token").environment({})
+    assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == str(told)
+    # What a tool result may bring in stays measured against the real window.
+    assert env["CLAUDE_CODE_FILE_READ_MAX_OUTPUT_TOKENS"] == str(settings.context_tokens // 4)
+
+
 def test_lean_and_full_tools_do_not_go_together():
     with pytest.raises(claude_start.UsageError, match="--lean and --full-tools do not go together"):
         claude_start.parse_args(["--lean", "--full-tools"]).check_modes()
@@ -1020,7 +1043,7 @@ def test_a_small_window_runs_claude_code_lean_and_says_so_unless_told_otherwise(
     record = sb.claude_record()
     assert record["argv"][2] == "--disallowedTools" and "Agent" in record["argv"][3].split(",")
     assert (record["env"]["CLAUDE_CODE_MAX_CONTEXT_TOKENS"], record["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"]) == \
-        ("8192", "2048")
+        ("21192", "2048")
     assert "a window of 8192 tokens cannot hold Claude Code's full prompt" in result.stderr
     assert "--full-tools keeps them" in result.stderr
     result = sb.run(["--local", "--local-port", str(port), "--full-tools"], sb.env(ssh=False, OLLAMA_NUM_CTX=8192))
