@@ -35,6 +35,7 @@ PROXY_PID = "proxy.pid"
 PROXY_LOG = "proxy.log"
 PROXY_STAMP = "proxy.stamp"
 PROXY_INSTANCE = "proxy.instance"
+THINKING_KEY = "thinking.key"  # seals hidden thinking; kept, so a restarted proxy can still open its seals
 OLLAMA_PID = "ollama.pid"
 OLLAMA_LOG = "ollama.log"
 INSTALL_LOG = "ollama-install.log"
@@ -453,6 +454,7 @@ def step_proxy(call, settings):
         raise Failed("port %d on the box is held by %s: stop it, or pick another port with --remote-port"
                      % (port, port_holder(port)))
     env = dict(os.environ)
+    env["THINKING_KEY_FILE"] = path(THINKING_KEY)  # unless the settings name another
     env.update(settings)
     if key:
         env["PROXY_API_KEY"] = key

@@ -98,6 +98,9 @@ def test_deploy_bare_box_to_an_answer_then_keep_or_restart_the_proxy(lab, tmp_pa
     assert {"OLLAMA_NUM_CTX": "16384", "PROXY_API_KEY": "box-key-123", "API_PORT": str(box.proxy_port),
             "API_HOST": "127.0.0.1", "OLLAMA_MODEL": MODEL}.items() <= json.loads(settings_file.read_text()).items()
     assert not (box.folder / "proxy.key").exists()  # the user's key, none made up
+    # The key that seals hidden thinking is kept on the box, so that a restarted proxy still opens its seals.
+    thinking_key = box.folder / "thinking.key"
+    assert thinking_key.stat().st_mode & 0o777 == 0o600 and len(thinking_key.read_text().strip()) == 64
     pid = box.pid("proxy.pid")
     assert _process_alive(pid) and _process_alive(box.pid("ollama.pid"))
     assert "box-key-123" not in Path("/proc/%d/cmdline" % pid).read_text()

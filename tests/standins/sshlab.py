@@ -25,7 +25,7 @@ from standins.proxy import free_port
 from standins.support import claude_code_binary, LAUNCHER_SCRIPT, STANDIN_BIN
 
 
-def _pids_in_namespace(namespace):
+def pids_in_namespace(namespace):
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -124,7 +124,7 @@ class SshBox:
 
     def kill_processes(self):
         """Everything the box runs (proxy, ollama serve, sessions) but its sshd."""
-        for pid in _pids_in_namespace(self.namespace):
+        for pid in pids_in_namespace(self.namespace):
             if pid != self.sshd.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

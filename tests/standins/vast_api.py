@@ -34,7 +34,7 @@ from pathlib import Path
 
 from standins.proxy import free_port
 from standins.support import LAUNCHER_SCRIPT, STANDIN_BIN
-from standins.sshlab import _pids_in_namespace
+from standins.sshlab import pids_in_namespace
 
 
 ###############################################################################
@@ -105,7 +105,7 @@ class Container:
             return probe.connect_ex(("127.0.0.1", self.ssh_port)) == 0
 
     def processes(self):
-        return _pids_in_namespace(self.namespace) if self.namespace else []
+        return pids_in_namespace(self.namespace) if self.namespace else []
 
     def stop(self):
         """As a container stop: every process goes, the disk stays."""
