@@ -25,7 +25,7 @@ import pytest
 from standins.ollama import MODEL
 from standins.proxy import free_port
 from standins.sshlab import SshBox, SshLab
-from standins.support import need, pid_alive, poll_until, redis_module, ROOT
+from standins.support import descendants, need, pid_alive, poll_until, process_command, redis_module, ROOT
 
 
 def _mount_namespaces_work():
@@ -191,35 +191,13 @@ def test_tunnel_killed_mid_request_is_reopened_and_the_session_answers(lab):
     (box.state / "delay_once").write_text("30")
     launcher = lab.start(box, "--", "-p", "say hello", env=lab.env(real_claude=True))
     assert poll_until(lambda: chats.exists() and chats.read_text().count("\n") == 1, 60)
-    tunnels = [pid for pid in _descendants(launcher.pid) if " -N -L " in _cmdline(pid)]
-    assert len(tunnels) == 1, [_cmdline(pid) for pid in _descendants(launcher.pid)]
+    tunnels = [pid for pid in descendants(launcher.pid) if " -N -L " in process_command(pid)]
+    assert len(tunnels) == 1, [process_command(pid) for pid in descendants(launcher.pid)]
     os.kill(tunnels[0], signal.SIGKILL)
     out, err = launcher.communicate(timeout=90)
     assert launcher.returncode == 0 and out.strip() == "Answer from box a.", out + err
     # "reopened" follows once the launcher's own probe gets through, which Claude Code's retry may beat.
     assert "dropped" in err and "reopening 127.0.0.1:" in err, err
-
-
-def _cmdline(pid):
-    with contextlib.suppress(OSError):
-        return Path("/proc/%d/cmdline" % pid).read_bytes().replace(b"\0", b" ").decode()
-    return ""
-
-
-def _descendants(pid):
-    """Every process below pid (the launcher's tunnels run under their keepers)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                parent = int(Path("/proc/%s/stat" % entry).read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def test_two_launchers_at_once_each_reach_their_own_box(lab):
@@ -243,8 +221,8 @@ def test_stop_all_and_sigterm_clean_up(lab):
         pidfile.unlink()
     assert poll_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 60)
     claude = int(pidfile.read_text())
-    tunnels = [pid for pid in _descendants(launcher.pid) if " -N -L " in _cmdline(pid)]
-    local = int(_cmdline(tunnels[0]).split(" -L ")[1].split(":")[0])
+    tunnels = [pid for pid in descendants(launcher.pid) if " -N -L " in process_command(pid)]
+    local = int(process_command(tunnels[0]).split(" -L ")[1].split(":")[0])
 
     # The box's proxy restarts (a new instance) and the tunnel drops: the new instance is taken.
     os.kill(box.pid("proxy.pid"), signal.SIGTERM)
@@ -259,7 +237,7 @@ def test_stop_all_and_sigterm_clean_up(lab):
     assert poll_until(lambda: any("reopened" in line for line in said), 30), said
     assert any("the proxy on box-a restarted (instance %s" % instance in line for line in said), said
     assert _health_instance(local) == instance
-    tunnels = [pid for pid in _descendants(launcher.pid) if " -N -L " in _cmdline(pid)]
+    tunnels = [pid for pid in descendants(launcher.pid) if " -N -L " in process_command(pid)]
 
     launcher.send_signal(signal.SIGTERM)
     launcher.wait(timeout=20)

@@ -29,7 +29,7 @@ import claude_box
 import claude_start
 import simple_api_proxy as proxy
 
-from standins.support import LAUNCHER_SCRIPT, pid_alive, poll_until, ROOT, STANDIN_BIN
+from standins.support import descendants, LAUNCHER_SCRIPT, pid_alive, poll_until, process_command, ROOT, STANDIN_BIN
 
 
 LAUNCHER_RUN_TIMEOUT = 20
@@ -909,28 +909,6 @@ def test_an_ssh_destination_from_a_provider_carries_its_port_and_known_hosts():
 # Defects of the bash launcher, each fixed
 ###############################################################################
 
-def _descendants(pid):
-    """Every process below pid, found through /proc."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                parent = int(Path("/proc/%s/stat" % entry).read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _cmdline(pid):
-    with contextlib.suppress(OSError):
-        return Path("/proc/%d/cmdline" % pid).read_bytes().replace(b"\0", b" ").decode()
-    return ""
-
-
 def test_the_keeper_closes_its_tunnel_when_the_launcher_is_killed(launcher_sandbox):
     sb = launcher_sandbox
     remote, local = sb.remote_proxy(), _launcher_free_port()
@@ -940,7 +918,7 @@ def test_the_keeper_closes_its_tunnel_when_the_launcher_is_killed(launcher_sandb
                             start_new_session=True)
     sb.procs.append(proc)
     assert poll_until(sb.claude_out.exists, 15)
-    started = [pid for pid in _descendants(proc.pid) if "stub-claude" not in _cmdline(pid)]
+    started = [pid for pid in descendants(proc.pid) if "stub-claude" not in process_command(pid)]
     assert started and _launcher_http_status(local) == 200
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
@@ -948,7 +926,7 @@ def test_the_keeper_closes_its_tunnel_when_the_launcher_is_killed(launcher_sandb
         with contextlib.suppress(ProcessLookupError):
             os.kill(record["pid"], signal.SIGKILL)
     # Nothing the launcher started is left to reopen the tunnel: the port closes and stays closed.
-    assert poll_until(lambda: not any(map(pid_alive, started)), 10), [_cmdline(pid) for pid in started]
+    assert poll_until(lambda: not any(map(pid_alive, started)), 10), [process_command(pid) for pid in started]
     assert all(not pid_alive(record["pid"]) for record in sb.ssh_records(tunnel=True))
     assert _launcher_http_status(local) is None
 

@@ -25,6 +25,14 @@ from standins.proxy import free_port
 from standins.support import claude_code_binary, LAUNCHER_SCRIPT, STANDIN_BIN
 
 
+def sshd_config(port, host_key):
+    """A box's sshd: loopback only, keys only, root by key, the environment file honoured."""
+    return ("Port %d\nListenAddress 127.0.0.1\nHostKey %s\nPidFile none\nAuthorizedKeysFile .ssh/authorized_keys\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+            "PermitUserEnvironment yes\nStrictModes no\nUsePAM no\nLogLevel ERROR\nMaxSessions 50\n"
+            "MaxStartups 50\n" % (port, host_key))
+
+
 def pids_in_namespace(namespace):
     pids = []
     for entry in os.listdir("/proc"):
@@ -68,11 +76,7 @@ class SshBox:
             (self.root / "passwd").write_text(passwd)
         host_key = self.root / "host_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
-        (self.root / "sshd_config").write_text(
-            "Port %d\nListenAddress 127.0.0.1\nHostKey %s\nPidFile none\nAuthorizedKeysFile .ssh/authorized_keys\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-            "PermitUserEnvironment yes\nStrictModes no\nUsePAM no\nLogLevel ERROR\nMaxSessions 50\n"
-            "MaxStartups 50\n" % (self.ssh_port, host_key))
+        (self.root / "sshd_config").write_text(sshd_config(self.ssh_port, host_key))
         # sshd wants /run/sshd, which only its system service creates: a private /run if it is missing.
         # A python3 under the real /root (pyenv) stays visible: for root it is mounted at the same place in
         # the box's home.

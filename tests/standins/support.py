@@ -2,6 +2,7 @@
 that lacks a real part, fail under CI), the optional modules, and waiting on a condition.
 """
 
+import contextlib
 import os
 import shutil
 import time
@@ -91,3 +92,26 @@ def poll_until(predicate, timeout=5.0):
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def process_command(pid):
+    """A process's command line, its words joined by spaces; "" once it is gone."""
+    with contextlib.suppress(OSError):
+        return Path("/proc/%d/cmdline" % pid).read_bytes().replace(b"\0", b" ").decode()
+    return ""
+
+
+def descendants(pid):
+    """Every process below pid, found through /proc (the launcher's tunnels run under their keepers)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                parent = int(Path("/proc/%s/stat" % entry).read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

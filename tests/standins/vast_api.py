@@ -34,7 +34,7 @@ from pathlib import Path
 
 from standins.proxy import free_port
 from standins.support import LAUNCHER_SCRIPT, STANDIN_BIN
-from standins.sshlab import pids_in_namespace
+from standins.sshlab import pids_in_namespace, sshd_config
 
 
 ###############################################################################
@@ -70,11 +70,7 @@ class Container:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
-        (self.root / "sshd_config").write_text(
-            "Port %d\nListenAddress 127.0.0.1\nHostKey %s\nPidFile none\nAuthorizedKeysFile .ssh/authorized_keys\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-            "PermitUserEnvironment yes\nStrictModes no\nUsePAM no\nLogLevel ERROR\nMaxSessions 50\n"
-            "MaxStartups 50\n" % (self.ssh_port, host_key))
+        (self.root / "sshd_config").write_text(sshd_config(self.ssh_port, host_key))
         path = ":".join(self.path_dirs)
         ollama_host = "127.0.0.1:%d" % self.ollama_port
         (self.home / ".ssh" / "environment").write_text("PATH=%s\nOLLAMA_HOST=%s\n" % (path, ollama_host))
