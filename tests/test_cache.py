@@ -215,7 +215,7 @@ def test_stream_whose_client_left_is_not_stored(ollama):
 @pytest.fixture
 def shared_redis():
     """A Redis the proxies under test share: a private redis-server on a free port, so that no test
-    reads, writes or empties a Redis it did not start (a user's Redis on 6379 may hold data)."""
+    reads, writes or empties a Redis it did not start (a user's own Redis may hold data)."""
     redis = redis_module()
     server = PrivateRedis()
     try:
@@ -387,12 +387,13 @@ def test_tampered_redis_entries_are_misses_never_copied_to_memory(ollama, shared
 def test_the_tests_never_empty_or_share_a_redis_they_did_not_start():
     # A user who runs the test command on a machine whose Redis holds data must not lose it: every
     # test Redis is a PrivateRedis, and nothing here flushes a database.
+    machine_port = next(default for name, _, default, _ in proxy.SETTINGS if name == "REDIS_PORT")
     sources = [path for folder in ("tests", "bench") for path in (ROOT / folder).rglob("*.py")]
     for path in sources:
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr.lower() in ("flushdb", "flushall", "flush_all"):
-                pytest.fail(f"{path.name}:{node.lineno} empties a Redis database")
+                pytest.fail(f"{path.name}:{node.lineno} empties a Redis database ({node.attr})")
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.search(
-                    r"redis://[^/]*:6379", node.value):
+                    r"redis://[^/]*:%d\b" % machine_port, node.value):
                 pytest.fail(f"{path.name}:{node.lineno} points at the machine's own Redis")

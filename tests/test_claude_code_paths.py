@@ -22,7 +22,7 @@ import simple_api_proxy as proxy
 
 from standins.ollama import chunk, final_chunk, MODEL, ollama_call, ollama_prompt, Reply, text_reply
 from standins.proxy import (assert_valid_stream, config, ollama_body, parse_sse, ProxyProcess, request_body,
-                            running_proxy, translate)
+                            running_proxy, streamed_content, translate)
 from standins.support import claude_code_binary, ROOT
 
 RECORDED = Path(__file__).resolve().parent / "recorded" / "claude_code_2.1.332"
@@ -51,16 +51,7 @@ def streamed_message(raw):
     """The message a stream carries, every delta applied (signature_delta included)."""
     events = parse_sse(raw)
     assert_valid_stream(events)
-    content = []
-    for name, data in events:
-        if name == "content_block_start":
-            content.append(dict(data["content_block"]))
-        elif name == "content_block_delta":
-            delta, block = data["delta"], content[data["index"]]
-            field = {"text_delta": "text", "thinking_delta": "thinking", "signature_delta": "signature",
-                     "input_json_delta": "partial_json"}[delta["type"]]
-            block[field] = block.get(field, "") + delta[field]
-    return events, content
+    return events, streamed_content(events)
 
 
 ###############################################################################

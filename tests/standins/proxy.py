@@ -215,16 +215,28 @@ def logged_request(caplog, request_id, timeout=10):
     return next(r.getMessage() for r in caplog.records if r.getMessage().startswith(request_id + " "))
 
 
+# Which field of its block each delta type extends.
+DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "signature_delta": "signature",
+                "input_json_delta": "partial_json"}
+
+
+def streamed_content(events):
+    """A stream's content blocks with every delta applied (input_json_delta as partial_json)."""
+    content = []
+    for name, data in events:
+        if name == "content_block_start":
+            content.append(dict(data["content_block"]))
+        elif name == "content_block_delta":
+            delta, block = data["delta"], content[data["index"]]
+            field = DELTA_FIELDS[delta["type"]]
+            block[field] = block.get(field, "") + delta[field]
+    return content
+
+
 def proxy_message(raw, stream):
     """The message a response carries, rebuilt from its events for a stream."""
     if not stream:
         return json.loads(raw)
     events = parse_sse(raw)
     assert_valid_stream(events)
-    content = []
-    for name, data in events:
-        if name == "content_block_start":
-            content.append(dict(data["content_block"]))
-        elif name == "content_block_delta" and data["delta"]["type"] == "text_delta":
-            content[-1]["text"] += data["delta"]["text"]
-    return {"stop_reason": events[-2][1]["delta"]["stop_reason"], "content": content}
+    return {"stop_reason": events[-2][1]["delta"]["stop_reason"], "content": streamed_content(events)}
